@@ -1,0 +1,156 @@
+"""The workflow IR: pure data (nodes, edges, setup code, parameters), its JSON form,
+content hash and validation.
+
+Every other part of nbflow speaks this IR: the compiler produces it, BPMN and DOT are views
+of it, the engine's state machine walks it, workers run its task nodes.
+
+Node kinds
+----------
+``start`` / ``end``          one each; instant.
+``task``                     a service task: a notebook cell run by a worker. It may also carry
+                             ``approval`` (a person approves first), ``wait_signal`` (waits for a
+                             signal first), ``sleep``/``at`` (a durable timer first), ``map_var``/
+                             ``map_over`` (multi-instance) and ``when`` (a condition evaluated in
+                             the task's kernel).  A task whose ``code`` is empty and has no
+                             ``when`` never reaches a worker: it is a pure gate (approval, signal
+                             or timer) that succeeds once its wait is over.
+``parallel``                 a parallel gateway (fork or join); instant.
+``exclusive``                an exclusive gateway; instant. Conditions live on its outgoing edges
+                             and are evaluated by the *target* task's kernel (never by the engine).
+
+Engine semantics, uniform for every kind: a node becomes ready when all its predecessors are
+resolved (succeeded or skipped); if it has predecessors and all of them were skipped, it is
+skipped too (skips propagate to what only they feed).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+IR_VERSION = 1
+
+NODE_KINDS = ("start", "end", "task", "parallel", "exclusive")
+INSTANT_KINDS = ("start", "end", "parallel", "exclusive")
+
+
+class WorkflowError(ValueError):
+    """A workflow that cannot be compiled or run, with a message meant for the user."""
+
+
+@dataclass
+class Node:
+    id: str                                  # unique; the task name for tasks
+    kind: str                                # one of NODE_KINDS
+    name: str = ""                           # display label (defaults to id)
+    code: str = ""                           # task cell body, without the %%task line
+    cell: int | None = None                  # 1-based code-cell number in the source notebook
+    first_line: str = ""                     # the %%task line as written (for error messages)
+    doc: str = ""                            # documentation (preceding markdown heading)
+    inputs: list[str] = field(default_factory=list)    # names this task reads from upstream/params
+    outputs: list[str] = field(default_factory=list)   # names this task assigns that others read
+    sources: dict[str, str] = field(default_factory=dict)  # input name -> producing task id
+    retries: int = 0
+    retry_delay: float = 0.0                 # seconds before the 1st retry; doubles each time
+    timeout: float | None = None             # seconds per attempt
+    queue: str = "default"
+    map_var: str | None = None               # --map VAR in OVER
+    map_over: str | None = None
+    when: str | None = None                  # Python expression, evaluated in the task's kernel
+    approval: str | None = None              # prompt; a person must approve before it runs
+    approval_timeout: float | None = None    # seconds; no decision by then -> rejected (timeout)
+    wait_signal: str | None = None           # signal name; its value is bound to that variable
+    sleep: float | None = None               # seconds of durable wait before running
+    at: str | None = None                    # ISO-8601 UTC instant to wait for before running
+    notebook: str | None = None              # another notebook to run (BPMN import); else own code
+    notebook_task: str | None = None         # the task inside that notebook
+    isolation: str | None = None             # kernel isolation: "fresh" | "reuse" | None (default)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.id
+
+    @property
+    def is_instant(self) -> bool:
+        return self.kind in INSTANT_KINDS
+
+    @property
+    def needs_worker(self) -> bool:
+        """A task node runs on a worker unless it is a pure gate (no code, no condition)."""
+        return self.kind == "task" and bool(self.code.strip() or self.when or self.notebook)
+
+
+@dataclass
+class Edge:
+    source: str
+    target: str
+    data: list[str] = field(default_factory=list)   # names flowing along this edge
+    condition: str | None = None                     # on flows out of an exclusive gateway
+    default: bool = False                            # the gateway's default flow
+
+
+@dataclass
+class Workflow:
+    name: str                                # usually the notebook's stem
+    nodes: list[Node] = field(default_factory=list)
+    edges: list[Edge] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)  # parameter defaults (JSON values)
+    params_source: str = ""                  # the parameters cell as written
+    setup: list[str] = field(default_factory=list)        # setup cell sources, notebook order
+    source: str | None = None                # absolute path of the notebook it came from
+    version: int = IR_VERSION
+
+    # --- access -----------------------------------------------------------------------------
+    def node(self, node_id: str) -> Node:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
+
+    @property
+    def tasks(self) -> list[Node]:
+        return [n for n in self.nodes if n.kind == "task"]
+
+    def predecessors(self, node_id: str) -> list[str]:
+        return [e.source for e in self.edges if e.target == node_id]
+
+    def successors(self, node_id: str) -> list[str]:
+        return [e.target for e in self.edges if e.source == node_id]
+
+    def incoming(self, node_id: str) -> list[Edge]:
+        return [e for e in self.edges if e.target == node_id]
+
+    # --- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Workflow":
+        if not isinstance(d, dict) or "nodes" not in d:
+            raise WorkflowError("not a workflow: expected a JSON object with 'nodes' and 'edges'")
+        node_fields = {f.name for f in fields(Node)}
+        edge_fields = {f.name for f in fields(Edge)}
+        nodes = [Node(**{k: v for k, v in n.items() if k in node_fields}) for n in d["nodes"]]
+        edges = [Edge(**{k: v for k, v in e.items() if k in edge_fields}) for e in d.get("edges", [])]
+        rest = {k: v for k, v in d.items() if k not in ("nodes", "edges")}
+        wf_fields = {f.name for f in fields(cls)}
+        return cls(nodes=nodes, edges=edges, **{k: v for k, v in rest.items() if k in wf_fields})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Workflow":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise WorkflowError(f"workflow JSON is malformed: {e}") from None
+        return cls.from_dict(data)
+
+    def content_hash(self) -> str:
+        """Deterministic version id: sha256 of the canonical JSON without the source path."""
+        d = self.to_dict()
+        d.pop("source", None)
+        canon = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]

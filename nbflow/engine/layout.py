@@ -1,0 +1,138 @@
+"""Every stream, KV bucket, object store, subject and header name nbflow uses, in one place.
+
+A namespace (``--namespace`` / ``NBFLOW_NAMESPACE``) prefixes every name, so two namespaces on
+one server never see each other's data. The empty namespace gives the plain names below.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+_NS_RE = re.compile(r"^[A-Za-z0-9_-]{0,32}$")
+
+# Headers
+MSG_ID = "Nats-Msg-Id"
+SCHEDULE = "Nats-Schedule"
+SCHEDULE_TARGET = "Nats-Schedule-Target"
+SCHEDULE_TZ = "Nats-Schedule-Time-Zone"
+SCHEDULER = "Nats-Scheduler"
+SCHEDULE_NEXT = "Nats-Schedule-Next"
+
+# How long JetStream remembers message ids: a redelivered or re-published step within this
+# window is dropped by the server. Handlers are idempotent beyond it (state.apply ignores repeats).
+DUPLICATE_WINDOW_S = 24 * 3600
+
+
+def default_namespace() -> str:
+    return os.environ.get("NBFLOW_NAMESPACE", "")
+
+
+@dataclass(frozen=True)
+class Layout:
+    namespace: str = ""
+
+    def __post_init__(self):
+        if not _NS_RE.match(self.namespace):
+            raise ValueError(
+                f"namespace {self.namespace!r} is invalid: use up to 32 letters, digits, '_' or '-'"
+            )
+
+    # --- name helpers -------------------------------------------------------------------------
+    @property
+    def _sfx(self) -> str:           # stream / bucket suffix
+        return f"_{self.namespace}" if self.namespace else ""
+
+    @property
+    def _subj(self) -> str:          # subject root
+        return f"nbflow.{self.namespace}" if self.namespace else "nbflow"
+
+    # --- streams ------------------------------------------------------------------------------
+    @property
+    def history_stream(self) -> str:
+        return f"NBFLOW_HISTORY{self._sfx}"
+
+    @property
+    def tasks_stream(self) -> str:
+        return f"NBFLOW_TASKS{self._sfx}"
+
+    @property
+    def timers_stream(self) -> str:
+        return f"NBFLOW_TIMERS{self._sfx}"
+
+    @property
+    def triggers_stream(self) -> str:
+        return f"NBFLOW_TRIGGERS{self._sfx}"
+
+    # --- KV buckets and object store ----------------------------------------------------------
+    @property
+    def runs_bucket(self) -> str:
+        return f"nbflow_runs{self._sfx}"
+
+    @property
+    def defs_bucket(self) -> str:
+        return f"nbflow_defs{self._sfx}"
+
+    @property
+    def approvals_bucket(self) -> str:
+        return f"nbflow_approvals{self._sfx}"
+
+    @property
+    def signals_bucket(self) -> str:
+        return f"nbflow_signals{self._sfx}"
+
+    @property
+    def workers_bucket(self) -> str:
+        return f"nbflow_workers{self._sfx}"
+
+    @property
+    def schedules_bucket(self) -> str:
+        return f"nbflow_schedules{self._sfx}"
+
+    @property
+    def artifacts_store(self) -> str:
+        return f"nbflow_artifacts{self._sfx}"
+
+    # --- subjects -----------------------------------------------------------------------------
+    def history_subject(self, run: str = "*") -> str:
+        return f"{self._subj}.history.{run}"
+
+    def task_subject(self, queue: str = "*") -> str:
+        return f"{self._subj}.tasks.{queue}"
+
+    def timer_schedule_subject(self, timer_id: str = "*") -> str:
+        return f"{self._subj}.timers.sched.{timer_id}"
+
+    def timer_fire_subject(self, timer_id: str = "*") -> str:
+        return f"{self._subj}.timers.fire.{timer_id}"
+
+    def cancel_subject(self, run: str = "*") -> str:
+        """Core (non-persistent) subject: tells workers to interrupt a run's running tasks."""
+        return f"{self._subj}.control.cancel.{run}"
+
+    def dead_letter_subject(self) -> str:
+        return f"{self._subj}.deadletter"
+
+    @property
+    def history_wildcard(self) -> str:
+        return f"{self._subj}.history.*"
+
+    @property
+    def timers_wildcard(self) -> str:
+        return f"{self._subj}.timers.>"
+
+    @property
+    def tasks_wildcard(self) -> str:
+        return f"{self._subj}.tasks.*"
+
+    # --- consumers ----------------------------------------------------------------------------
+    @property
+    def engine_consumer(self) -> str:
+        return "engine"
+
+    @property
+    def timers_consumer(self) -> str:
+        return "engine_timers"
+
+    def worker_consumer(self, queue: str) -> str:
+        return f"worker_{queue}"
