@@ -1,0 +1,191 @@
+"""DAG pictures: DOT text, SVG through graphviz, colours by run state, and `nbflow show`."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from nbflow.compiler import render
+from nbflow.compiler.graph import Edge, Node, Workflow, WorkflowError
+from nbflow.compiler.render import STATE_COLOURS, DotMissing, legend_items, to_dot, to_svg
+
+
+def daily_report() -> Workflow:
+    """start -> extract -> by_region (map) -> publish (approval) -> end, plus options."""
+    return Workflow(
+        name="daily",
+        nodes=[
+            Node("start", "start"),
+            Node("extract", "task", code="sales = load(day)", outputs=["sales", "regions"],
+                 retries=3, timeout=600.0),
+            Node("by_region", "task", code="totals = f(sales, region)", inputs=["sales"],
+                 map_var="region", map_over="regions", outputs=["totals"]),
+            Node("publish", "task", code="write(totals)", approval="Publish the report?",
+                 inputs=["totals"]),
+            Node("wait_go", "task", wait_signal="go"),
+            Node("nap", "task", sleep=7200.0),
+            Node("maybe", "task", code="x = 1", when="len(sales) > 0"),
+            Node("end", "end"),
+        ],
+        edges=[
+            Edge("start", "extract"),
+            Edge("extract", "by_region", data=["sales", "regions"]),
+            Edge("by_region", "publish", data=["totals"]),
+            Edge("extract", "maybe", data=["sales"]),
+            Edge("start", "wait_go"),
+            Edge("wait_go", "nap"),
+            Edge("nap", "end"),
+            Edge("publish", "end"),
+            Edge("maybe", "end"),
+        ],
+    )
+
+
+def node_line(dot: str, node_id: str) -> str:
+    for line in dot.splitlines():
+        if line.strip().startswith(f'"{node_id}" ['):
+            return line
+    raise AssertionError(f"node {node_id} not in DOT:\n{dot}")
+
+
+def test_dot_has_every_task_with_its_shape_and_markers():
+    dot = to_dot(daily_report())
+    assert "rankdir=LR" in dot
+    for task in ("extract", "by_region", "publish", "wait_go", "nap", "maybe"):
+        assert "shape=box" in node_line(dot, task) and "rounded" in node_line(dot, task)
+    assert "shape=circle" in node_line(dot, "start")
+    assert "shape=doublecircle" in node_line(dot, "end")
+    assert "retries 3 · timeout 10m" in node_line(dot, "extract")
+    assert "≡ for region in regions" in node_line(dot, "by_region")
+    assert "👤 approval: Publish the report?" in node_line(dot, "publish")
+    assert "△ signal go" in node_line(dot, "wait_go")
+    assert "⏱ sleep 2h" in node_line(dot, "nap")
+
+
+def test_when_is_drawn_as_an_exclusive_gateway_before_the_task():
+    dot = to_dot(daily_report())
+    assert '"when::maybe" [shape=diamond label="×"' in dot
+    assert '"extract" -> "when::maybe" [label="sales"' in dot
+    assert '"when::maybe" -> "maybe" [label="if len(sales) &gt; 0"' not in dot  # quoted, not HTML
+    assert '"when::maybe" -> "maybe" [label="if len(sales) > 0"' in dot
+
+
+def test_gateways_and_edge_data_labels():
+    wf = Workflow("gw", nodes=[
+        Node("start", "start"), Node("fork", "parallel"), Node("choose", "exclusive"),
+        Node("a", "task", code="a=1"), Node("b", "task", code="b=1"), Node("end", "end")],
+        edges=[Edge("start", "fork"), Edge("fork", "choose"), Edge("choose", "a", condition="x > 1"),
+               Edge("choose", "b", default=True),
+               Edge("a", "end", data=[f"name_{i}" for i in range(8)]), Edge("b", "end")])
+    dot = to_dot(wf)
+    assert 'label="+"' in node_line(dot, "fork") and "shape=diamond" in node_line(dot, "fork")
+    assert 'label="×"' in node_line(dot, "choose")
+    assert '"choose" -> "a" [label="[x > 1]"' in dot
+    assert '"choose" -> "b" [label="default"' in dot
+    label = re.search(r'"a" -> "end" \[label="([^"]*)"', dot).group(1)
+    assert label.startswith("name_0, name_1") and re.search(r"\+\d$", label)
+    assert len(label) <= 40
+
+
+def test_states_colour_nodes_and_legend():
+    states = {"extract": "succeeded", "by_region": "running", "publish": "awaiting_approval",
+              "maybe": "skipped", "nap": "failed"}
+    dot = to_dot(daily_report(), states=states, legend=True, title="run 42")
+    for node, state in states.items():
+        assert f'fillcolor="{STATE_COLOURS[state]}"' in node_line(dot, node)
+    assert "dashed" in node_line(dot, "maybe") and "bold" in node_line(dot, "nap")
+    assert "cluster_legend" in dot and 'label="run 42"' in dot
+    items = legend_items()
+    assert [s for s, _ in items] == [
+        "pending", "queued", "running", "awaiting_approval", "waiting_signal", "sleeping",
+        "retry_wait", "succeeded", "failed", "skipped", "rejected", "cancelled"]
+    assert len({c for _, c in items}) == len(items)  # every state tells itself apart
+    for state, colour in items:
+        assert f'BGCOLOR="{colour}"' in dot
+
+
+def test_nasty_names_and_conditions_are_escaped():
+    nasty = 'say "hi" <b>&</b>\nline2 \\ end'
+    wf = Workflow('wf "x"', nodes=[
+        Node("start", "start"), Node("t", "task", name=nasty, code="", when='a < "b" and c > 1\\n'),
+        Node("g", "exclusive"), Node("u", "task", code="u=1"), Node("end", "end")],
+        edges=[Edge("start", "t", data=['"q"']), Edge("t", "g"),
+               Edge("g", "u", condition='x == "<y>"\n'), Edge("u", "end")])
+    dot = to_dot(wf)
+    label = re.search(r'"t" \[.*?label=(<.*>) margin', dot).group(1)
+    assert "<b>" not in label and "&lt;b&gt;" in label and "&quot;hi&quot;" in label
+    assert "line2 \\ end" in label                    # an HTML label keeps the backslash as is
+    assert 'tooltip="say \\"hi\\" <b>&</b>\\nline2 \\\\ end"' in dot  # quoted-string rules
+    assert '\\"<y>\\"' in dot           # quoted edge label keeps < > but escapes the quotes
+    assert 'digraph "wf \\"x\\""' in dot
+    svg = to_svg(wf)                    # and graphviz accepts it all
+    assert "<svg" in svg and "&lt;b&gt;" in svg
+
+
+def test_svg_renders():
+    svg = to_svg(daily_report(), states={"extract": "succeeded"}, legend=True)
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert "by_region" in svg and STATE_COLOURS["succeeded"].lower() in svg.lower()
+
+
+@pytest.mark.parametrize("suffix", [".svg", ".png", ".pdf", ".dot", ".gv"])
+def test_render_writes_each_format(tmp_path, suffix):
+    out = tmp_path / f"dag{suffix}"
+    assert render.render(daily_report(), out) is None
+    data = out.read_bytes()
+    assert data
+    if suffix in (".dot", ".gv"):
+        assert data.startswith(b"digraph")
+    elif suffix == ".png":
+        assert data.startswith(b"\x89PNG")
+    elif suffix == ".pdf":
+        assert data.startswith(b"%PDF")
+
+
+def test_render_without_dot_writes_dot_text_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    out = tmp_path / "dag.svg"
+    note = render.render(daily_report(), out)
+    assert note and "\n" not in note
+    assert "`dot` program is not installed" in note and "dag.dot" in note
+    assert not out.exists()
+    assert (tmp_path / "dag.dot").read_text().startswith("digraph")
+    with pytest.raises(DotMissing, match="here is the DOT text instead") as err:
+        to_svg(daily_report())
+    assert err.value.dot.startswith("digraph")
+
+
+def test_unknown_suffix_is_a_clear_error(tmp_path):
+    with pytest.raises(WorkflowError, match=r"unknown picture format '\.jpg'.*\.svg"):
+        render.render(daily_report(), tmp_path / "dag.jpg")
+    with pytest.raises(WorkflowError, match="no suffix"):
+        render.render(daily_report(), tmp_path / "dag")
+
+
+# --- the CLI (needs nbflow.compiler.compile_file, written in parallel) -------------------------
+
+def _compile_file_or_skip():
+    import nbflow.compiler as compiler
+
+    if not hasattr(compiler, "compile_file"):
+        pytest.skip("nbflow.compiler.compile_file has not landed yet")
+    return compiler.compile_file
+
+
+def test_cli_show_writes_svg_from_workflow_json(tmp_path):
+    from click.testing import CliRunner
+
+    from nbflow.cli import main
+
+    _compile_file_or_skip()
+    src = tmp_path / "daily.json"
+    src.write_text(daily_report().to_json(), encoding="utf-8")
+    out = tmp_path / "out.svg"
+    result = CliRunner().invoke(main, ["show", str(src), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "<svg" in out.read_text()
+    result = CliRunner().invoke(main, ["show", str(src)])
+    assert result.exit_code == 0 and result.output.startswith("digraph")
+    result = CliRunner().invoke(main, ["show", str(src), "-o", str(tmp_path / "x.bmp")])
+    assert result.exit_code == 2 and "unknown picture format" in result.output
