@@ -24,8 +24,10 @@ skipped too (skips propagate to what only they feed).
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -33,6 +35,10 @@ IR_VERSION = 1
 
 NODE_KINDS = ("start", "end", "task", "parallel", "exclusive")
 INSTANT_KINDS = ("start", "end", "parallel", "exclusive")
+ISOLATIONS = ("fresh", "reuse")
+
+# node ids go into NATS subjects and KV keys: no '.', '#', spaces or wildcards
+TASK_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 class WorkflowError(ValueError):
@@ -45,10 +51,10 @@ class Node:
     kind: str                                # one of NODE_KINDS
     name: str = ""                           # display label (defaults to id)
     code: str = ""                           # task cell body, without the %%task line
-    cell: int | None = None                  # 1-based code-cell number in the source notebook
+    cell: int | None = None                  # 1-based index among ALL cells of the notebook
     first_line: str = ""                     # the %%task line as written (for error messages)
     doc: str = ""                            # documentation (preceding markdown heading)
-    inputs: list[str] = field(default_factory=list)    # names this task reads from upstream/params
+    inputs: list[str] = field(default_factory=list)    # names this task reads from upstream tasks
     outputs: list[str] = field(default_factory=list)   # names this task assigns that others read
     sources: dict[str, str] = field(default_factory=dict)  # input name -> producing task id
     retries: int = 0
@@ -66,6 +72,7 @@ class Node:
     notebook: str | None = None              # another notebook to run (BPMN import); else own code
     notebook_task: str | None = None         # the task inside that notebook
     isolation: str | None = None             # kernel isolation: "fresh" | "reuse" | None (default)
+    after: list[str] = field(default_factory=list)  # --after targets (ordering edges, no data)
 
     @property
     def label(self) -> str:
@@ -154,3 +161,122 @@ class Workflow:
         d.pop("source", None)
         canon = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    # --- validation -------------------------------------------------------------------------
+    def validate(self) -> "Workflow":
+        """Raise WorkflowError (a message naming tasks and their cells) unless the graph is sound:
+        unique, well-formed node ids; known kinds; exactly one start and one end; edges and
+        ``--after`` targets that exist; no cycles. Returns self."""
+        seen: dict[str, Node] = {}
+        for n in self.nodes:
+            if n.kind not in NODE_KINDS:
+                raise WorkflowError(f"{describe(n)}: unknown node kind {n.kind!r} "
+                                    f"(known: {', '.join(NODE_KINDS)})")
+            if not isinstance(n.id, str) or not TASK_NAME_RE.fullmatch(n.id):
+                raise WorkflowError(
+                    f"{describe(n)}: bad name {n.id!r}: use letters, digits, _ and - "
+                    "(starting with a letter or _; no '.', '#' or spaces: names go into NATS "
+                    "subjects)")
+            if n.id in seen:
+                raise WorkflowError(f"duplicate task name {n.id!r}: {describe(seen[n.id], name=False)}"
+                                    f" and {describe(n, name=False)}")
+            seen[n.id] = n
+        for kind in ("start", "end"):
+            found = [n.id for n in self.nodes if n.kind == kind]
+            if len(found) != 1:
+                raise WorkflowError(f"a workflow needs exactly one {kind} node, found "
+                                    f"{len(found)}{': ' + ', '.join(found) if found else ''}")
+        tasks = [n.id for n in self.nodes if n.kind == "task"]
+        for n in self.nodes:
+            for a in n.after:
+                if a not in seen or a == n.id:
+                    hint = suggest(a, [t for t in tasks if t != n.id])
+                    why = "a task cannot run after itself" if a == n.id else "no such task"
+                    raise WorkflowError(f"{describe(n)}: unknown --after target {a!r} ({why})"
+                                        f"{hint}")
+            if n.map_var is not None and n.map_over is None or n.map_over is not None and n.map_var is None:
+                raise WorkflowError(f"{describe(n)}: --map needs both VAR and NAME")
+            if n.isolation is not None and n.isolation not in ISOLATIONS:
+                raise WorkflowError(f"{describe(n)}: --isolation must be fresh or reuse, "
+                                    f"not {n.isolation!r}")
+            if n.retries < 0:
+                raise WorkflowError(f"{describe(n)}: --retries must be 0 or more")
+        for e in self.edges:
+            for end in (e.source, e.target):
+                if end not in seen:
+                    raise WorkflowError(f"edge {e.source} -> {e.target}: unknown node {end!r}"
+                                        f"{suggest(end, list(seen))}")
+        start = next(n.id for n in self.nodes if n.kind == "start")
+        end = next(n.id for n in self.nodes if n.kind == "end")
+        if self.predecessors(start):
+            raise WorkflowError(f"the start node {start!r} cannot have incoming edges")
+        if self.successors(end):
+            raise WorkflowError(f"the end node {end!r} cannot have outgoing edges")
+        cycle = self.find_cycle()
+        if cycle:
+            path = " -> ".join(describe(seen[i], short=True) for i in cycle)
+            raise WorkflowError(f"the tasks form a cycle: {path}; remove a --after or a "
+                                "variable shared in both directions")
+        return self
+
+    def find_cycle(self) -> list[str] | None:
+        """A cycle as a list of node ids ``[a, b, a]``, or None. Deterministic (node order)."""
+        succ: dict[str, list[str]] = {n.id: [] for n in self.nodes}
+        for e in self.edges:
+            succ.setdefault(e.source, []).append(e.target)
+        color: dict[str, int] = {}
+        stack: list[str] = []
+
+        def dfs(u: str) -> list[str] | None:
+            color[u] = 1
+            stack.append(u)
+            for v in succ.get(u, []):
+                if color.get(v) == 1:
+                    return stack[stack.index(v):] + [v]
+                if v not in color:
+                    found = dfs(v)
+                    if found:
+                        return found
+            stack.pop()
+            color[u] = 2
+            return None
+
+        for n in self.nodes:
+            if n.id not in color:
+                found = dfs(n.id)
+                if found:
+                    return found
+        return None
+
+    def ancestors(self, node_id: str) -> set[str]:
+        """Every node with a path to ``node_id``."""
+        pred: dict[str, list[str]] = {}
+        for e in self.edges:
+            pred.setdefault(e.target, []).append(e.source)
+        seen: set[str] = set()
+        todo = [node_id]
+        while todo:
+            for p in pred.get(todo.pop(), []):
+                if p not in seen:
+                    seen.add(p)
+                    todo.append(p)
+        return seen
+
+
+def describe(n: Node, *, name: bool = True, short: bool = False) -> str:
+    """How errors name a node: ``task 'x' (cell 4 `%%task x --after y`)``."""
+    label = f"{n.kind} {n.id!r}" if name else ""
+    if short:
+        return f"{n.id} (cell {n.cell})" if n.cell is not None else n.id
+    if n.cell is None:
+        return label or repr(n.id)
+    where = f"cell {n.cell} `{n.first_line}`" if n.first_line else f"cell {n.cell}"
+    return f"{label} ({where})" if label else where
+
+
+def suggest(name: str, choices: list[str]) -> str:
+    """``"; did you mean 'extract'?"`` when a close name exists, else ``""``."""
+    close = difflib.get_close_matches(str(name), choices, n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"

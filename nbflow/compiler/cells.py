@@ -1,0 +1,563 @@
+"""Cell sources -> TaskSpec: the ``%%task`` options (parsed with IPython's ``magic_arguments``,
+so ``%%task?`` shows the same help) and the names each cell defines and reads (via ``ast``).
+
+Cell numbers: everywhere in nbflow a cell is named by its 1-based index among *all* cells of
+the notebook (markdown and raw cells count), because Jupyter's ``[n]`` execution counts change
+on every run and are not reliable.  The first line of the cell is quoted next to the number.
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import re
+import shlex
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from nbflow.compiler.graph import TASK_NAME_RE, WorkflowError
+
+# --- durations --------------------------------------------------------------------------------
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_NUMBER_RE = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_DURATION_RE = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h|d|w))+")
+_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d|w)")
+
+
+def parse_duration(text: Any) -> float:
+    """``30s``, ``10m``, ``2h``, ``1d``, ``1h30m``, ``250ms`` or plain seconds -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text < 0:
+            raise WorkflowError(f"bad duration {text!r}: it must not be negative")
+        return float(text)
+    s = str(text).strip().lower().replace(" ", "")
+    if _NUMBER_RE.fullmatch(s):
+        return float(s)
+    if s and _DURATION_RE.fullmatch(s):
+        return float(sum(float(n) * _UNITS[u] for n, u in _PART_RE.findall(s)))
+    raise WorkflowError(
+        f"bad duration {text!r}: use e.g. 30s, 10m, 2h, 1d, 1h30m, 250ms or plain seconds")
+
+
+def parse_instant(text: str) -> str:
+    """An ISO-8601 instant -> normalised UTC ISO string (a naive time is taken as UTC)."""
+    try:
+        dt = datetime.fromisoformat(str(text).strip())
+    except ValueError:
+        raise WorkflowError(
+            f"bad --at {text!r}: use an ISO-8601 time like 2026-11-20T06:00:00Z") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat()
+
+
+# --- the %%task options -----------------------------------------------------------------------
+
+_TASK_ARGS = [
+    argument("name", nargs="?", help="the task's name: letters, digits, _ and -"),
+    argument("--after", nargs="+", metavar="TASK", default=[],
+             help="run after these tasks (ordering only, no data)"),
+    argument("--retries", type=int, default=0, metavar="N", help="retry a failed run N times"),
+    argument("--retry-delay", metavar="DURATION", help="delay before the 1st retry; doubles"),
+    argument("--timeout", metavar="DURATION", help="time limit of one attempt"),
+    argument("--queue", metavar="NAME", help="worker queue (default: default)"),
+    argument("--map", nargs=3, metavar=("VAR", "in", "NAME"),
+             help="one instance per element of NAME, bound to VAR; downstream sees lists"),
+    argument("--when", metavar="EXPR",
+             help="Python condition over parameters and upstream outputs; false -> skipped"),
+    argument("--approval", metavar="PROMPT", help="a person must approve before it runs"),
+    argument("--approval-timeout", metavar="DURATION", help="no decision by then -> rejected"),
+    argument("--wait-signal", metavar="NAME", help="wait for signal NAME; its value is bound to NAME"),
+    argument("--sleep", metavar="DURATION", help="durable wait before the task runs"),
+    argument("--at", metavar="ISO8601", help="durable wait until this instant"),
+    argument("--isolation", choices=["fresh", "reuse"], help="kernel isolation"),
+    argument("--no-run", action="store_true", help="register the task without running it (magic only)"),
+]
+
+
+def task_magic_arguments(func):
+    """Decorate ``func`` with the ``%%task`` options (its docstring becomes the help)."""
+    for deco in reversed(_TASK_ARGS):
+        func = deco(func)
+    func = magic_arguments()(func)
+    func.parser.allow_abbrev = False
+    return func
+
+
+@task_magic_arguments
+def task_signature(line, cell=None):
+    """Mark a notebook cell as a workflow task: ``%%task NAME [options]``.
+
+    Dependencies are inferred: a task that reads a name another task assigns runs after it.
+    DURATION is like 30s, 10m, 2h, 1d, 1h30m, 250ms or plain seconds.
+    """
+
+
+@dataclass
+class TaskSpec:
+    """One ``%%task`` cell: its options, code and the names it defines and reads."""
+    name: str
+    code: str = ""
+    cell: int | None = None                  # 1-based index among all cells of the notebook
+    first_line: str = ""
+    doc: str = ""
+    after: list[str] = field(default_factory=list)
+    retries: int = 0
+    retry_delay: float = 0.0
+    timeout: float | None = None
+    queue: str = "default"
+    map_var: str | None = None
+    map_over: str | None = None
+    when: str | None = None
+    approval: str | None = None
+    approval_timeout: float | None = None
+    wait_signal: str | None = None
+    sleep: float | None = None
+    at: str | None = None
+    isolation: str | None = None
+    no_run: bool = False
+    defines: set[str] = field(default_factory=set)   # names the cell binds at top level
+    reads: set[str] = field(default_factory=set)     # free names (code + --when + --map NAME)
+
+    NODE_OPTIONS = ("after", "retries", "retry_delay", "timeout", "queue", "map_var", "map_over",
+                    "when", "approval", "approval_timeout", "wait_signal", "sleep", "at",
+                    "isolation")
+
+    def node_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.NODE_OPTIONS}
+
+
+def _is_ident(s: str) -> bool:
+    return s.isidentifier()
+
+
+def parse_task_line(argstring: str) -> dict[str, Any]:
+    """The text after ``%%task`` -> TaskSpec keyword arguments. Raises WorkflowError."""
+    try:
+        argv = shlex.split(argstring, posix=True)
+    except ValueError as e:
+        raise WorkflowError(f"cannot split the options: {e}") from None
+    try:
+        ns = task_signature.parser.parse_args(argv)
+    except UsageError as e:
+        raise WorkflowError(f"bad options: {e}") from None
+    except SystemExit:       # argparse exits on -h / some errors; never let it out
+        raise WorkflowError("bad options (see `%%task?` for help)") from None
+    name = ns.name
+    if not name:
+        raise WorkflowError("a %%task needs a name: `%%task NAME [options]`")
+    if not TASK_NAME_RE.fullmatch(name):
+        raise WorkflowError(
+            f"bad task name {name!r}: use letters, digits, _ and - (starting with a letter or _)")
+    if name in ("start", "end"):
+        raise WorkflowError(f"{name!r} is reserved: pick another task name")
+    out: dict[str, Any] = {"name": name, "after": list(ns.after or []), "no_run": ns.no_run}
+    task = f"task {name!r}: "
+    if ns.retries < 0:
+        raise WorkflowError(task + f"--retries must be 0 or more, not {ns.retries}")
+    out["retries"] = ns.retries
+    for opt in ("retry_delay", "timeout", "approval_timeout", "sleep"):
+        v = getattr(ns, opt)
+        if v is not None:
+            try:
+                out[opt] = parse_duration(v)
+            except WorkflowError as e:
+                raise WorkflowError(task + f"--{opt.replace('_', '-')}: {e}") from None
+    if ns.at is not None:
+        try:
+            out["at"] = parse_instant(ns.at)
+        except WorkflowError as e:
+            raise WorkflowError(task + str(e)) from None
+    if ns.queue is not None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", ns.queue):
+            raise WorkflowError(task + f"bad --queue {ns.queue!r}: use letters, digits, _ and -")
+        out["queue"] = ns.queue
+    if ns.map is not None:
+        var, word, over = ns.map
+        if word != "in" or not _is_ident(var) or not _is_ident(over):
+            raise WorkflowError(
+                task + f"malformed --map {' '.join(ns.map)!r}: write `--map VAR in NAME`, "
+                "e.g. `--map region in regions`")
+        out["map_var"], out["map_over"] = var, over
+    if ns.when is not None:
+        expr = ns.when.strip()
+        try:
+            ast.parse(expr, mode="eval")
+        except SyntaxError as e:
+            raise WorkflowError(task + f"--when {ns.when!r} is not a Python expression: {e.msg}") from None
+        out["when"] = expr
+    if ns.approval is not None:
+        out["approval"] = ns.approval
+    if ns.wait_signal is not None:
+        if not _is_ident(ns.wait_signal):
+            raise WorkflowError(task + f"--wait-signal {ns.wait_signal!r} must be a Python identifier "
+                                "(its value is bound to that variable)")
+        out["wait_signal"] = ns.wait_signal
+    if ns.isolation is not None:
+        out["isolation"] = ns.isolation
+    return out
+
+
+# --- names defined and read -------------------------------------------------------------------
+
+_SCOPE_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+_COMPS = (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)
+
+
+def _function_locals(args: ast.arguments, body: Iterable[ast.AST]) -> tuple[set[str], set[str]]:
+    """(local names, global-declared names) of a function body, not descending into nested scopes."""
+    local: set[str] = {a.arg for a in (args.posonlyargs + args.args + args.kwonlyargs)}
+    if args.vararg:
+        local.add(args.vararg.arg)
+    if args.kwarg:
+        local.add(args.kwarg.arg)
+    declared: set[str] = set()
+    stack = list(body)
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (ast.Global, ast.Nonlocal)):
+            declared.update(n.names)
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            local.add(n.id)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            local.add(n.name)
+            stack.extend(n.decorator_list)
+            continue
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            for a in n.names:
+                if a.name != "*":
+                    local.add(a.asname or a.name.split(".")[0])
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            local.add(n.name)
+        elif isinstance(n, (ast.MatchAs, ast.MatchStar)) and n.name:
+            local.add(n.name)
+        elif isinstance(n, ast.MatchMapping) and n.rest:
+            local.add(n.rest)
+        if isinstance(n, ast.Lambda):
+            continue
+        stack.extend(ast.iter_child_nodes(n))
+    return local - declared, declared
+
+
+class _Scope:
+    def __init__(self, kind: str, bound: set[str] | None = None, declared: set[str] | None = None):
+        self.kind = kind                    # module | function | class | comp
+        self.bound = bound or set()
+        self.declared = declared or set()   # global/nonlocal names of a function
+
+
+class NameAnalyzer(ast.NodeVisitor):
+    """Top-level names a cell binds (``defines``) and the free names it reads (``reads``).
+
+    Reads are loads not bound earlier in the cell (evaluation order within a statement is
+    respected: ``x = x + 1`` reads x). Names local to functions, lambdas and comprehensions are
+    not outputs; a function body's free names count as reads unless the cell binds them anywhere
+    (the function may be called later in the cell).
+    """
+
+    def __init__(self) -> None:
+        self.scopes = [_Scope("module")]
+        self.defines: set[str] = set()
+        self.reads: set[str] = set()
+        self.deferred: set[str] = set()
+
+    # results
+    def free_reads(self) -> set[str]:
+        return self.reads | (self.deferred - self.defines - self.scopes[0].bound)
+
+    # name handling
+    def _load(self, name: str) -> None:
+        in_function = False
+        for sc in reversed(self.scopes):
+            if sc.kind == "comp" and name in sc.bound:
+                return
+            if sc.kind == "function":
+                if name in sc.bound and name not in sc.declared:
+                    return
+                in_function = True
+            if sc.kind == "class" and sc is self._innermost_noncomp() and name in sc.bound:
+                return
+            if sc.kind == "module":
+                if name in sc.bound:
+                    return
+                (self.deferred if in_function else self.reads).add(name)
+
+    def _innermost_noncomp(self) -> _Scope:
+        for sc in reversed(self.scopes):
+            if sc.kind != "comp":
+                return sc
+        return self.scopes[0]
+
+    def _store(self, name: str, walrus: bool = False) -> None:
+        sc = self._innermost_noncomp() if walrus else self.scopes[-1]
+        if sc.kind == "module":
+            sc.bound.add(name)
+            self.defines.add(name)
+        elif sc.kind == "function":
+            if name in sc.declared:
+                self.defines.add(name)
+        else:
+            sc.bound.add(name)
+
+    def _delete(self, name: str) -> None:
+        sc = self.scopes[-1]
+        if sc.kind == "module":
+            if name in sc.bound:
+                sc.bound.discard(name)
+                self.defines.discard(name)
+            else:
+                self.reads.add(name)
+
+    def visit_Name(self, node: ast.Name) -> None:
+        if isinstance(node.ctx, ast.Load):
+            self._load(node.id)
+        elif isinstance(node.ctx, ast.Store):
+            self._store(node.id)
+        else:
+            self._delete(node.id)
+
+    # statements in evaluation order
+    def visit_Assign(self, node: ast.Assign) -> None:
+        self.visit(node.value)
+        for t in node.targets:
+            self.visit(t)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        if isinstance(node.target, ast.Name):
+            self._load(node.target.id)
+        self.visit(node.value)
+        self.visit(node.target)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        self.visit(node.annotation)
+        if node.value is not None:
+            self.visit(node.value)
+            self.visit(node.target)
+        elif not isinstance(node.target, ast.Name):
+            self.visit(node.target)
+
+    def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
+        self.visit(node.value)
+        self._store(node.target.id, walrus=True)
+
+    def visit_For(self, node: ast.For | ast.AsyncFor) -> None:
+        self.visit(node.iter)
+        self.visit(node.target)
+        for s in node.body + node.orelse:
+            self.visit(s)
+
+    visit_AsyncFor = visit_For
+
+    def visit_With(self, node: ast.With | ast.AsyncWith) -> None:
+        for item in node.items:
+            self.visit(item.context_expr)
+            if item.optional_vars is not None:
+                self.visit(item.optional_vars)
+        for s in node.body:
+            self.visit(s)
+
+    visit_AsyncWith = visit_With
+
+    def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
+        for a in node.names:
+            if a.name != "*":
+                self._store(a.asname or a.name.split(".")[0])
+
+    visit_ImportFrom = visit_Import
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
+        if node.type is not None:
+            self.visit(node.type)
+        if node.name:
+            self._store(node.name)
+        for s in node.body:
+            self.visit(s)
+
+    def _visit_args_defaults(self, args: ast.arguments) -> None:
+        for d in args.defaults + [d for d in args.kw_defaults if d is not None]:
+            self.visit(d)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        for d in node.decorator_list:
+            self.visit(d)
+        self._visit_args_defaults(node.args)
+        for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs + [
+                node.args.vararg, node.args.kwarg]:
+            if a is not None and a.annotation is not None:
+                self.visit(a.annotation)
+        if node.returns is not None:
+            self.visit(node.returns)
+        self._store(node.name)
+        local, declared = _function_locals(node.args, node.body)
+        self.scopes.append(_Scope("function", local, declared))
+        for s in node.body:
+            self.visit(s)
+        self.scopes.pop()
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        self._visit_args_defaults(node.args)
+        local, declared = _function_locals(node.args, [node.body])
+        self.scopes.append(_Scope("function", local, declared))
+        self.visit(node.body)
+        self.scopes.pop()
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        for d in node.decorator_list + node.bases + [k.value for k in node.keywords]:
+            self.visit(d)
+        self.scopes.append(_Scope("class"))
+        for s in node.body:
+            self.visit(s)
+        self.scopes.pop()
+        self._store(node.name)
+
+    def _visit_comp(self, node: ast.AST, elts: list[ast.AST]) -> None:
+        gens = node.generators  # type: ignore[attr-defined]
+        self.visit(gens[0].iter)             # evaluated in the enclosing scope
+        self.scopes.append(_Scope("comp"))
+        for i, g in enumerate(gens):
+            if i:
+                self.visit(g.iter)
+            self.visit(g.target)
+            for cond in g.ifs:
+                self.visit(cond)
+        for e in elts:
+            self.visit(e)
+        self.scopes.pop()
+
+    def visit_ListComp(self, node: ast.ListComp) -> None:
+        self._visit_comp(node, [node.elt])
+
+    visit_SetComp = visit_GeneratorExp = visit_ListComp
+
+    def visit_DictComp(self, node: ast.DictComp) -> None:
+        self._visit_comp(node, [node.key, node.value])
+
+    def visit_MatchAs(self, node: ast.MatchAs) -> None:
+        if node.pattern is not None:
+            self.visit(node.pattern)
+        if node.name:
+            self._store(node.name)
+
+    def visit_MatchStar(self, node: ast.MatchStar) -> None:
+        if node.name:
+            self._store(node.name)
+
+    def visit_MatchMapping(self, node: ast.MatchMapping) -> None:
+        for k in node.keys:
+            self.visit(k)
+        for p in node.patterns:
+            self.visit(p)
+        if node.rest:
+            self._store(node.rest)
+
+
+def analyze_names(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """(defines, reads) of a parsed cell or expression."""
+    a = NameAnalyzer()
+    a.visit(tree)
+    return set(a.defines), a.free_reads()
+
+
+BUILTIN_NAMES = frozenset(dir(builtins)) | {"get_ipython", "display", "__name__", "__file__"}
+
+
+# --- cell text --------------------------------------------------------------------------------
+
+_STRIP_LINE_RE = re.compile(r"[ \t]*%(?:(?:re)?load_ext[ \t]+nbflow[ \t]*|flow(?:[ \t].*)?)")
+_TASK_RE = re.compile(r"%%task(?=\s|$)")
+
+
+def strip_nbflow_lines(source: str) -> str:
+    """Drop ``%load_ext nbflow``, ``%reload_ext nbflow`` and ``%flow ...`` lines; ``%%flow``
+    cells become empty. They must not run in workers."""
+    if source.lstrip().startswith("%%flow"):
+        return ""
+    kept = [line for line in source.split("\n") if not _STRIP_LINE_RE.fullmatch(line)]
+    return "\n".join(kept).strip("\n")
+
+
+def split_task_cell(source: str) -> tuple[str, str, int] | None:
+    """``(argstring, body, line offset of the body)`` if the cell is a ``%%task`` cell, else None."""
+    lines = source.split("\n")
+    i = 0
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    if i == len(lines) or not _TASK_RE.match(lines[i].lstrip()):
+        return None
+    first = lines[i].lstrip()
+    return first[len("%%task"):].strip(), "\n".join(lines[i + 1:]), i + 1
+
+
+def first_line(source: str) -> str:
+    for line in source.split("\n"):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def parse_python(source: str, where: str, line_offset: int = 0) -> ast.Module:
+    """IPython-transform then ``ast.parse``; a syntax error names ``where`` and the cell line."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    try:
+        code = TransformerManager().transform_cell(source)
+    except Exception as e:  # transformers raise assorted errors on odd input
+        raise WorkflowError(f"{where}: cannot read the cell: {e}") from None
+    try:
+        return ast.parse(code)
+    except SyntaxError as e:
+        lineno = (e.lineno or 1) + line_offset
+        lines = source.split("\n")
+        text = lines[lineno - 1 - line_offset].strip() if 0 < lineno - line_offset <= len(lines) else ""
+        show = f": `{text}`" if text else ""
+        raise WorkflowError(f"{where}: syntax error at line {lineno} of the cell{show}: {e.msg}") from None
+
+
+def where(cell: int | None, line: str, task: str | None = None) -> str:
+    """``cell 4 `%%task x --retries many` (task 'x')`` — how every compiler error names a cell."""
+    s = f"cell {cell} `{line}`"
+    return f"{s} (task {task!r})" if task else s
+
+
+def doc_from_markdown(source: str) -> str:
+    """A markdown cell's text as a task's doc if it starts with a heading, else ''."""
+    text = source.strip()
+    if not text.startswith("#"):
+        return ""
+    head, _, rest = text.partition("\n")
+    head = head.lstrip("#").strip()
+    rest = rest.strip()
+    return f"{head}\n\n{rest}" if rest else head
+
+
+def parse_task_cell(source: str, cell: int | None = None, doc: str = "") -> TaskSpec:
+    """One ``%%task`` cell (with its magic line) -> TaskSpec. Raises WorkflowError naming the cell."""
+    split = split_task_cell(source)
+    if split is None:
+        raise WorkflowError(f"{where(cell, first_line(source))}: not a %%task cell")
+    argstring, body, offset = split
+    fl = first_line(source)
+    guess = argstring.split()[0] if argstring.split() and not argstring.startswith("-") else None
+    try:
+        opts = parse_task_line(argstring)
+    except WorkflowError as e:
+        raise WorkflowError(f"{where(cell, fl, guess)}: {e}") from None
+    spec = TaskSpec(code=body.strip("\n") + ("\n" if body.strip() else ""), cell=cell,
+                    first_line=fl, doc=doc, **opts)
+    tree = parse_python(body, where(cell, fl, spec.name), offset)
+    spec.defines, reads = analyze_names(tree)
+    if spec.when:
+        _, when_reads = analyze_names(ast.parse(spec.when, mode="eval"))
+        reads |= when_reads
+    bound = {spec.map_var, spec.wait_signal} - {None}
+    reads -= bound
+    if spec.map_over:
+        reads.add(spec.map_over)
+    spec.reads = reads
+    return spec
