@@ -1,0 +1,214 @@
+"""Notebook -> Workflow IR.
+
+    compile_notebook(source, *, name=None) -> Workflow   # path, NotebookNode or list of cells
+    compile_file(path) -> Workflow                       # .ipynb, .bpmn/.xml or .json (IR)
+    load_notebook(path) -> NotebookNode                  # with clear errors
+    parse_duration(text) -> float                        # "1h30m" -> 5400.0
+
+Dependencies are inferred from names: a task reading a name that another task assigns runs
+after it and receives its value. The producer of a name read by task T is the nearest task
+*above* T in the notebook that assigns it (or a later task T runs ``--after``); two producers
+with no order between them are an error. Parameters (the ``parameters``-tagged cell) and names
+only setup cells define are available everywhere and are not edges.
+
+Cells are numbered 1-based among *all* cells of the notebook (see ``cells.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+from nbflow.compiler.cells import (
+    BUILTIN_NAMES,
+    ParsedNotebook,
+    TaskSpec,
+    parse_duration,
+    parse_notebook_cells,
+    where,
+)
+from nbflow.compiler.graph import Edge, Node, Workflow, WorkflowError, describe
+
+__all__ = ["compile_notebook", "compile_file", "load_notebook", "parse_duration", "Workflow",
+           "Node", "Edge", "WorkflowError", "TaskSpec"]
+
+NO_TASKS = "no %%task cells found — mark a cell with `%%task NAME`"
+
+
+def load_notebook(path: str | os.PathLike) -> Any:
+    """Read an .ipynb file as an nbformat v4 NotebookNode; WorkflowError if it is not one."""
+    import nbformat
+
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise WorkflowError(f"notebook not found: {p}") from None
+    except IsADirectoryError:
+        raise WorkflowError(f"{p} is a directory, not a notebook") from None
+    except OSError as e:
+        raise WorkflowError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WorkflowError(f"{p} is not a notebook: not UTF-8 text (byte {e.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WorkflowError(f"{p} is not a notebook: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict) or "nbformat" not in data:
+        raise WorkflowError(f"{p} is not a notebook: JSON without an 'nbformat' version")
+    try:
+        nb = nbformat.reads(text, as_version=4)
+    except Exception as e:  # nbformat raises assorted errors for malformed notebooks
+        raise WorkflowError(f"{p} is not a valid notebook: {e}") from None
+    if not isinstance(nb.get("cells"), list):
+        raise WorkflowError(f"{p} is not a valid notebook: no cells")
+    return nb
+
+
+def _cells_of(source: Any) -> tuple[list[Any], str, str | None]:
+    """(cells, default name, absolute path or None) of any accepted notebook source."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(source))
+        nb = load_notebook(path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return list(nb.cells), stem, path
+    if isinstance(source, dict):
+        if not isinstance(source.get("cells"), list):
+            raise WorkflowError("not a notebook: expected a dict with a 'cells' list")
+        return list(source["cells"]), "notebook", None
+    if isinstance(source, Iterable):
+        return list(source), "notebook", None
+    raise WorkflowError(f"cannot compile {type(source).__name__}: pass a path, a notebook or a "
+                        "list of cells")
+
+
+def compile_notebook(source: Any, *, name: str | None = None) -> Workflow:
+    """Compile a notebook (path, NotebookNode/dict or list of cells) into a validated Workflow."""
+    cells, default_name, path = _cells_of(source)
+    parsed = parse_notebook_cells(cells)
+    if not parsed.tasks:
+        where_ = f"{path}: " if path else ""
+        raise WorkflowError(where_ + NO_TASKS)
+    return build_workflow(parsed, name=name or default_name, source=path)
+
+
+def _node(spec: TaskSpec) -> Node:
+    return Node(id=spec.name, kind="task", code=spec.code, cell=spec.cell,
+                first_line=spec.first_line, doc=spec.doc, **spec.node_options())
+
+
+def build_workflow(parsed: ParsedNotebook, *, name: str, source: str | None = None) -> Workflow:
+    """Resolve producers, emit the IR (start -> tasks -> end) and validate it."""
+    specs = parsed.tasks
+    task_nodes = [_node(s) for s in specs]
+    start, end = Node(id="start", kind="start"), Node(id="end", kind="end")
+    after_edges = [Edge(a, n.id) for n in task_nodes for a in n.after]
+    # 1. names, --after targets and cycles through --after, before reasoning about data
+    Workflow(name, [start, *task_nodes, end], after_edges).validate()
+    ordering = Workflow(name, task_nodes, after_edges)
+
+    order = {s.name: i for i, s in enumerate(specs)}
+    by_name = {n.id: n for n in task_nodes}
+    definers: dict[str, list[str]] = {}
+    for s in specs:
+        for x in s.defines:
+            definers.setdefault(x, []).append(s.name)
+
+    # 2. producers: nearest task above that assigns the name (or a later one we run --after)
+    data: dict[tuple[str, str], set[str]] = {}
+    rivals: list[tuple[str, str, str, list[str]]] = []   # (reader, name, producer, others)
+    for s in specs:
+        k = order[s.name]
+        after_anc = None
+        for x in sorted(s.reads):
+            cands = [p for p in definers.get(x, []) if p != s.name]
+            above = [p for p in cands if order[p] < k]
+            if not above:
+                below = [p for p in cands if order[p] > k]
+                if not below:
+                    continue
+                if after_anc is None:
+                    after_anc = ordering.ancestors(s.name)
+                above = [p for p in below if p in after_anc]
+                if not above:
+                    if x in parsed.param_names or x in parsed.setup_names or x in BUILTIN_NAMES:
+                        continue
+                    p = by_name[below[0]]
+                    raise WorkflowError(
+                        f"{describe(by_name[s.name])} reads {x!r}, which only a task further "
+                        f"down assigns: {describe(p)}. Move the cell below it or add "
+                        f"`--after {p.id}`")
+            producer = above[-1]
+            data.setdefault((producer, s.name), set()).add(x)
+            by_name[s.name].sources[x] = producer
+            rivals.append((s.name, x, producer, above[:-1]))
+        if s.map_over and s.map_over not in by_name[s.name].sources and \
+                s.map_over not in parsed.param_names:
+            raise WorkflowError(
+                f"{describe(by_name[s.name])}: --map over a name nothing defines: "
+                f"{s.map_over!r} is neither a parameter nor assigned by a task above")
+
+    for n in task_nodes:
+        n.inputs = sorted(n.sources)
+        n.sources = dict(sorted(n.sources.items()))
+    for (p, _t), names in data.items():
+        by_name[p].outputs = sorted(set(by_name[p].outputs) | names)
+
+    # 3. edges: task -> task (data and --after merged), start -> roots, leaves -> end
+    pairs: dict[tuple[str, str], set[str]] = {}
+    for e in after_edges:
+        pairs.setdefault((e.source, e.target), set())
+    for key, names in data.items():
+        pairs.setdefault(key, set()).update(names)
+    inner = [Edge(src, dst, sorted(names)) for (src, dst), names in
+             sorted(pairs.items(), key=lambda kv: (order[kv[0][1]], order[kv[0][0]]))]
+    has_pred = {e.target for e in inner}
+    has_succ = {e.source for e in inner}
+    edges = ([Edge("start", n.id) for n in task_nodes if n.id not in has_pred] + inner
+             + [Edge(n.id, "end") for n in task_nodes if n.id not in has_succ])
+    wf = Workflow(name=name, nodes=[start, *task_nodes, end], edges=edges,
+                  params=dict(parsed.params), params_source=parsed.params_source,
+                  setup=list(parsed.setup), source=source)
+    wf.validate()
+
+    # 4. two producers of one name with no order between them
+    anc: dict[str, set[str]] = {}
+    for reader, x, producer, others in rivals:
+        for o in others:
+            a_p = anc.setdefault(producer, wf.ancestors(producer))
+            a_o = anc.setdefault(o, wf.ancestors(o))
+            if o not in a_p and producer not in a_o:
+                raise WorkflowError(
+                    f"ambiguous {x!r} read by {describe(by_name[reader])}: both "
+                    f"{describe(by_name[o])} and {describe(by_name[producer])} assign it and "
+                    f"neither runs before the other. Add `--after {o}` to task {producer!r}, "
+                    f"or rename one of the variables")
+    return wf
+
+
+def compile_file(path: str | os.PathLike) -> Workflow:
+    """By suffix: .ipynb (notebook), .bpmn/.xml (BPMN 2.0), .json (workflow IR)."""
+    p = os.fspath(path)
+    ext = os.path.splitext(p)[1].lower()
+    if ext == ".ipynb":
+        return compile_notebook(p)
+    if ext in (".bpmn", ".xml"):
+        if not os.path.exists(p):
+            raise WorkflowError(f"file not found: {p}")
+        from nbflow.compiler.bpmn import from_bpmn
+
+        return from_bpmn(p).validate()
+    if ext == ".json":
+        try:
+            with open(p, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise WorkflowError(f"file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise WorkflowError(f"cannot read {p}: {e}") from None
+        return Workflow.from_json(text).validate()
+    raise WorkflowError(f"cannot compile {p!r}: expected a .ipynb notebook, a .bpmn/.xml "
+                        "BPMN 2.0 file or a .json workflow")

@@ -473,11 +473,14 @@ _STRIP_LINE_RE = re.compile(r"[ \t]*%(?:(?:re)?load_ext[ \t]+nbflow[ \t]*|flow(?
 _TASK_RE = re.compile(r"%%task(?=\s|$)")
 
 
-def strip_nbflow_lines(source: str) -> str:
+def strip_nbflow_lines(source: str, blank: bool = False) -> str:
     """Drop ``%load_ext nbflow``, ``%reload_ext nbflow`` and ``%flow ...`` lines; ``%%flow``
-    cells become empty. They must not run in workers."""
+    cells become empty. They must not run in workers. ``blank`` keeps line numbers (for errors)."""
     if source.lstrip().startswith("%%flow"):
         return ""
+    if blank:
+        return "\n".join("" if _STRIP_LINE_RE.fullmatch(line) else line
+                         for line in source.split("\n"))
     kept = [line for line in source.split("\n") if not _STRIP_LINE_RE.fullmatch(line)]
     return "\n".join(kept).strip("\n")
 
@@ -548,7 +551,7 @@ def parse_task_cell(source: str, cell: int | None = None, doc: str = "") -> Task
         opts = parse_task_line(argstring)
     except WorkflowError as e:
         raise WorkflowError(f"{where(cell, fl, guess)}: {e}") from None
-    spec = TaskSpec(code=body.strip("\n") + ("\n" if body.strip() else ""), cell=cell,
+    spec = TaskSpec(code=body, cell=cell,
                     first_line=fl, doc=doc, **opts)
     tree = parse_python(body, where(cell, fl, spec.name), offset)
     spec.defines, reads = analyze_names(tree)
@@ -561,3 +564,122 @@ def parse_task_cell(source: str, cell: int | None = None, doc: str = "") -> Task
         reads.add(spec.map_over)
     spec.reads = reads
     return spec
+
+
+# --- a whole notebook -------------------------------------------------------------------------
+
+@dataclass
+class ParsedNotebook:
+    """A notebook's cells sorted into parameters, setup and tasks (nothing resolved yet)."""
+    params_source: str = ""
+    params: dict[str, Any] = field(default_factory=dict)   # literal, JSON-able defaults
+    param_names: set[str] = field(default_factory=set)     # every name the parameters cell binds
+    setup: list[str] = field(default_factory=list)         # stripped setup sources
+    setup_names: set[str] = field(default_factory=set)
+    tasks: list[TaskSpec] = field(default_factory=list)
+    code: list[str] = field(default_factory=list)          # setup + task bodies, notebook order
+
+
+def normalize_cells(cells: Iterable[Any]) -> list[dict[str, Any]]:
+    """nbformat cells, plain dicts (source as str or list of lines) or bare strings (code)."""
+    out = []
+    for c in cells:
+        if isinstance(c, str):
+            out.append({"cell_type": "code", "source": c, "tags": []})
+            continue
+        if not isinstance(c, dict):
+            raise WorkflowError(f"not a notebook cell: {c!r:.60}")
+        src = c.get("source", "")
+        if isinstance(src, list):
+            src = "".join(src)
+        meta = c.get("metadata") or {}
+        out.append({"cell_type": c.get("cell_type", "code"), "source": str(src),
+                    "tags": list(meta.get("tags") or [])})
+    return out
+
+
+def _json_value(v: Any) -> bool:
+    import json
+
+    try:
+        return json.loads(json.dumps(v)) == v
+    except (TypeError, ValueError):
+        return False
+
+
+def literal_params(tree: ast.Module) -> dict[str, Any]:
+    """Defaults of the parameters cell: ``NAME = <literal>`` per assignment (JSON values only)."""
+    params: dict[str, Any] = {}
+    for stmt in tree.body:
+        targets: list[ast.AST] = []
+        value = None
+        if isinstance(stmt, ast.Assign):
+            targets, value = stmt.targets, stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            targets, value = [stmt.target], stmt.value
+        defines, _ = analyze_names(stmt)
+        for name in defines:                 # a later non-literal rebinding wins
+            params.pop(name, None)
+        for t in targets:
+            pairs: list[tuple[ast.AST, ast.AST]] = []
+            if isinstance(t, ast.Name):
+                pairs = [(t, value)]
+            elif (isinstance(t, (ast.Tuple, ast.List)) and isinstance(value, (ast.Tuple, ast.List))
+                  and len(t.elts) == len(value.elts)):
+                pairs = list(zip(t.elts, value.elts))
+            for tn, tv in pairs:
+                if not isinstance(tn, ast.Name):
+                    continue
+                try:
+                    v = ast.literal_eval(tv)
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                    continue
+                if _json_value(v):
+                    params[tn.id] = v
+    return params
+
+
+def parse_notebook_cells(cells: Iterable[Any]) -> ParsedNotebook:
+    """Sort cells: ``parameters``-tagged -> params, ``%%task`` -> tasks, other code -> setup.
+    Cells tagged ``skip`` and raw cells are left out; markdown only feeds task docs."""
+    nb = ParsedNotebook()
+    params_parts: list[str] = []
+    last_md: tuple[int, str] | None = None
+    prev = 0
+    for i, c in enumerate(normalize_cells(cells), start=1):
+        kind, src, tags = c["cell_type"], c["source"], c["tags"]
+        if "skip" in tags:
+            continue
+        md_before, prev = (last_md[1] if last_md and last_md[0] == prev else ""), i
+        if kind == "markdown":
+            last_md = (i, src)
+            continue
+        if kind != "code":
+            continue
+        fl = first_line(src)
+        if "parameters" in tags:
+            if split_task_cell(src) is not None:
+                raise WorkflowError(f"{where(i, fl)}: the parameters cell cannot be a %%task")
+            stripped = strip_nbflow_lines(src)
+            tree = parse_python(strip_nbflow_lines(src, blank=True), f"{where(i, fl)} (parameters)")
+            defines, _ = analyze_names(tree)
+            nb.param_names |= defines
+            nb.params.update(literal_params(tree))
+            if stripped.strip():
+                params_parts.append(stripped)
+            continue
+        if split_task_cell(src) is not None:
+            spec = parse_task_cell(src, i, doc_from_markdown(md_before))
+            nb.tasks.append(spec)
+            nb.code.append(spec.code)
+            continue
+        stripped = strip_nbflow_lines(src)
+        if not stripped.strip():
+            continue
+        tree = parse_python(strip_nbflow_lines(src, blank=True), f"{where(i, fl)} (setup cell)")
+        defines, _ = analyze_names(tree)
+        nb.setup_names |= defines
+        nb.setup.append(stripped)
+        nb.code.append(stripped)
+    nb.params_source = "\n".join(params_parts)
+    return nb
