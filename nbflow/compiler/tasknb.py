@@ -1,0 +1,83 @@
+"""Per-task papermill notebooks: setup cells + parameters + load + (when) + task + save.
+
+The worker executes ``task_notebook(wf, node_id)`` with papermill, passing one parameter,
+``__nbflow__`` (see ``nbflow/io.py``); papermill inserts its injected-parameters cell right after
+our ``parameters`` cell, so the workflow's parameter defaults are overridden by the run's.
+Nothing is cached here: callers cache (the notebook only depends on the workflow version).
+"""
+from __future__ import annotations
+
+import os
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_notebook
+
+from nbflow.compiler.graph import Node, Workflow, WorkflowError
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+LOAD_SOURCE = "import nbflow.io as __nbflow_io\n__nbflow_io.load_inputs(globals(), __nbflow__)"
+SAVE_SOURCE = "__nbflow_io.save_outputs(globals(), __nbflow__)"
+
+
+def _cell(source: str, tag: str, cell_id: str, **metadata) -> nbformat.NotebookNode:
+    c = new_code_cell(source=source, metadata={"tags": [tag], **metadata})
+    c.id = cell_id      # deterministic ids: same workflow version -> same notebook
+    return c
+
+
+def when_source(expr: str) -> str:
+    return f"__nbflow_io.check_when(({expr}), __nbflow__, {expr!r})"
+
+
+def _resolve(wf: Workflow, node: Node) -> tuple[list[str], str, str, Node]:
+    """(setup, params_source, task code, node) — from ``node.notebook`` if it names another one."""
+    if not node.notebook:
+        return wf.setup, wf.params_source, node.code, node
+    from nbflow.compiler import compile_notebook, load_notebook
+    from nbflow.compiler.cells import parse_notebook_cells
+
+    path = node.notebook
+    if not os.path.isabs(path) and wf.source:
+        path = os.path.join(os.path.dirname(wf.source), path)
+    try:
+        if node.notebook_task:
+            other = compile_notebook(path)
+            try:
+                target = other.node(node.notebook_task)
+            except KeyError:
+                tasks = ", ".join(t.id for t in other.tasks)
+                raise WorkflowError(f"task {node.id!r}: notebook {node.notebook!r} has no task "
+                                    f"{node.notebook_task!r} (it has: {tasks})") from None
+            return other.setup, other.params_source, target.code, node
+        parsed = parse_notebook_cells(load_notebook(path).cells)
+    except WorkflowError as e:
+        raise WorkflowError(f"task {node.id!r} runs notebook {node.notebook!r}: {e}") from None
+    # the whole notebook is the task: its setup and task bodies, in notebook order
+    return [], parsed.params_source, "\n\n".join(c for c in parsed.code if c.strip()), node
+
+
+def task_notebook(wf: Workflow, node_id: str) -> nbformat.NotebookNode:
+    """The papermill notebook that runs task ``node_id`` of ``wf`` (valid nbformat v4)."""
+    try:
+        node = wf.node(node_id)
+    except KeyError:
+        raise WorkflowError(f"workflow {wf.name!r} has no node {node_id!r}") from None
+    if node.kind != "task":
+        raise WorkflowError(f"node {node_id!r} is a {node.kind} node, not a task")
+    setup, params_source, code, node = _resolve(wf, node)
+    cells = [_cell(src, "nbflow-setup", f"setup-{i}") for i, src in enumerate(setup, start=1)]
+    params = (params_source.rstrip("\n") + "\n" if params_source.strip() else "")
+    cells.append(_cell(params + "__nbflow__ = None", "parameters", "parameters"))
+    cells.append(_cell(LOAD_SOURCE, "nbflow-load", "load"))
+    if node.when:
+        cells.append(_cell(when_source(node.when), "nbflow-when", "when"))
+    cells.append(_cell(code, "nbflow-task", "task", nbflow={"task": node.id, "cell": node.cell}))
+    cells.append(_cell(SAVE_SOURCE, "nbflow-save", "save"))
+    nb = new_notebook(cells=cells, metadata={
+        "kernelspec": dict(KERNELSPEC),
+        "language_info": {"name": "python"},
+        "nbflow": {"workflow": wf.name, "version": wf.content_hash(), "task": node.id,
+                   "source": wf.source},
+    })
+    return nb
