@@ -1,0 +1,186 @@
+"""IPython magics: ``%%task`` (mark and run a task cell) and ``%flow`` (workflow commands).
+
+Thin by design: options are parsed by the compiler's own parser (``compiler.cells``), so the
+notebook and the compiled workflow can never disagree about what ``%%task`` means.
+
+``%flow`` subcommands live in ``FLOW_COMMANDS``; other modules add theirs with::
+
+    from nbflow.magics import flow_command, compile_current
+
+    @flow_command("run", "submit this notebook: %flow run [name=value ...]")
+    def _run(shell, args): ...
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from nbflow.compiler.cells import (
+    TaskSpec,
+    analyze_names,
+    parse_python,
+    parse_task_line,
+    task_magic_arguments,
+)
+from nbflow.compiler.graph import Workflow, WorkflowError, suggest
+
+FlowCommand = Callable[[Any, str], Any]
+
+FLOW_COMMANDS: dict[str, FlowCommand] = {}     # name -> func(shell, argstring)
+FLOW_HELP: dict[str, str] = {}                 # name -> one-line help
+
+NO_NOTEBOOK = "can't tell which notebook this kernel runs; use `%flow {cmd} path.ipynb`"
+
+_REGISTRIES: "weakref.WeakKeyDictionary[Any, dict[str, TaskSpec]]" = weakref.WeakKeyDictionary()
+
+
+def flow_command(name: str, help: str = "") -> Callable[[FlowCommand], FlowCommand]:
+    """Register ``%flow NAME ...``: ``func(shell, argstring)``. Raise WorkflowError or
+    UsageError for user mistakes (shown as one line)."""
+    def deco(func: FlowCommand) -> FlowCommand:
+        FLOW_COMMANDS[name] = func
+        FLOW_HELP[name] = help or (func.__doc__ or "").strip().split("\n")[0]
+        return func
+    return deco
+
+
+def registered_tasks(shell: Any) -> dict[str, TaskSpec]:
+    """The ``%%task`` cells run (or registered with --no-run) in this kernel, by name."""
+    try:
+        return _REGISTRIES.setdefault(shell, {})
+    except TypeError:            # not weak-referenceable: keep it on the shell
+        return shell.__dict__.setdefault("_nbflow_tasks", {})
+
+
+def _notebook_file(candidate: Any) -> str | None:
+    if not candidate or not isinstance(candidate, str) or not candidate.endswith(".ipynb"):
+        return None
+    for p in (candidate, os.path.join(os.getcwd(), os.path.basename(candidate))):
+        if os.path.isfile(p):
+            return os.path.abspath(p)
+    return None
+
+
+def current_notebook_path(shell: Any, cmd: str = "show") -> str:
+    """The .ipynb this kernel runs: ``$JPY_SESSION_NAME`` (Jupyter server), else ``__session__``
+    (ipykernel >= 6.19) or ``__vsc_ipynb_file__`` (VS Code) in the user namespace.
+    Note: the file on disk is what was last *saved*."""
+    ns = getattr(shell, "user_ns", {}) or {}
+    for candidate in (os.environ.get("JPY_SESSION_NAME"), ns.get("__session__"),
+                      ns.get("__vsc_ipynb_file__")):
+        path = _notebook_file(candidate)
+        if path:
+            return path
+    raise WorkflowError(NO_NOTEBOOK.format(cmd=cmd))
+
+
+def compile_current(shell: Any, path: str | None = None, cmd: str = "show") -> Workflow:
+    """Compile ``path``, or the notebook this kernel runs (see ``current_notebook_path``)."""
+    from nbflow.compiler import compile_notebook
+
+    return compile_notebook(path or current_notebook_path(shell, cmd))
+
+
+@magics_class
+class NbflowMagics(Magics):
+
+    @cell_magic
+    @task_magic_arguments
+    def task(self, line: str, cell: str | None = None) -> None:
+        """Mark a notebook cell as a workflow task: ``%%task NAME [options]``.
+
+        In the notebook the cell runs as usual (``--map`` runs it once per element and leaves
+        lists, like the workflow does; a false ``--when`` skips it); ``--no-run`` only
+        registers it. Dependencies are inferred from the names the cell reads and assigns.
+        DURATION is like 30s, 10m, 2h, 1d, 1h30m, 250ms or plain seconds.
+        """
+        try:
+            opts = parse_task_line(line)
+        except WorkflowError as e:
+            raise UsageError(f"%%task {line.strip()}: {e}") from None
+        body = cell or ""
+        spec = TaskSpec(code=body, first_line=f"%%task {line.strip()}", **opts)
+        try:
+            spec.defines, spec.reads = analyze_names(parse_python(body, f"task {spec.name!r}"))
+        except WorkflowError:
+            pass                       # running the cell shows Python's own SyntaxError
+        registered_tasks(self.shell)[spec.name] = spec
+        if spec.no_run or not body.strip():
+            return
+        ns = self.shell.user_ns
+        if spec.when:
+            try:
+                ok = eval(spec.when, ns)     # the user's own kernel, as the worker would
+            except Exception as e:
+                raise UsageError(f"%%task {spec.name}: --when {spec.when!r} failed: "
+                                 f"{type(e).__name__}: {e}") from None
+            if not ok:
+                print(f"nbflow: --when {spec.when!r} is false: task {spec.name!r} skipped")
+                return
+        if spec.map_var:
+            self._run_map(spec, body)
+        else:
+            self.shell.run_cell(body)
+
+    def _run_map(self, spec: TaskSpec, body: str) -> None:
+        ns = self.shell.user_ns
+        if spec.map_over not in ns:
+            raise UsageError(f"%%task {spec.name}: --map over {spec.map_over!r}, which is not "
+                             "defined in this kernel yet")
+        results: dict[str, list[Any]] = {n: [] for n in sorted(spec.defines)}
+        for item in list(ns[spec.map_over]):
+            ns[spec.map_var] = item
+            res = self.shell.run_cell(body)
+            if not res.success:
+                return
+            for n in results:
+                results[n].append(ns.get(n))
+        ns.update(results)
+
+    @line_magic
+    def flow(self, line: str) -> Any:
+        """Workflow commands: ``%flow help`` lists them (``%flow show [path.ipynb]``, ...)."""
+        cmd, _, rest = line.strip().partition(" ")
+        if cmd in ("", "-h", "--help"):
+            cmd = "help"
+        func = FLOW_COMMANDS.get(cmd)
+        if func is None:
+            raise UsageError(f"unknown %flow command {cmd!r}{suggest(cmd, list(FLOW_COMMANDS))} "
+                             "(`%flow help` lists them)")
+        try:
+            return func(self.shell, rest.strip())
+        except WorkflowError as e:
+            raise UsageError(str(e)) from None
+
+
+@flow_command("help", "list the %flow commands")
+def _help(shell: Any, args: str) -> None:
+    width = max(len(n) for n in FLOW_COMMANDS)
+    lines = ["%flow commands:"] + [f"  {n.ljust(width)}  {FLOW_HELP.get(n, '')}"
+                                   for n in sorted(FLOW_COMMANDS)]
+    print("\n".join(lines))
+
+
+@flow_command("show", "draw this notebook's workflow DAG: %flow show [path.ipynb]")
+def _show(shell: Any, args: str) -> None:
+    from IPython.display import SVG, display
+
+    from nbflow.compiler import render
+
+    wf = compile_current(shell, args or None, "show")
+    try:
+        svg = render.to_svg(wf)
+    except Exception as e:  # graphviz's `dot` missing or failing: the DOT text still helps
+        print(render.to_dot(wf))
+        print(f"nbflow: could not draw the SVG ({e}); install graphviz (`dot`) to see the picture")
+        return
+    display(SVG(svg))
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbflow``: register ``%%task`` and ``%flow``."""
+    ipython.register_magics(NbflowMagics)
