@@ -21,6 +21,15 @@ class NbflowGroup(click.Group):
         except UserError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(e.code)
+        except Exception as e:  # noqa: BLE001 - known user-facing errors from deeper layers
+            from nbflow.client import NbflowError
+            from nbflow.engine.infra import ConnectError
+            from nbflow.stack import StackError
+
+            if isinstance(e, (NbflowError, ConnectError, StackError)):
+                click.secho(f"error: {e}", fg="red", err=True)
+                sys.exit(2)
+            raise
 
 
 class UserError(Exception):
@@ -97,5 +106,382 @@ def show(source, output):
         click.echo(f"wrote {output}", err=True)
 
 
-if __name__ == "__main__":
-    main()
+# --- shared plumbing for commands that talk to NATS -------------------------------------------
+
+def nats_options(f):
+    f = click.option("--namespace", envvar="NBFLOW_NAMESPACE", default="",
+                     help="Namespace prefixing every stream, bucket and subject "
+                          "[env NBFLOW_NAMESPACE].")(f)
+    f = click.option("--nats", "nats_url", envvar="NBFLOW_NATS_URL", default=None,
+                     help="NATS server URL(s), comma-separated [env NBFLOW_NATS_URL]. "
+                          "Default: the embedded stack, started on demand.")(f)
+    return f
+
+
+def _arun(coro):
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+async def _with_client(nats_url, namespace, fn):
+    from nbflow.client import Client
+
+    c = await Client.connect(nats_url, namespace)
+    try:
+        return await fn(c)
+    finally:
+        await c.close()
+
+
+def _call(nats_url, namespace, fn):
+    return _arun(_with_client(nats_url, namespace, fn))
+
+
+def _dur(seconds) -> str:
+    if seconds is None:
+        return ""
+    s = float(seconds)
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 60:
+        return f"{s:.1f} s"
+    m, s = divmod(int(s), 60)
+    if m < 60:
+        return f"{m}m {s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m"
+
+
+def _local(ts) -> str:
+    import time as _t
+
+    return _t.strftime("%Y-%m-%d %H:%M:%S", _t.localtime(ts)) if ts else ""
+
+
+_STATE_COLOUR = {"succeeded": "green", "failed": "red", "rejected": "magenta",
+                 "cancelled": "yellow", "running": "cyan", "skipped": "bright_black"}
+
+
+def _st(state: str) -> str:
+    return click.style(state, fg=_STATE_COLOUR.get(state))
+
+
+def _parse_params(pairs, wf=None) -> dict:
+    from nbflow.client import parse_param
+
+    defaults = wf.params if wf is not None else {}
+    return {k: parse_param(v, defaults.get(k)) for k, v in pairs}
+
+
+# --- running ---------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("notebook", type=click.Path(dir_okay=False))
+@click.option("-p", "--param", "params", nargs=2, multiple=True, metavar="NAME VALUE",
+              help="Set a parameter (repeatable). Values parse as JSON when they can.")
+@click.option("--no-wait", is_flag=True, help="Print only the run id and return at once.")
+@nats_options
+def run(notebook, params, no_wait, nats_url, namespace):
+    """Compile NOTEBOOK, start a run and follow it to the end.
+
+    Exit code 0 only when the run succeeded. Ctrl-C detaches: the run goes on.
+    """
+    from nbflow.compiler import compile_file
+
+    wf = compile_file(notebook)            # refuse a bad notebook before anything is submitted
+
+    async def go(c):
+        run_id = await c.submit(wf, _parse_params(params, wf))
+        if no_wait:
+            click.echo(run_id)
+            return 0
+        click.echo(f"run {click.style(run_id, bold=True)} of {wf.name} started "
+                   f"({len(wf.tasks)} tasks)", err=True)
+        from nbflow.progress import follow
+
+        try:
+            st = await follow(c, run_id, wf)
+        except (KeyboardInterrupt, asyncio_cancelled()):
+            _detached(run_id)
+            return 130
+        _summary(st, wf)
+        return 0 if st.state == "succeeded" else 1
+
+    try:
+        code = _call(nats_url, namespace, go)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted before the run id was known; see `nbflow runs`", err=True)
+        code = 130
+    sys.exit(code)
+
+
+def asyncio_cancelled():
+    import asyncio
+
+    return asyncio.CancelledError
+
+
+def _detached(run_id: str) -> None:
+    click.echo(f"\ndetached; run {run_id} goes on. Watch it: nbflow status {run_id} · "
+               f"nbflow logs {run_id} · cancel it: nbflow cancel {run_id}", err=True)
+
+
+def _summary(st, wf) -> None:
+    click.echo(f"\nrun {st.run}: {_st(st.state)} in {_dur((st.finished or 0) - st.started)}")
+    rows = [("task", "state", "attempts", "duration", "executed notebook")]
+    for node in wf.tasks:
+        ns = st.nodes.get(node.id)
+        if ns is None:
+            continue
+        tasks = [t for t in st.tasks.values() if t.node == node.id]
+        attempts = max((t.attempt for t in tasks), default=0)
+        dur = (ns.finished - ns.started) if ns.finished and ns.started else None
+        where = f"nbflow output {st.run} {node.id} -o {node.id}.ipynb" if any(
+            t.notebook for t in tasks) else ""
+        label = node.id if ns.count is None else f"{node.id} ×{ns.count}"
+        rows.append((label, ns.state, str(attempts or ""), _dur(dur), where))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for i, r in enumerate(rows):
+        cells = [r[j].ljust(widths[j]) for j in range(4)]
+        if i:
+            cells[1] = _st(r[1]) + " " * (widths[1] - len(r[1]))
+        click.echo("  " + "  ".join(cells) + "  " + r[4])
+    if st.error:
+        e = st.error
+        click.secho(f"\n{e.get('key')} failed: {e.get('error')}", fg="red")
+        if e.get("cell"):
+            click.echo("in the cell:\n" + "\n".join("    " + ln for ln in e["cell"].splitlines()))
+        if e.get("traceback"):
+            click.echo(e["traceback"].rstrip())
+        click.echo(f"\nfull log: nbflow logs {st.run} {e.get('node')} · "
+                   f"after fixing: nbflow retry {st.run}")
+
+
+@main.command()
+@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count).")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Data dir (default: NBFLOW_HOME or ~/.local/share/nbflow).")
+@click.option("--port", type=int, default=0, help="nats-server port (default: 4222 if free).")
+@click.option("--namespace", envvar="NBFLOW_NAMESPACE", default=None)
+def up(workers, data, port, namespace):
+    """Run the embedded stack in the foreground: nats-server, engine, workers."""
+    from nbflow import stack
+
+    try:
+        sys.exit(stack.run_foreground(data, port, workers, namespace,
+                                      echo=lambda m: click.echo(m, err=True)))
+    except stack.StackError as e:
+        raise UserError(str(e)) from None
+
+
+@main.command()
+@click.option("--data", type=click.Path(file_okay=False), default=None)
+def down(data):
+    """Stop the background embedded stack."""
+    from nbflow import stack
+
+    info = stack.down(data)
+    if info:
+        click.echo(f"stopped the nbflow stack at {info['url']} (pid {info['pid']})", err=True)
+    else:
+        click.echo("no nbflow stack is running", err=True)
+
+
+@main.command()
+@nats_options
+@click.option("--replicas", type=int, default=1, help="Replicas for streams/buckets (cluster: 3).")
+def engine(nats_url, namespace, replicas):
+    """Run the engine against a NATS server or cluster (run as many as you like)."""
+    import logging
+
+    from nbflow.client import resolve_url
+    from nbflow.engine.engine import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    try:
+        _arun(serve(resolve_url(nats_url), namespace, replicas))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@nats_options
+@click.option("--queue", default="default", help="Task queue to serve (%%task --queue).")
+@click.option("--concurrency", type=int, default=1, help="Tasks run at once by this worker.")
+def worker(nats_url, namespace, queue, concurrency):
+    """Run a worker: pulls tasks and executes them with papermill."""
+    import logging
+
+    from nbflow.client import resolve_url
+    from nbflow.worker.worker import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    try:
+        _arun(serve(resolve_url(nats_url), namespace, queue, concurrency))
+    except KeyboardInterrupt:
+        pass
+
+
+# --- inspecting --------------------------------------------------------------------------------
+
+def _run_row(st) -> dict:
+    return {"id": st.run, "state": st.state, "workflow": st.name, "notebook": st.source,
+            "started": st.started, "finished": st.finished, "by": st.by,
+            "retry_of": st.retry_of or None, "schedule": st.schedule or None}
+
+
+@main.command()
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON array, for scripts.")
+@nats_options
+def runs(limit, as_json, nats_url, namespace):
+    """List recent runs."""
+    import json as _json
+
+    sts = _call(nats_url, namespace, lambda c: c.runs(limit))
+    if as_json:
+        click.echo(_json.dumps([_run_row(s) for s in sts], indent=2))
+        return
+    if not sts:
+        click.echo("no runs yet: start one with `nbflow run NOTEBOOK`")
+        return
+    click.echo(f"{'run':<10} {'state':<10} {'started':<20} {'duration':>9}  workflow")
+    for s in sts:
+        dur = _dur((s.finished or __import__('time').time()) - s.started)
+        click.echo(f"{s.run:<10} {_st(s.state)}{' ' * (10 - len(s.state))} "
+                   f"{_local(s.started):<20} {dur:>9}  {s.name}")
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True)
+@nats_options
+def status(run_id, as_json, nats_url, namespace):
+    """Show a run's state and each task's."""
+    import json as _json
+
+    async def go(c):
+        st = await c.status(run_id)
+        return st, await c.workflow(st.wf)
+    st, wf = _call(nats_url, namespace, go)
+    if as_json:
+        click.echo(_json.dumps(st.to_dict(), indent=2, default=str))
+        return
+    click.echo(f"run {st.run} · {st.name} · {_st(st.state)} · started {_local(st.started)}"
+               + (f" · took {_dur(st.finished - st.started)}" if st.finished else ""))
+    for node in wf.tasks:
+        ns = st.nodes.get(node.id)
+        if ns is None:
+            continue
+        extra = ""
+        if ns.count is not None:
+            done = sum(1 for t in st.tasks.values() if t.node == node.id and
+                       t.state in ("succeeded", "skipped"))
+            extra = f" {done}/{ns.count}"
+        if ns.state == "awaiting_approval":
+            extra += f"  ← nbflow approve {st.run} {node.id}"
+        if ns.state == "waiting_signal":
+            extra += f"  ← nbflow signal {st.run} {node.wait_signal} VALUE"
+        click.echo(f"  {node.id:<24} {_st(ns.state)}{extra}")
+    if st.error:
+        click.secho(f"error in {st.error.get('key')}: {st.error.get('error')}", fg="red")
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
+@nats_options
+def history(run_id, as_json, nats_url, namespace):
+    """The run's event log, replayed from the history stream."""
+    import json as _json
+
+    evs = _call(nats_url, namespace, lambda c: c.history(run_id))
+    for ev in evs:
+        if as_json:
+            click.echo(_json.dumps({"seq": ev.seq, **ev.to_dict()}, default=str))
+            continue
+        detail = " ".join(f"{k}={v}" for k, v in ev.data.items()
+                          if k in ("key", "attempt", "node", "name", "by", "approved", "error",
+                                   "kind", "worker", "reason"))
+        click.echo(f"{_local(ev.ts)}  #{ev.seq:<6} {ev.type:<16} {detail}")
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("task", required=False)
+@nats_options
+def logs(run_id, task, nats_url, namespace):
+    """Prints, warnings and errors of the executed notebooks of a run (or one TASK)."""
+    click.echo(_call(nats_url, namespace, lambda c: c.logs(run_id, task)))
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("task")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
+              help="Where to write the executed notebook (.ipynb).")
+@nats_options
+def output(run_id, task, out, nats_url, namespace):
+    """Save the executed notebook of TASK, as papermill wrote it."""
+    data = _call(nats_url, namespace, lambda c: c.output(run_id, task))
+    with open(out, "wb") as f:
+        f.write(data)
+    click.echo(f"wrote {out}", err=True)
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@nats_options
+def cancel(run_id, nats_url, namespace):
+    """Cancel a run: queued tasks never start, running ones are interrupted."""
+    _call(nats_url, namespace, lambda c: c.cancel(run_id))
+    click.echo(f"cancelling run {run_id}", err=True)
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--no-wait", is_flag=True, help="Print only the new run id.")
+@nats_options
+def retry(run_id, no_wait, nats_url, namespace):
+    """Start a new run of a failed run, reusing the outputs of tasks that succeeded."""
+    async def go(c):
+        new = await c.retry(run_id)
+        if no_wait:
+            click.echo(new)
+            return 0
+        click.echo(f"run {new} retries {run_id}", err=True)
+        from nbflow.progress import follow
+
+        st = await c.status(run_id)
+        wf = await c.workflow(st.wf)
+        st = await follow(c, new, wf)
+        _summary(st, wf)
+        return 0 if st.state == "succeeded" else 1
+    sys.exit(_call(nats_url, namespace, go))
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("task")
+@click.option("--reject", is_flag=True, help="Reject instead of approve.")
+@click.option("--comment", default="", help="Why (recorded in the history).")
+@click.option("--as", "by", default=None, help="Who decides (default: JUPYTERHUB_USER or OS user).")
+@nats_options
+def approve(run_id, task, reject, comment, by, nats_url, namespace):
+    """Approve (or --reject) a task awaiting approval."""
+    d = _call(nats_url, namespace, lambda c: c.approve(run_id, task, not reject, by, comment))
+    click.echo(f"{d['state']} {task} of run {run_id} as {d['by']}", err=True)
+
+
+@main.command("signal")
+@click.argument("run_id", metavar="RUN")
+@click.argument("name")
+@click.argument("value", required=False, default="null")
+@nats_options
+def signal_cmd(run_id, name, value, nats_url, namespace):
+    """Send signal NAME (VALUE parsed as JSON when it can be) to a waiting run."""
+    from nbflow.client import parse_param
+
+    _call(nats_url, namespace, lambda c: c.signal(run_id, name, parse_param(value)))
+    click.echo(f"sent {name} to run {run_id}", err=True)

@@ -61,6 +61,10 @@ class Layout:
         return f"NBFLOW_TIMERS{self._sfx}"
 
     @property
+    def deadletter_stream(self) -> str:
+        return f"NBFLOW_DEADLETTER{self._sfx}"
+
+    @property
     def triggers_stream(self) -> str:
         return f"NBFLOW_TRIGGERS{self._sfx}"
 

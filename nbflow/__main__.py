@@ -1,0 +1,3 @@
+from nbflow.cli import main
+
+main()

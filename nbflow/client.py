@@ -1,0 +1,487 @@
+"""The Python client that the CLI, the magics and the widgets share. Async first::
+
+    async with Client.connect() as c:
+        run = await c.submit("report.ipynb", {"day": "2026-11-20"})
+        async for ev, state in c.watch(run):
+            ...
+
+and the same calls, synchronously, on :class:`SyncClient` (its event loop runs in a background
+thread, so it works inside Jupyter too).
+"""
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import secrets
+import threading
+import time
+from typing import Any, AsyncIterator
+
+from nbflow.compiler.graph import Workflow, WorkflowError
+from nbflow.engine import infra
+from nbflow.engine.events import Event, decode, make, task_key
+from nbflow.engine.layout import MSG_ID, Layout, default_namespace
+from nbflow.engine.state import RUN_FINAL, RunState, apply
+
+_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"   # no 0/o, 1/l/i: easy to read and type
+
+
+def new_run_id(n: int = 8) -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+def whoami() -> str:
+    """Who decides: JUPYTERHUB_USER, else NBFLOW_USER, else the OS user."""
+    for var in ("NBFLOW_USER", "JUPYTERHUB_USER"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "unknown"
+
+
+class NbflowError(Exception):
+    """An error meant for the user (unknown run, task not awaiting approval, ...)."""
+
+
+class AlreadyDecided(NbflowError):
+    def __init__(self, message: str, decision: dict[str, Any]):
+        super().__init__(message)
+        self.decision = decision
+
+
+def parse_param(value: str, default: Any = None) -> Any:
+    """A -p value from the shell: JSON when it parses (numbers, lists, true/false), else text.
+    A parameter whose default is a string stays a string."""
+    if isinstance(default, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def resolve_url(url: str | None = None) -> str:
+    """--nats, else NBFLOW_NATS_URL, else the embedded stack (started on demand)."""
+    url = url or os.environ.get("NBFLOW_NATS_URL")
+    if url:
+        return url
+    from nbflow import stack
+
+    return stack.ensure_background()
+
+
+def _ago(ts: float | None) -> str:
+    return "" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+class Client:
+    def __init__(self, nc, layout: Layout):
+        self.nc, self.js, self.L = nc, nc.jetstream(), layout
+        self._kv: dict[str, Any] = {}
+        self._defs: dict[str, Workflow] = {}
+
+    @classmethod
+    async def connect(cls, url: str | None = None, namespace: str | None = None,
+                      **conn) -> "Client":
+        url = resolve_url(url)
+        nc = await infra.connect(infra.ConnectOptions.from_env(url, **conn), name="nbflow-client",
+                                 reconnect=False)
+        c = cls(nc, Layout(default_namespace() if namespace is None else namespace))
+        try:
+            await infra.ensure(c.js, c.L)
+        except Exception as e:  # noqa: BLE001 - permissions: surface clearly
+            await nc.close()
+            raise NbflowError(f"NATS at {infra.redact(url)} refused nbflow's streams: {e}") from None
+        return c
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def kv(self, bucket: str):
+        if bucket not in self._kv:
+            self._kv[bucket] = await self.js.key_value(bucket)
+        return self._kv[bucket]
+
+    # --- submit -------------------------------------------------------------------------------
+    async def put_workflow(self, wf: Workflow) -> str:
+        h = wf.content_hash()
+        defs = await self.kv(self.L.defs_bucket)
+        try:
+            await defs.create(h, wf.to_json().encode())
+        except Exception as e:  # noqa: BLE001 - exists: definitions are immutable by hash
+            if "wrong last sequence" not in str(e).lower() and \
+                    type(e).__name__ != "KeyWrongLastSequenceError":
+                raise
+        self._defs[h] = wf
+        return h
+
+    async def submit(self, workflow: Workflow | str, params: dict[str, Any] | None = None, *,
+                     by: str | None = None, run_id: str | None = None, msg_id: str | None = None,
+                     schedule: str | None = None, retry_of: str | None = None,
+                     reuse: dict | None = None) -> str:
+        """Start a run; returns its id. ``workflow`` is an IR or a notebook/BPMN/JSON path."""
+        if isinstance(workflow, str):
+            from nbflow.compiler import compile_file
+
+            workflow = compile_file(workflow)
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(workflow.params) -
+                         _source_names(workflow.params_source))
+        if unknown:
+            known = ", ".join(sorted(workflow.params)) or "(none: add a cell tagged 'parameters')"
+            raise NbflowError(f"unknown parameter {', '.join(map(repr, unknown))} for "
+                              f"{workflow.name}; its parameters are: {known}")
+        try:
+            json.dumps(params)
+        except TypeError as e:
+            raise NbflowError(f"parameters must be JSON values: {e}") from None
+        h = await self.put_workflow(workflow)
+        run = run_id or new_run_id()
+        ev = make("RunStarted", run, wf=h, params=params, by=by or whoami(),
+                  source=workflow.source, name=workflow.name, schedule=schedule,
+                  retry_of=retry_of, reuse=reuse)
+        ack = await self.js.publish(self.L.history_subject(run), ev.encode(),
+                                    headers={MSG_ID: msg_id or f"start.{run}"})
+        if ack.duplicate and msg_id:
+            return run          # this start was already recorded (idempotent trigger)
+        return run
+
+    # --- reading ------------------------------------------------------------------------------
+    async def workflow(self, wf_hash: str) -> Workflow:
+        if wf_hash not in self._defs:
+            defs = await self.kv(self.L.defs_bucket)
+            e = await defs.get(wf_hash)
+            self._defs[wf_hash] = Workflow.from_json(e.value.decode())
+        return self._defs[wf_hash]
+
+    async def _resolve_run(self, run: str) -> str:
+        """Accept a unique prefix of a run id."""
+        runs = await self.kv(self.L.runs_bucket)
+        try:
+            await runs.get(run)
+            return run
+        except Exception:  # noqa: BLE001 - not found: try history, then prefixes
+            pass
+        if await self._has_history(run):
+            return run
+        try:
+            keys = await runs.keys()
+        except Exception:  # noqa: BLE001 - empty bucket
+            keys = []
+        matches = [k for k in keys if k.startswith(run)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise NbflowError(f"run id {run!r} is ambiguous: {', '.join(sorted(matches)[:5])}")
+        raise NbflowError(f"no run {run!r} (see `nbflow runs` for recent runs)")
+
+    async def _has_history(self, run: str) -> bool:
+        try:
+            await self.js.get_last_msg(self.L.history_stream, self.L.history_subject(run))
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    async def status(self, run: str) -> RunState:
+        run = await self._resolve_run(run)
+        runs = await self.kv(self.L.runs_bucket)
+        try:
+            e = await runs.get(run)
+            return RunState.from_dict(json.loads(e.value))
+        except Exception:  # noqa: BLE001 - the engine has not caught up yet: replay
+            st = await self.replay(run)
+            if st is None:
+                raise NbflowError(f"no run {run!r}") from None
+            return st
+
+    async def history(self, run: str) -> list[Event]:
+        run = await self._resolve_run(run)
+        return [ev async for ev in self._events(run, follow=False)]
+
+    async def _events(self, run: str, follow: bool) -> AsyncIterator[Event]:
+        subj = self.L.history_subject(run)
+        try:
+            last = await self.js.get_last_msg(self.L.history_stream, subj)
+            last_seq = last.seq
+        except Exception:  # noqa: BLE001
+            if not follow:
+                return
+            last_seq = 0
+        sub = await self.js.subscribe(subj, ordered_consumer=True, stream=self.L.history_stream)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=None if follow else 10)
+                except asyncio.TimeoutError:
+                    return
+                try:
+                    ev = decode(msg.data, seq=msg.metadata.sequence.stream)
+                except Exception:  # noqa: BLE001 - malformed messages are dead-lettered
+                    continue
+                yield ev
+                if not follow and msg.metadata.sequence.stream >= last_seq:
+                    return
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def replay(self, run: str) -> RunState | None:
+        st = None
+        async for ev in self._events(run, follow=False):
+            wf = await self.workflow(ev["wf"] if st is None else st.wf)
+            st, _ = apply(st, ev, wf)
+        return st
+
+    async def watch(self, run: str) -> AsyncIterator[tuple[Event, RunState]]:
+        """Every event of the run from the start, live, with the state after it; ends when the
+        run reaches a final state."""
+        run = await self._resolve_run(run)
+        st = None
+        async for ev in self._events(run, follow=True):
+            if st is None and ev.type != "RunStarted":
+                continue
+            wf = await self.workflow(ev["wf"] if st is None else st.wf)
+            st, _ = apply(st, ev, wf)
+            yield ev, st
+            if st.is_final:
+                return
+
+    async def wait(self, run: str, timeout: float | None = None) -> RunState:
+        async def _w():
+            st = None
+            async for _, st in self.watch(run):
+                pass
+            return st
+        return await asyncio.wait_for(_w(), timeout)
+
+    async def runs(self, limit: int = 50) -> list[RunState]:
+        runs = await self.kv(self.L.runs_bucket)
+        try:
+            keys = await runs.keys()
+        except Exception:  # noqa: BLE001 - nats-py raises NoKeysError on an empty bucket
+            return []
+        out = []
+        for k in keys:
+            try:
+                e = await runs.get(k)
+                out.append(RunState.from_dict(json.loads(e.value)))
+            except Exception:  # noqa: BLE001 - deleted meanwhile
+                continue
+        out.sort(key=lambda s: s.started, reverse=True)
+        return out[:limit]
+
+    # --- steering -----------------------------------------------------------------------------
+    async def _running(self, run: str, what: str) -> RunState:
+        st = await self.status(run)
+        if st.is_final:
+            raise NbflowError(f"run {st.run} is already {st.state}; {what} only applies to "
+                              f"running runs")
+        return st
+
+    async def cancel(self, run: str, by: str | None = None) -> None:
+        st = await self._running(run, "cancel")
+        ev = make("CancelRequested", st.run, by=by or whoami())
+        await self.js.publish(self.L.history_subject(st.run), ev.encode(),
+                              headers={MSG_ID: f"cancel.{st.run}"})
+
+    async def approve(self, run: str, task: str, approved: bool = True, by: str | None = None,
+                      comment: str = "") -> dict[str, Any]:
+        """Decide a pending approval. Exactly one decision wins; a loser gets AlreadyDecided
+        naming who decided first."""
+        st = await self.status(run)
+        ns = st.nodes.get(task)
+        if ns is None:
+            raise NbflowError(f"run {st.run} has no task {task!r} (tasks: "
+                              f"{', '.join(k for k in st.nodes if k not in ('start', 'end'))})")
+        ap = await self.kv(self.L.approvals_bucket)
+        key = f"{st.run}.{task}"
+        try:
+            entry = await ap.get(key)
+            rec = json.loads(entry.value)
+        except Exception:  # noqa: BLE001 - no pending approval recorded
+            entry, rec = None, None
+        if rec and rec.get("state") != "pending":
+            raise AlreadyDecided(_decided_msg(st.run, task, rec), rec)
+        if ns.state != "awaiting_approval" or entry is None:
+            if ns.approval and ns.approval.get("state") not in (None, "pending"):
+                raise AlreadyDecided(_decided_msg(st.run, task, ns.approval), ns.approval)
+            raise NbflowError(f"task {task!r} of run {st.run} is not awaiting approval "
+                              f"(it is {ns.state})")
+        who = by or whoami()
+        decision = {**rec, "state": "approved" if approved else "rejected", "by": who,
+                    "comment": comment, "at": time.time()}
+        decision.pop("token", None)      # single use: the token is consumed by this decision
+        try:
+            await ap.update(key, json.dumps(decision).encode(), last=entry.revision)
+        except Exception:  # noqa: BLE001 - CAS lost: someone decided first
+            won = json.loads((await ap.get(key)).value)
+            raise AlreadyDecided(_decided_msg(st.run, task, won), won) from None
+        ev = make("ApprovalDecided", st.run, node=task, approved=approved, by=who,
+                  comment=comment or None)
+        await self.js.publish(self.L.history_subject(st.run), ev.encode(),
+                              headers={MSG_ID: f"approval.{st.run}.{task}"})
+        return decision
+
+    async def signal(self, run: str, name: str, value: Any = None, by: str | None = None) -> None:
+        st = await self._running(run, "a signal")
+        try:
+            json.dumps(value)
+        except TypeError as e:
+            raise NbflowError(f"signal value must be JSON: {e}") from None
+        sig = await self.kv(self.L.signals_bucket)
+        await sig.put(f"{st.run}.{name}", json.dumps({"value": value, "by": by or whoami(),
+                                                      "at": time.time()}).encode())
+        ev = make("SignalSent", st.run, name=name, value=value, by=by or whoami())
+        await self.js.publish(self.L.history_subject(st.run), ev.encode(),
+                              headers={MSG_ID: f"signal.{st.run}.{name}"})
+
+    async def retry(self, run: str, by: str | None = None) -> str:
+        """A new run of a failed/rejected/cancelled run that reuses what succeeded."""
+        st = await self.status(run)
+        if st.state == "running":
+            raise NbflowError(f"run {st.run} is still running; cancel it first or wait")
+        if st.state == "succeeded":
+            raise NbflowError(f"run {st.run} succeeded; nothing to retry "
+                              f"(start a new one with `nbflow run`)")
+        reuse: dict[str, Any] = {}
+        for node_id, ns in st.nodes.items():
+            if ns.state == "succeeded" and node_id not in ("start", "end"):
+                tasks = {t.key: {**t.__dict__} for t in st.tasks.values() if t.node == node_id}
+                reuse[node_id] = {"state": "succeeded", "count": ns.count, "tasks": tasks}
+        wf = await self.workflow(st.wf)
+        return await self.submit(wf, st.params, by=by, retry_of=st.run, reuse=reuse)
+
+    # --- artifacts ----------------------------------------------------------------------------
+    def _task_keys(self, st: RunState, task: str | None) -> list[str]:
+        if task is None:
+            return list(st.tasks)
+        if task in st.tasks:
+            return [task]
+        keys = [k for k, t in st.tasks.items() if t.node == task]
+        if not keys:
+            names = sorted({t.node for t in st.tasks.values()})
+            raise NbflowError(f"run {st.run} has no executed task {task!r} "
+                              f"(executed: {', '.join(names) or 'none yet'})")
+        return keys
+
+    async def output(self, run: str, task: str) -> bytes:
+        """The executed notebook of a task (its latest attempt), as papermill wrote it."""
+        from nbflow.worker.artifacts import Artifacts
+
+        st = await self.status(run)
+        keys = self._task_keys(st, task)
+        t = st.tasks[keys[0]]
+        if not t.notebook:
+            raise NbflowError(f"task {t.key} of run {st.run} has no executed notebook "
+                              f"(it is {t.state})")
+        return await Artifacts(self.js, self.L.artifacts_store).get_bytes(t.notebook)
+
+    async def logs(self, run: str, task: str | None = None) -> str:
+        import nbformat
+
+        from nbflow.worker.runner import notebook_logs
+
+        st = await self.status(run)
+        parts = []
+        for key in self._task_keys(st, task):
+            t = st.tasks[key]
+            head = f"── {key} (attempt {t.attempt}, {t.state}) "
+            parts.append(head + "─" * max(0, 70 - len(head)))
+            if t.notebook:
+                raw = await self.output(run, key)
+                parts.append(notebook_logs(nbformat.reads(raw.decode(), as_version=4)).rstrip())
+            elif t.error:
+                parts.append(t.error)
+        return "\n".join(parts)
+
+    async def load_output(self, run: str, task: str, name: str) -> Any:
+        """The value of an output variable of a finished task (a list for --map tasks)."""
+        import pickle
+
+        from nbflow.worker.artifacts import Artifacts
+
+        st = await self.status(run)
+        art = Artifacts(self.js, self.L.artifacts_store)
+        wf = await self.workflow(st.wf)
+        refs = st.node_outputs(task, wf) if task in st.nodes else {}
+        if name not in refs:
+            raise NbflowError(f"task {task!r} of run {st.run} has no output {name!r}")
+        ref = refs[name]
+        if isinstance(ref, list):
+            return [pickle.loads(await art.get_bytes(r)) if r else None for r in ref]
+        return pickle.loads(await art.get_bytes(ref))
+
+
+def _decided_msg(run: str, task: str, rec: dict[str, Any]) -> str:
+    return (f"task {task!r} of run {run} was already {rec.get('state')} by "
+            f"{rec.get('by', '?')} at {_ago(rec.get('at'))}")
+
+
+def _source_names(src: str) -> set[str]:
+    import ast
+
+    try:
+        tree = ast.parse(src or "")
+    except SyntaxError:
+        return set()
+    return {t.id for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+            if isinstance(t, ast.Name)}
+
+
+class SyncClient:
+    """The same calls, blocking. The event loop lives in a daemon thread, so this works in
+    plain scripts and inside Jupyter kernels (which already run a loop)."""
+
+    def __init__(self, url: str | None = None, namespace: str | None = None, **conn):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="nbflow-client")
+        self._thread.start()
+        self.aclient: Client = self._call(Client.connect(url, namespace, **conn))
+
+    def _call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def close(self) -> None:
+        try:
+            self._call(self.aclient.close(), 5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.aclient, name)
+        if not asyncio.iscoroutinefunction(fn):
+            raise AttributeError(name)
+
+        def call(*a, **kw):
+            return self._call(fn(*a, **kw))
+        call.__name__ = name
+        call.__doc__ = fn.__doc__
+        return call
+
+
+__all__ = ["Client", "SyncClient", "NbflowError", "AlreadyDecided", "new_run_id", "whoami",
+           "parse_param", "resolve_url", "RUN_FINAL", "task_key"]

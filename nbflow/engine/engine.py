@@ -1,0 +1,359 @@
+"""The NATS shell around ``state.py``: consume history events, apply them, carry out commands.
+
+Crash safety (as SHAR does it): for every history message the engine
+  1. catches the run's snapshot up to just before the message (reading history by subject),
+  2. applies the message with the pure state machine,
+  3. publishes the resulting commands with deterministic ``Nats-Msg-Id`` (server dedup),
+  4. writes the snapshot with compare-and-set on its revision,
+  5. and only then acks the message.
+A kill at any point leaves the message unacked: it is redelivered, and steps 1–4 are idempotent
+(the snapshot records the last sequence applied; re-published commands are deduplicated).
+Two engines may run at once: CAS conflicts make the loser reload and retry.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import secrets
+import signal
+import time
+from collections import OrderedDict
+from typing import Any
+
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError
+
+from nbflow.compiler.graph import Workflow
+from nbflow.engine import infra
+from nbflow.engine.events import BadMessage, Command, Event, decode, make
+from nbflow.engine.layout import MSG_ID, SCHEDULE, SCHEDULE_TARGET, Layout
+from nbflow.engine.state import RunState, apply
+
+log = logging.getLogger("nbflow.engine")
+
+ACK_WAIT_S = 30.0
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the kill tests: NBFLOW_CRASH_AT=<point>[:<nth>] kills us with SIGKILL."""
+    spec = os.environ.get("NBFLOW_CRASH_AT", "")
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    count = _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if count >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_crash_counts: dict[str, int] = {}
+
+
+class LRU(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def put(self, k, v):
+        self[k] = v
+        self.move_to_end(k)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class Engine:
+    def __init__(self, nc, layout: Layout | None = None, *, batch: int = 256,
+                 snapshot_cache: int = 2000):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.L = layout or Layout()
+        self.batch = batch
+        self.snapshots: LRU = LRU(snapshot_cache)   # run -> (RunState, kv revision)
+        self.defs: LRU = LRU(256)                   # wf hash -> Workflow
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._stop = asyncio.Event()
+        self.processed = 0
+        self.dead_letters = 0
+
+    # --- setup --------------------------------------------------------------------------------
+    async def start(self, replicas: int = 1) -> None:
+        await infra.ensure(self.js, self.L, replicas)
+        self.runs_kv = await self.js.key_value(self.L.runs_bucket)
+        self.defs_kv = await self.js.key_value(self.L.defs_bucket)
+        self.approvals_kv = await self.js.key_value(self.L.approvals_bucket)
+        self.history_sub = await self.js.pull_subscribe(
+            self.L.history_wildcard, durable=self.L.engine_consumer,
+            stream=self.L.history_stream,
+            config=infra.consumer_config(self.L.engine_consumer, self.L.history_wildcard,
+                                         ACK_WAIT_S, 10_000))
+        self.timer_sub = await self.js.pull_subscribe(
+            self.L.timer_fire_subject(">"), durable=self.L.timers_consumer,
+            stream=self.L.timers_stream,
+            config=infra.consumer_config(self.L.timers_consumer, self.L.timer_fire_subject(">"),
+                                         ACK_WAIT_S, 10_000))
+
+    async def run(self) -> None:
+        """Serve until stop() is called."""
+        await asyncio.gather(self._history_loop(), self._timer_loop())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- loops --------------------------------------------------------------------------------
+    async def _fetch(self, sub, n: int, timeout: float = 1.0):
+        try:
+            return await sub.fetch(n, timeout=timeout)
+        except asyncio.TimeoutError:
+            return []
+        except Exception as e:  # noqa: BLE001 - reconnects, server restarts: keep serving
+            if self._stop.is_set():
+                return []
+            log.warning("fetch failed (%s); retrying", e)
+            await asyncio.sleep(0.5)
+            return []
+
+    async def _history_loop(self) -> None:
+        while not self._stop.is_set():
+            msgs = await self._fetch(self.history_sub, self.batch)
+            if not msgs:
+                continue
+            by_run: dict[str, list] = {}
+            for m in msgs:
+                by_run.setdefault(m.subject.rsplit(".", 1)[-1], []).append(m)
+            await asyncio.gather(*(self._guarded(run, ms) for run, ms in by_run.items()))
+
+    async def _guarded(self, run: str, msgs: list) -> None:
+        try:
+            await self._handle_run_batch(run, msgs)
+        except Exception:  # noqa: BLE001 - one run's trouble must not stop the engine
+            log.exception("run %s: handling %d event(s) failed; they will be redelivered",
+                          run, len(msgs))
+            for m in msgs:
+                try:
+                    await m.nak(delay=1.0)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    async def _timer_loop(self) -> None:
+        while not self._stop.is_set():
+            msgs = await self._fetch(self.timer_sub, 64)
+            for m in msgs:
+                try:
+                    ev = decode(m.data)
+                    tid = ev["timer"]
+                    await self.js.publish(self.L.history_subject(ev.run), ev.encode(),
+                                          headers={MSG_ID: f"timer.{tid}"})
+                    await m.ack()
+                except BadMessage as e:
+                    await self.dead_letter(m, f"timer message: {e}")
+                except Exception:  # noqa: BLE001
+                    log.exception("timer fire failed; will retry")
+
+    # --- one run's batch of events ------------------------------------------------------------
+    async def _handle_run_batch(self, run: str, msgs: list) -> None:
+        lock = self._locks.setdefault(run, asyncio.Lock())
+        async with lock:
+            good: list[tuple[Any, Event]] = []
+            for m in msgs:
+                try:
+                    good.append((m, decode(m.data, seq=m.metadata.sequence.stream)))
+                except BadMessage as e:
+                    await self.dead_letter(m, str(e))
+            if good:
+                for attempt in range(20):
+                    if await self._apply_batch(run, good):
+                        break
+                    self.snapshots.pop(run, None)       # CAS lost: reload and retry
+                else:
+                    raise RuntimeError(f"run {run}: snapshot CAS kept conflicting")
+                _crash_point("before_ack")
+                for m, _ in good:
+                    await m.ack()
+                self.processed += len(good)
+        if not lock.locked() and len(self._locks) > 10_000:
+            self._locks.pop(run, None)
+
+    async def load_snapshot(self, run: str) -> tuple[RunState | None, int]:
+        cached = self.snapshots.get(run)
+        if cached:
+            return cached
+        try:
+            e = await self.runs_kv.get(run)
+        except (NotFoundError, KeyError):
+            return None, 0
+        except Exception as e:  # noqa: BLE001 - nats-py raises KeyNotFoundError subclasses
+            if "not found" in str(e).lower() or type(e).__name__.startswith("KeyNotFound") \
+                    or type(e).__name__ == "KeyDeletedError":
+                return None, 0
+            raise
+        return RunState.from_dict(json.loads(e.value)), e.revision
+
+    async def workflow(self, wf_hash: str) -> Workflow:
+        wf = self.defs.get(wf_hash)
+        if wf is None:
+            entry = await self.defs_kv.get(wf_hash)
+            wf = Workflow.from_json(entry.value.decode())
+            self.defs.put(wf_hash, wf)
+        return wf
+
+    async def _events_between(self, run: str, after: int, before: int) -> list[Event]:
+        """History events of ``run`` with after < seq < before (what this batch must follow)."""
+        out: list[Event] = []
+        seq = after + 1
+        subj = self.L.history_subject(run)
+        while seq < before:
+            try:
+                raw = await self.js.get_msg(self.L.history_stream, seq=seq, subject=subj,
+                                            next=True, direct=True)
+            except NotFoundError:
+                break
+            except APIError as e:
+                if getattr(e, "code", None) == 404:
+                    break
+                raise
+            if raw.seq >= before:
+                break
+            try:
+                out.append(decode(raw.data, seq=raw.seq))
+            except BadMessage:
+                pass                          # was dead-lettered when it was delivered
+            seq = raw.seq + 1
+        return out
+
+    async def _apply_batch(self, run: str, batch: list[tuple[Any, Event]]) -> bool:
+        st, rev = await self.load_snapshot(run)
+        last = st.seq if st else 0
+        todo = [ev for _, ev in batch if ev.seq > last]
+        if not todo:
+            return True                      # all applied before (redelivery after a crash)
+        todo.sort(key=lambda e: e.seq)
+        earlier = await self._events_between(run, last, todo[0].seq)
+        events = earlier + todo
+        cmds: list[Command] = []
+        wf: Workflow | None = None
+        for ev in events:
+            if st is None and ev.type != "RunStarted":
+                log.error("run %s: %s before RunStarted; dead-lettering", run, ev.type)
+                await self._dead_letter_raw(run, ev.encode(), "event before RunStarted")
+                continue
+            if wf is None:
+                wf_hash = ev["wf"] if st is None else st.wf
+                try:
+                    wf = await self.workflow(wf_hash)
+                except Exception:  # noqa: BLE001
+                    await self._dead_letter_raw(run, ev.encode(),
+                                                f"unknown workflow version {wf_hash}")
+                    return True
+            try:
+                st, c = apply(st, ev, wf)
+            except (KeyError, ValueError, TypeError) as e:
+                await self._dead_letter_raw(run, ev.encode(), f"cannot apply: {e!r}")
+                if st is not None:
+                    st.seq = max(st.seq, ev.seq or 0)
+                continue
+            cmds.extend(c)
+        if st is None:
+            return True
+        await self.execute(st, cmds)
+        _crash_point("before_snapshot")
+        value = json.dumps(st.to_dict(), separators=(",", ":")).encode()
+        try:
+            if rev:
+                new_rev = await self.runs_kv.update(run, value, last=rev)
+            else:
+                new_rev = await self.runs_kv.create(run, value)
+        except (KeyWrongLastSequenceError, APIError) as e:
+            if isinstance(e, KeyWrongLastSequenceError) or "wrong last sequence" in str(e) \
+                    or getattr(e, "err_code", 0) in (10071, 10164):
+                return False
+            raise
+        self.snapshots.put(run, (st, new_rev))
+        return True
+
+    # --- commands -----------------------------------------------------------------------------
+    async def execute(self, st: RunState, cmds: list[Command]) -> None:
+        futs = []
+        for c in cmds:
+            if c.kind == "dispatch":
+                msg = {"v": 1, "run": st.run, "params": st.params, **c.data}
+                subj = self.L.task_subject(c["queue"])
+                futs.append(await self.js.publish_async(
+                    subj, json.dumps(msg, separators=(",", ":")).encode(),
+                    headers={MSG_ID: f"task.{st.run}.{c['key']}.{c['attempt']}"}))
+            elif c.kind == "timer":
+                futs.append(await self.schedule_timer(st.run, c))
+            elif c.kind == "approval":
+                await self._request_approval(st, c)
+            elif c.kind == "cancel_tasks":
+                await self.nc.publish(self.L.cancel_subject(st.run),
+                                      json.dumps({"keys": c["keys"]}).encode())
+            elif c.kind == "finished":
+                log.info("run %s %s", st.run, c["state"])
+        for f in futs:
+            if f is not None:
+                await f
+
+    async def schedule_timer(self, run: str, c: Command):
+        ev = make("TimerFired", run, timer=c["id"], kind=c["kind"], key=c["key"],
+                  attempt=c["attempt"])
+        at = c["at"]
+        if at <= time.time() + 0.5:      # already due: record it now
+            return await self.js.publish_async(self.L.history_subject(run), ev.encode(),
+                                               headers={MSG_ID: f"timer.{c['id']}"})
+        # message schedules have one-second resolution: round up so we never fire early
+        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(at)))
+        tid = c["id"].replace(".", "_")
+        return await self.js.publish_async(
+            self.L.timer_schedule_subject(tid), ev.encode(),
+            headers={SCHEDULE: f"@at {iso}", SCHEDULE_TARGET: self.L.timer_fire_subject(tid),
+                     MSG_ID: f"sched.{c['id']}"})
+
+    async def _request_approval(self, st: RunState, c: Command) -> None:
+        key = f"{st.run}.{c['node']}"
+        body = {"run": st.run, "node": c["node"], "prompt": c["prompt"],
+                "expires": c.data.get("expires"),
+                "token": secrets.token_urlsafe(24), "state": "pending",
+                "requested": time.time()}
+        try:
+            await self.approvals_kv.create(key, json.dumps(body).encode())
+        except Exception as e:  # noqa: BLE001 - exists already: a replayed command
+            if "wrong last sequence" not in str(e).lower() and \
+                    type(e).__name__ != "KeyWrongLastSequenceError":
+                raise
+
+    # --- dead letters -------------------------------------------------------------------------
+    async def dead_letter(self, msg, why: str) -> None:
+        await self._dead_letter_raw(msg.subject, msg.data, why)
+        try:
+            await msg.term()
+        except Exception:  # noqa: BLE001
+            await msg.ack()
+
+    async def _dead_letter_raw(self, where: str, data: bytes, why: str) -> None:
+        self.dead_letters += 1
+        log.warning("dead letter on %s: %s", where, why)
+        record = {"where": where, "why": why, "data": data[:65536].decode("utf-8", "replace"),
+                  "ts": time.time()}
+        try:
+            await self.js.publish(self.L.dead_letter_subject(), json.dumps(record).encode())
+        except Exception:  # noqa: BLE001 - no stream listens: recorded in the log only
+            await self.nc.publish(self.L.dead_letter_subject(), json.dumps(record).encode())
+
+
+async def serve(url: str, namespace: str = "", replicas: int = 1,
+                ready: asyncio.Event | None = None) -> None:
+    """`nbflow engine`: connect and serve until cancelled."""
+    nc = await infra.connect(url, name="nbflow-engine")
+    eng = Engine(nc, Layout(namespace))
+    await eng.start(replicas)
+    if ready:
+        ready.set()
+    try:
+        await eng.run()
+    finally:
+        eng.stop()
+        await nc.drain()

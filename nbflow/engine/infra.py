@@ -1,0 +1,172 @@
+"""Connecting to NATS and creating nbflow's streams, buckets and object store (idempotent).
+
+Durability we promise (written down, as the README says): streams are file-backed; with the
+embedded single server, data survives a crash of any process (nats-server included) because
+JetStream writes every message to its files before acknowledging it; a power loss can lose the
+last ``sync_interval`` of writes (the embedded stack syncs every second). For more, run a
+3-node cluster and pass ``--replicas 3``: then a message is acknowledged once a quorum has it.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import nats
+from nats.errors import NoServersError
+from nats.js.api import (ConsumerConfig, DiscardPolicy, KeyValueConfig, ObjectStoreConfig,
+                         RetentionPolicy, StorageType, StreamConfig)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from nbflow.engine.layout import DUPLICATE_WINDOW_S, Layout
+
+
+class ConnectError(ConnectionError):
+    """NATS cannot be reached: the message says where and what to check."""
+
+
+def redact(url: str) -> str:
+    """A URL safe to print: user:password and tokens replaced by ***."""
+    out = []
+    for part in url.split(","):
+        p = urlparse(part.strip())
+        if p.username or p.password:
+            host = p.hostname or ""
+            port = f":{p.port}" if p.port else ""
+            part = f"{p.scheme}://***@{host}{port}"
+        out.append(part)
+    return ",".join(out)
+
+
+@dataclass
+class ConnectOptions:
+    url: str
+    creds: str | None = None          # NATS .creds file (JWT + NKey seed)
+    nkey: str | None = None           # NKey seed file
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @classmethod
+    def from_env(cls, url: str | None = None, **overrides) -> "ConnectOptions":
+        env = os.environ
+        o = cls(
+            url=url or env.get("NBFLOW_NATS_URL", ""),
+            creds=env.get("NBFLOW_NATS_CREDS"), nkey=env.get("NBFLOW_NATS_NKEY"),
+            token=env.get("NBFLOW_NATS_TOKEN"), user=env.get("NBFLOW_NATS_USER"),
+            password=env.get("NBFLOW_NATS_PASSWORD"), tls_ca=env.get("NBFLOW_NATS_CA"),
+            tls_cert=env.get("NBFLOW_NATS_CERT"), tls_key=env.get("NBFLOW_NATS_KEY"),
+        )
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(o, k, v)
+        return o
+
+
+async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: float = 3.0,
+                  reconnect: bool = True) -> nats.NATS:
+    """Connect, or raise ConnectError with one clear sentence (never hang for long)."""
+    if isinstance(opts, str):
+        opts = ConnectOptions.from_env(opts)
+    kw: dict = {"name": name, "connect_timeout": timeout, "allow_reconnect": reconnect,
+                "max_reconnect_attempts": -1 if reconnect else 0, "reconnect_time_wait": 0.5}
+    if opts.creds:
+        kw["user_credentials"] = opts.creds
+    if opts.nkey:
+        kw["nkeys_seed"] = opts.nkey
+    if opts.token:
+        kw["token"] = opts.token
+    if opts.user:
+        kw["user"], kw["password"] = opts.user, opts.password or ""
+    if opts.tls_ca or opts.tls_cert:
+        ctx = ssl.create_default_context(cafile=opts.tls_ca)
+        if opts.tls_cert:
+            ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
+        kw["tls"] = ctx
+    errors: list[str] = []
+
+    async def _err(e):            # nats-py logs connection errors through this callback
+        errors.append(str(e) or type(e).__name__)
+
+    kw["error_cb"] = _err
+    servers = [s.strip() for s in opts.url.split(",") if s.strip()]
+    try:
+        nc = await asyncio.wait_for(nats.connect(servers, **kw), timeout=timeout * 2 + 1)
+    except (NoServersError, OSError, asyncio.TimeoutError, nats.errors.Error) as e:
+        why = errors[-1] if errors else (str(e) or type(e).__name__)
+        raise ConnectError(
+            f"cannot reach NATS at {redact(opts.url)}: {why}. Is nats-server running there? "
+            f"(leave --nats and NBFLOW_NATS_URL unset to use the embedded stack)") from None
+    return nc
+
+
+# --- infrastructure ----------------------------------------------------------------------------
+
+async def ensure(js, layout: Layout, replicas: int = 1) -> None:
+    """Create every stream, bucket and store nbflow needs (no-op when they exist)."""
+    L = layout
+
+    async def stream(cfg: StreamConfig):
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError as e:
+            if "already in use" not in str(e) and getattr(e, "err_code", 0) != 10058:
+                raise
+            await js.update_stream(cfg)
+
+    await stream(StreamConfig(
+        name=L.history_stream, subjects=[L.history_wildcard], storage=StorageType.FILE,
+        num_replicas=replicas, duplicate_window=DUPLICATE_WINDOW_S, allow_direct=True,
+        description="nbflow run histories: every state change of every run"))
+    await stream(StreamConfig(
+        name=L.tasks_stream, subjects=[L.tasks_wildcard], storage=StorageType.FILE,
+        retention=RetentionPolicy.WORK_QUEUE, num_replicas=replicas,
+        duplicate_window=DUPLICATE_WINDOW_S, description="nbflow tasks waiting for a worker"))
+    await stream(StreamConfig(
+        name=L.timers_stream, subjects=[L.timers_wildcard], storage=StorageType.FILE,
+        num_replicas=replicas, allow_msg_schedules=True, allow_msg_ttl=True,
+        duplicate_window=DUPLICATE_WINDOW_S, allow_rollup_hdrs=True,
+        description="nbflow durable timers: retries, sleeps, approval timeouts, schedules"))
+
+    await stream(StreamConfig(
+        name=L.deadletter_stream, subjects=[L.dead_letter_subject()], storage=StorageType.FILE,
+        num_replicas=replicas, description="nbflow messages that could not be handled, with why"))
+
+    async def kv(bucket: str, history: int = 1, ttl: float | None = None, desc: str = ""):
+        try:
+            await js.key_value(bucket)
+        except (NotFoundError, BadRequestError, Exception) as e:  # noqa: BLE001 - not found
+            if not isinstance(e, (NotFoundError, BadRequestError)) and \
+                    "not found" not in str(e).lower():
+                raise
+            await js.create_key_value(KeyValueConfig(
+                bucket=bucket, history=history, ttl=ttl, replicas=replicas,
+                storage=StorageType.FILE, description=desc))
+
+    await kv(L.runs_bucket, desc="nbflow run snapshots (derived from history; CAS on revision)")
+    await kv(L.defs_bucket, desc="nbflow workflow definitions by content hash (immutable)")
+    await kv(L.approvals_bucket, history=5, desc="nbflow pending approvals and their decisions")
+    await kv(L.signals_bucket, history=5, desc="nbflow signals sent to runs")
+    await kv(L.workers_bucket, ttl=30, desc="nbflow workers seen (TTL heartbeats)")
+    await kv(L.schedules_bucket, history=20, desc="nbflow schedules and triggers (with history)")
+    try:
+        await js.object_store(L.artifacts_store)
+    except Exception:  # noqa: BLE001 - nats-py raises NotFoundError or a generic API error
+        await js.create_object_store(L.artifacts_store, config=ObjectStoreConfig(
+            replicas=replicas, storage=StorageType.FILE,
+            description="nbflow task outputs and executed notebooks"))
+
+
+def consumer_config(durable: str, subject: str, ack_wait: float, max_ack_pending: int,
+                    max_deliver: int = -1) -> ConsumerConfig:
+    return ConsumerConfig(durable_name=durable, filter_subject=subject, ack_wait=ack_wait,
+                          max_ack_pending=max_ack_pending, max_deliver=max_deliver)
+
+
+__all__ = ["ConnectError", "ConnectOptions", "connect", "ensure", "redact", "consumer_config",
+           "DiscardPolicy"]

@@ -1,0 +1,564 @@
+"""The pure state machine of a run: ``apply(state, event, wf) -> (state', commands)``.
+
+No NATS, no clock, no randomness: the same history always gives the same state, so the run
+snapshot in KV can be rebuilt by replay, and widgets/CLI can replay history themselves.
+Times come from the events' own timestamps.
+
+Node lifecycle (one node of the IR)::
+
+    pending ─▶ [sleeping] ─▶ [waiting_signal] ─▶ [awaiting_approval] ─▶ running ─▶ succeeded
+       │                                               │                   │  └──▶ failed
+       └─▶ skipped (all predecessors skipped,          └─▶ rejected         └──▶ skipped (--when)
+                    or an upstream was rejected)
+
+A task node that needs a worker runs as one or more *task keys* (``node`` or ``node#i`` for
+``--map`` instances); each key has its own attempts: queued ─▶ running ─▶ succeeded | failed |
+skipped, with retry_wait between failed attempts.
+
+Idempotent by construction: a repeated or stale event (an old attempt, a second decision, a
+completion of a task already final) changes nothing and yields no command.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from nbflow.compiler.graph import Node, Workflow
+from nbflow.engine.events import Command, Event, task_key
+
+RUN_FINAL = ("succeeded", "failed", "rejected", "cancelled")
+NODE_FINAL = ("succeeded", "failed", "skipped", "rejected", "cancelled")
+NODE_ACTIVE = ("sleeping", "waiting_signal", "awaiting_approval", "running")
+TASK_FINAL = ("succeeded", "failed", "skipped", "cancelled")
+TASK_ACTIVE = ("queued", "running", "retry_wait")
+NODE_STATES = ("pending",) + NODE_ACTIVE + NODE_FINAL
+TASK_STATES = TASK_ACTIVE + TASK_FINAL
+
+
+@dataclass
+class TaskState:
+    key: str
+    node: str
+    instance: int | None = None
+    state: str = "queued"
+    attempt: int = 1
+    queued: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    worker: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)   # name -> object store key
+    lens: dict[str, int] = field(default_factory=dict)
+    notebook: str = ""                                       # executed notebook's store key
+    error: str = ""
+    traceback: str = ""
+    cell: str = ""
+    reason: str = ""
+    exec_s: float | None = None
+    reused: bool = False
+
+
+@dataclass
+class NodeState:
+    state: str = "pending"
+    count: int | None = None          # --map instances
+    started: float | None = None
+    finished: float | None = None
+    reason: str = ""
+    signal: Any = None                # --wait-signal value once received
+    approval: dict[str, Any] | None = None   # {prompt, state, by, comment, at, reason}
+
+
+@dataclass
+class RunState:
+    run: str
+    wf: str
+    name: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    state: str = "running"
+    started: float = 0.0
+    finished: float | None = None
+    by: str = ""
+    source: str = ""
+    retry_of: str = ""
+    schedule: str = ""
+    seq: int = 0                      # last history sequence applied (0: none)
+    events: int = 0
+    nodes: dict[str, NodeState] = field(default_factory=dict)
+    tasks: dict[str, TaskState] = field(default_factory=dict)
+    signals: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None   # the failure that ended the run: key, error, traceback
+    reuse: dict[str, Any] = field(default_factory=dict)   # node -> carried-over results (retry)
+
+    # --- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunState":
+        d = dict(d)
+        nodes = {k: NodeState(**v) for k, v in d.pop("nodes", {}).items()}
+        tasks = {k: TaskState(**v) for k, v in d.pop("tasks", {}).items()}
+        return cls(nodes=nodes, tasks=tasks, **d)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in RUN_FINAL
+
+    def node_tasks(self, node_id: str) -> list[TaskState]:
+        ns = self.nodes[node_id]
+        if ns.count is None:
+            t = self.tasks.get(node_id)
+            return [t] if t else []
+        return [t for i in range(ns.count) if (t := self.tasks.get(task_key(node_id, i)))]
+
+    def node_outputs(self, node_id: str, wf: Workflow) -> dict[str, Any]:
+        """Output refs of a finished node: a ref per name, or a list of refs for --map."""
+        ns = self.nodes[node_id]
+        node = wf.node(node_id)
+        if ns.count is None:
+            t = self.tasks.get(node_id)
+            return dict(t.outputs) if t else {}
+        out: dict[str, Any] = {}
+        for name in node.outputs:
+            out[name] = [
+                (t.outputs.get(name) if (t := self.tasks.get(task_key(node_id, i))) else None)
+                for i in range(ns.count)
+            ]
+        return out
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_at(text: str) -> float:
+    t = text.strip().replace("Z", "+00:00")
+    dt = datetime.fromisoformat(t)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+class _Step:
+    """One application of one event: mutable scratch with the command list."""
+
+    def __init__(self, st: RunState, wf: Workflow, ev: Event):
+        self.st, self.wf, self.ev = st, wf, ev
+        self.cmds: list[Command] = []
+        self._succ: dict[str, list[str]] | None = None
+
+    # --- graph helpers ------------------------------------------------------------------------
+    def succ(self, node_id: str) -> list[str]:
+        if self._succ is None:
+            self._succ = {}
+            for e in self.wf.edges:
+                self._succ.setdefault(e.source, []).append(e.target)
+        return self._succ.get(node_id, [])
+
+    def preds(self, node_id: str) -> list[str]:
+        return self.wf.predecessors(node_id)
+
+    # --- node transitions ---------------------------------------------------------------------
+    def resolve(self, node_id: str, state: str, reason: str = "") -> None:
+        ns = self.st.nodes[node_id]
+        if ns.state in NODE_FINAL:
+            return
+        ns.state, ns.reason = state, reason or ns.reason
+        ns.finished = self.ev.ts
+        if ns.started is None:
+            ns.started = self.ev.ts
+        if state == "failed":
+            return                      # downstream stays pending: the run fails when idle
+        for s in self.succ(node_id):
+            self.consider(s)
+
+    def consider(self, node_id: str) -> None:
+        """A predecessor resolved: start the node if all predecessors are done."""
+        ns = self.st.nodes[node_id]
+        if ns.state != "pending" or self.st.is_final:
+            return
+        states = [self.st.nodes[p].state for p in self.preds(node_id)]
+        if any(s in ("rejected",) for s in states):
+            return self.resolve(node_id, "skipped", "upstream rejected")
+        if any(s in ("skipped",) and self._skip_is_rejection(p) for p, s in
+               zip(self.preds(node_id), states)):
+            return self.resolve(node_id, "skipped", "upstream rejected")
+        if not all(s in ("succeeded", "skipped") for s in states):
+            return
+        if states and all(s == "skipped" for s in states):
+            return self.resolve(node_id, "skipped", "all upstream tasks skipped")
+        self.begin(node_id)
+
+    def _skip_is_rejection(self, node_id: str) -> bool:
+        return self.st.nodes[node_id].reason == "upstream rejected"
+
+    def begin(self, node_id: str) -> None:
+        node = self.wf.node(node_id)
+        ns = self.st.nodes[node_id]
+        ns.started = self.ev.ts
+        if node.is_instant:
+            return self.resolve(node_id, "succeeded")
+        if node_id in self.st.reuse:
+            return self._reuse(node_id)
+        self.gate(node, "start")
+
+    def _reuse(self, node_id: str) -> None:
+        saved = self.st.reuse[node_id]
+        ns = self.st.nodes[node_id]
+        ns.count = saved.get("count")
+        for key, t in saved.get("tasks", {}).items():
+            ts = TaskState(**t)
+            ts.reused = True
+            self.st.tasks[key] = ts
+        self.resolve(node_id, saved.get("state", "succeeded"), "reused from " + self.st.retry_of)
+
+    # Gates, in order: timer (--sleep/--at) -> signal -> approval -> run.
+    def gate(self, node: Node, after: str) -> None:
+        ns = self.st.nodes[node.id]
+        order = ["start", "sleep", "signal", "approval", "run"]
+        for g in order[order.index(after) + 1:]:
+            if g == "sleep" and (node.sleep or node.at):
+                at = self.ev.ts + node.sleep if node.sleep else _parse_at(node.at)
+                if at > self.ev.ts:
+                    ns.state = "sleeping"
+                    self.timer("sleep", node.id, at)
+                    return
+            elif g == "signal" and node.wait_signal:
+                if node.wait_signal in self.st.signals:
+                    ns.signal = self.st.signals[node.wait_signal]
+                else:
+                    ns.state = "waiting_signal"
+                    return
+            elif g == "approval" and node.approval is not None:
+                ns.state = "awaiting_approval"
+                ns.approval = {"prompt": node.approval, "state": "pending",
+                               "requested": self.ev.ts}
+                timeout_at = (self.ev.ts + node.approval_timeout) if node.approval_timeout else None
+                if timeout_at:
+                    ns.approval["expires"] = timeout_at
+                    self.timer("approval_timeout", node.id, timeout_at)
+                self.cmds.append(Command("approval", {
+                    "node": node.id, "prompt": node.approval, "expires": timeout_at}))
+                return
+            elif g == "run":
+                return self.run(node)
+
+    def run(self, node: Node) -> None:
+        ns = self.st.nodes[node.id]
+        ns.state = "running"
+        if not node.needs_worker:
+            return self.resolve(node.id, "succeeded")
+        if node.map_var:
+            count, err = self.map_count(node)
+            if err:
+                self.st.tasks[node.id] = TaskState(node.id, node.id, state="failed",
+                                                   error=err, finished=self.ev.ts)
+                return self.fail_node(node.id, node.id, err)
+            ns.count = count
+            if count == 0:
+                return self.resolve(node.id, "succeeded")
+            for i in range(count):
+                self.dispatch(node, task_key(node.id, i), 1)
+        else:
+            self.dispatch(node, node.id, 1)
+
+    def map_count(self, node: Node) -> tuple[int, str]:
+        over = node.map_over or ""
+        producer = node.sources.get(over)
+        if producer:
+            pn = self.st.nodes[producer]
+            if pn.count is not None:
+                return pn.count, ""
+            t = self.st.tasks.get(producer)
+            if t and over in t.lens:
+                return int(t.lens[over]), ""
+            return 0, (f"task {node.id!r}: --map {node.map_var} in {over}: the value of "
+                       f"{over!r} produced by {producer!r} has no length (is it a list?)")
+        if over in self.st.params:
+            v = self.st.params[over]
+            if isinstance(v, (list, tuple, str, dict)):
+                return len(v), ""
+            return 0, (f"task {node.id!r}: --map {node.map_var} in {over}: parameter {over!r} "
+                       f"is {type(v).__name__}, not a list")
+        return 0, (f"task {node.id!r}: --map {node.map_var} in {over}: nbflow cannot see the "
+                   f"value of {over!r}; make it a literal list in the parameters cell")
+
+    def inputs_for(self, node: Node) -> dict[str, Any]:
+        refs: dict[str, Any] = {}
+        cache: dict[str, dict[str, Any]] = {}
+        for name, producer in sorted(node.sources.items()):
+            if producer not in cache:
+                cache[producer] = self.st.node_outputs(producer, self.wf)
+            if name in cache[producer]:
+                refs[name] = cache[producer][name]
+        return refs
+
+    def dispatch(self, node: Node, key: str, attempt: int) -> None:
+        _, inst = key.partition("#")[0], (int(key.partition("#")[2]) if "#" in key else None)
+        t = self.st.tasks.get(key)
+        if t is None:
+            t = self.st.tasks[key] = TaskState(key, node.id, inst)
+        t.state, t.attempt, t.queued = "queued", attempt, self.ev.ts
+        t.started = t.finished = None
+        t.error = t.traceback = t.cell = t.reason = ""
+        ns = self.st.nodes[node.id]
+        data: dict[str, Any] = {
+            "key": key, "node": node.id, "attempt": attempt, "queue": node.queue or "default",
+            "wf": self.st.wf, "inputs": self.inputs_for(node), "timeout": node.timeout,
+            "isolation": node.isolation,
+        }
+        if inst is not None:
+            data["map"] = {"var": node.map_var, "over": node.map_over, "index": inst}
+        if node.wait_signal:
+            data["signal"] = {"var": node.wait_signal, "value": ns.signal}
+        self.cmds.append(Command("dispatch", data))
+
+    def timer(self, kind: str, key: str, at: float, attempt: int | None = None) -> None:
+        tid = f"{self.st.run}.{kind}.{key.replace('#', '-')}" + (f".{attempt}" if attempt else "")
+        self.cmds.append(Command("timer", {"id": tid, "kind": kind, "key": key, "at": at,
+                                           "at_iso": _iso(at), "attempt": attempt}))
+
+    def fail_node(self, node_id: str, key: str, error: str) -> None:
+        if self.st.error is None:
+            t = self.st.tasks.get(key)
+            self.st.error = {"key": key, "node": node_id, "error": error,
+                             "traceback": t.traceback if t else "", "cell": t.cell if t else ""}
+        self.resolve(node_id, "failed")
+
+    # --- after every event: is the run over? --------------------------------------------------
+    def settle(self) -> None:
+        st = self.st
+        if st.is_final:
+            return
+        if any(ns.state in NODE_ACTIVE for ns in st.nodes.values()):
+            return
+        if any(t.state in TASK_ACTIVE for t in st.tasks.values()):
+            return
+        states = {ns.state for ns in st.nodes.values()}
+        if "failed" in states:
+            final = "failed"
+        elif "rejected" in states:
+            final = "rejected"
+        elif st.nodes.get("end") and st.nodes["end"].state in ("succeeded", "skipped"):
+            final = "succeeded"
+        elif all(s in NODE_FINAL for s in states):
+            final = "succeeded"
+        else:
+            return                     # e.g. waiting on something not modelled: stay running
+        st.state, st.finished = final, self.ev.ts
+        self.cmds.append(Command("finished", {"state": final}))
+
+
+# --- event handlers ----------------------------------------------------------------------------
+
+def _on_run_started(step: _Step) -> None:
+    st = step.st
+    for n in step.wf.nodes:
+        st.nodes[n.id] = NodeState()
+    for n in step.wf.nodes:
+        if not step.preds(n.id):
+            step.begin(n.id)
+
+
+def _task_event_applies(step: _Step) -> TaskState | None:
+    ev, st = step.ev, step.st
+    t = st.tasks.get(ev["key"])
+    if t is None or st.is_final or t.state in TASK_FINAL or ev["attempt"] != t.attempt:
+        return None
+    if t.state not in ("queued", "running"):
+        return None
+    return t
+
+
+def _on_task_started(step: _Step) -> None:
+    t = _task_event_applies(step)
+    if t is None:
+        return
+    t.state, t.worker = "running", step.ev.get("worker", "")
+    t.started = step.ev.ts
+
+
+def _node_done_if_all(step: _Step, node_id: str) -> None:
+    ns = step.st.nodes[node_id]
+    tasks = step.st.node_tasks(node_id)
+    expected = 1 if ns.count is None else ns.count
+    if len(tasks) < expected or any(t.state not in TASK_FINAL for t in tasks):
+        return
+    if any(t.state == "failed" for t in tasks):
+        bad = next(t for t in tasks if t.state == "failed")
+        return step.fail_node(node_id, bad.key, bad.error)
+    if all(t.state == "skipped" for t in tasks):
+        return step.resolve(node_id, "skipped", "--when was false")
+    step.resolve(node_id, "succeeded")
+
+
+def _on_task_succeeded(step: _Step) -> None:
+    t = _task_event_applies(step)
+    if t is None:
+        return
+    ev = step.ev
+    t.state, t.finished = "succeeded", ev.ts
+    if t.started is None:
+        t.started = ev.ts
+    t.outputs = dict(ev.get("outputs") or {})
+    t.lens = dict(ev.get("lens") or {})
+    t.notebook = ev.get("notebook", "")
+    t.worker = ev.get("worker", t.worker)
+    t.exec_s = ev.get("exec_s")
+    _node_done_if_all(step, t.node)
+
+
+def _on_task_skipped(step: _Step) -> None:
+    t = _task_event_applies(step)
+    if t is None:
+        return
+    t.state, t.finished, t.reason = "skipped", step.ev.ts, step.ev.get("reason", "when")
+    t.notebook = step.ev.get("notebook", "")
+    _node_done_if_all(step, t.node)
+
+
+def _on_task_failed(step: _Step) -> None:
+    t = _task_event_applies(step)
+    if t is None:
+        return
+    ev = step.ev
+    node = step.wf.node(t.node)
+    t.error, t.traceback, t.cell = ev["error"], ev.get("traceback", ""), ev.get("cell", "")
+    t.notebook, t.reason = ev.get("notebook", ""), ev.get("reason", "error")
+    t.worker = ev.get("worker", t.worker)
+    if t.started is None:
+        t.started = ev.ts
+    retriable = t.reason not in ("cancelled", "unpicklable", "config")
+    if retriable and t.attempt <= node.retries:
+        t.state, t.finished = "retry_wait", ev.ts
+        delay = (node.retry_delay or 0.0) * (2 ** (t.attempt - 1))
+        if delay > 0:
+            step.timer("retry", t.key, ev.ts + delay, t.attempt + 1)
+        else:
+            step.dispatch(node, t.key, t.attempt + 1)
+        return
+    t.state, t.finished = "failed", ev.ts
+    _node_done_if_all(step, t.node)
+
+
+def _on_timer_fired(step: _Step) -> None:
+    ev, st = step.ev, step.st
+    if st.is_final:
+        return
+    kind, key = ev["kind"], ev["key"]
+    if kind == "retry":
+        t = st.tasks.get(key)
+        if t and t.state == "retry_wait" and ev.get("attempt") == t.attempt + 1:
+            step.dispatch(step.wf.node(t.node), key, t.attempt + 1)
+    elif kind == "sleep":
+        if key in st.nodes and st.nodes[key].state == "sleeping":
+            step.gate(step.wf.node(key), "sleep")
+    elif kind == "approval_timeout":
+        ns = st.nodes.get(key)
+        if ns and ns.state == "awaiting_approval":
+            ns.approval = {**(ns.approval or {}), "state": "rejected", "by": "timeout",
+                           "reason": "timeout", "at": ev.ts}
+            step.resolve(key, "rejected", "approval timed out")
+
+
+def _on_approval(step: _Step) -> None:
+    ev, st = step.ev, step.st
+    ns = st.nodes.get(ev["node"])
+    if st.is_final or ns is None or ns.state != "awaiting_approval":
+        return                          # first decision wins; later ones change nothing
+    approved = ev["approved"]
+    ns.approval = {**(ns.approval or {}), "state": "approved" if approved else "rejected",
+                   "by": ev["by"], "comment": ev.get("comment", ""), "at": ev.ts,
+                   "reason": ev.get("reason", "")}
+    if approved:
+        step.gate(step.wf.node(ev["node"]), "approval")
+    else:
+        step.resolve(ev["node"], "rejected", f"rejected by {ev['by']}")
+
+
+def _on_signal(step: _Step) -> None:
+    ev, st = step.ev, step.st
+    if st.is_final:
+        return
+    name = ev["name"]
+    if name in st.signals:
+        return                          # a signal is taken once: the first value stands
+    st.signals[name] = ev.get("value")
+    for n in step.wf.nodes:
+        ns = st.nodes[n.id]
+        if n.wait_signal == name and ns.state == "waiting_signal":
+            ns.signal = ev.get("value")
+            step.gate(n, "signal")
+
+
+def _on_cancel(step: _Step) -> None:
+    st = step.st
+    if st.is_final:
+        return
+    active = [t.key for t in st.tasks.values() if t.state in TASK_ACTIVE]
+    for t in st.tasks.values():
+        if t.state in TASK_ACTIVE:
+            t.state, t.finished, t.reason = "cancelled", step.ev.ts, "run cancelled"
+    for ns in st.nodes.values():
+        if ns.state not in NODE_FINAL:
+            ns.state, ns.finished = "cancelled", step.ev.ts
+    st.state, st.finished = "cancelled", step.ev.ts
+    if active:
+        step.cmds.append(Command("cancel_tasks", {"keys": active}))
+    step.cmds.append(Command("finished", {"state": "cancelled"}))
+
+
+_HANDLERS = {
+    "TaskStarted": _on_task_started,
+    "TaskSucceeded": _on_task_succeeded,
+    "TaskSkipped": _on_task_skipped,
+    "TaskFailed": _on_task_failed,
+    "TimerFired": _on_timer_fired,
+    "ApprovalDecided": _on_approval,
+    "SignalSent": _on_signal,
+    "CancelRequested": _on_cancel,
+}
+
+
+def new_state(ev: Event, wf: Workflow) -> RunState:
+    return RunState(
+        run=ev.run, wf=ev["wf"], name=ev.get("name") or wf.name,
+        params={**wf.params, **(ev.get("params") or {})}, started=ev.ts,
+        by=ev.get("by", ""), source=ev.get("source") or (wf.source or ""),
+        retry_of=ev.get("retry_of", ""), schedule=ev.get("schedule", ""),
+        reuse=dict(ev.get("reuse") or {}),
+    )
+
+
+def apply(state: RunState | None, ev: Event, wf: Workflow) -> tuple[RunState, list[Command]]:
+    """Apply one event. Mutates and returns ``state`` (a new one for RunStarted)."""
+    if ev.type == "RunStarted":
+        if state is not None:
+            return state, []           # a duplicate start changes nothing
+        state = new_state(ev, wf)
+        step = _Step(state, wf, ev)
+        _on_run_started(step)
+    else:
+        if state is None:
+            raise ValueError(f"{ev.type} for run {ev.run} before its RunStarted")
+        step = _Step(state, wf, ev)
+        _HANDLERS[ev.type](step)
+    if ev.seq is not None:
+        state.seq = max(state.seq, ev.seq)
+    state.events += 1
+    step.settle()
+    return state, step.cmds
+
+
+def replay(events, wf: Workflow) -> RunState | None:
+    """Fold a run's whole history: what the snapshot must equal."""
+    st = None
+    for ev in events:
+        st, _ = apply(st, ev, wf)
+    return st
+
+
+def states_by_node(st: RunState) -> dict[str, str]:
+    """Node id -> state, for pictures (render.to_dot colours)."""
+    return {k: v.state for k, v in st.nodes.items()}

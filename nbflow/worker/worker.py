@@ -1,0 +1,298 @@
+"""The worker: pull tasks from ``NBFLOW_TASKS``, run them through papermill, report to history.
+
+Crash safety: the completion event is published (and acknowledged by JetStream, with a
+deterministic ``Nats-Msg-Id``) *before* the task message is acked. While a notebook runs the
+worker sends ``in_progress()`` so AckWait only expires when the worker is gone; then the task
+is redelivered to another worker. A task redelivered more than ``MAX_DELIVER`` times is
+dead-lettered as a failed attempt (reason ``lost``), never silently dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from typing import Any
+
+from nbflow.compiler.graph import Workflow
+from nbflow.engine import infra
+from nbflow.engine.events import BadMessage, make
+from nbflow.engine.layout import MSG_ID, Layout
+from nbflow.worker.artifacts import Artifacts, notebook_key, output_key
+
+log = logging.getLogger("nbflow.worker")
+
+ACK_WAIT_S = 30.0
+HEARTBEAT_S = 5.0
+MAX_DELIVER = 5
+
+
+class Worker:
+    def __init__(self, nc, layout: Layout | None = None, *, queue: str = "default",
+                 concurrency: int = 1, name: str | None = None, engine: str | None = None):
+        self.nc, self.js = nc, nc.jetstream()
+        self.L = layout or Layout()
+        self.queue, self.concurrency = queue, max(1, concurrency)
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.engine = engine or os.environ.get("NBFLOW_PAPERMILL_ENGINE", "nbflow")
+        self.art = Artifacts(self.js, self.L.artifacts_store)
+        self._defs: dict[str, Workflow] = {}
+        self._nbs: dict[tuple[str, str], Any] = {}
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._cancels: dict[tuple[str, str], threading.Event] = {}
+        self._stop = asyncio.Event()
+        self._running: set[asyncio.Task] = set()
+        self.done = 0
+
+    async def start(self) -> None:
+        await infra.ensure(self.js, self.L)
+        durable = self.L.worker_consumer(self.queue)
+        subject = self.L.task_subject(self.queue)
+        self.sub = await self.js.pull_subscribe(
+            subject, durable=durable, stream=self.L.tasks_stream,
+            config=infra.consumer_config(durable, subject, ACK_WAIT_S, 10_000))
+        self.defs_kv = await self.js.key_value(self.L.defs_bucket)
+        self.runs_kv = await self.js.key_value(self.L.runs_bucket)
+        self.workers_kv = await self.js.key_value(self.L.workers_bucket)
+        await self.nc.subscribe(self.L.cancel_subject("*"), cb=self._on_cancel)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        hb = asyncio.create_task(self._presence())
+        try:
+            while not self._stop.is_set():
+                await self._slots.acquire()
+                msg = None
+                while msg is None and not self._stop.is_set():
+                    try:
+                        msgs = await self.sub.fetch(1, timeout=1.0)
+                        msg = msgs[0]
+                    except asyncio.TimeoutError:
+                        continue
+                    except Exception as e:  # noqa: BLE001 - reconnecting: keep trying
+                        log.warning("fetch failed (%s); retrying", e)
+                        await asyncio.sleep(0.5)
+                if msg is None:
+                    self._slots.release()
+                    break
+                t = asyncio.create_task(self._handle(msg))
+                self._running.add(t)
+                t.add_done_callback(self._running.discard)
+        finally:
+            hb.cancel()
+            for ev in self._cancels.values():
+                ev.set()
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _presence(self) -> None:
+        while True:
+            try:
+                await self.workers_kv.put(self.name.replace(".", "_"), json.dumps({
+                    "name": self.name, "queue": self.queue, "concurrency": self.concurrency,
+                    "pid": os.getpid(), "done": self.done, "ts": time.time()}).encode())
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+            await asyncio.sleep(10)
+
+    async def _on_cancel(self, msg) -> None:
+        run = msg.subject.rsplit(".", 1)[-1]
+        try:
+            keys = json.loads(msg.data).get("keys") or []
+        except ValueError:
+            return
+        for key in keys:
+            ev = self._cancels.get((run, key))
+            if ev:
+                ev.set()
+
+    async def _publish(self, ev, msg_id: str) -> None:
+        await self.js.publish(self.L.history_subject(ev.run), ev.encode(),
+                              headers={MSG_ID: msg_id})
+
+    async def _still_wanted(self, run: str, key: str, attempt: int) -> bool:
+        """False when the run is over or this attempt is already decided (stale message)."""
+        try:
+            e = await self.runs_kv.get(run)
+        except Exception:  # noqa: BLE001 - no snapshot yet: the engine is behind, run it
+            return True
+        snap = json.loads(e.value)
+        if snap.get("state") != "running":
+            return False
+        t = snap.get("tasks", {}).get(key)
+        if t is None:
+            return True
+        if t.get("attempt", 0) > attempt:
+            return False
+        return not (t.get("attempt") == attempt and t.get("state") in
+                    ("succeeded", "failed", "skipped", "cancelled"))
+
+    async def workflow(self, wf_hash: str) -> Workflow:
+        wf = self._defs.get(wf_hash)
+        if wf is None:
+            entry = await self.defs_kv.get(wf_hash)
+            wf = self._defs[wf_hash] = Workflow.from_json(entry.value.decode())
+        return wf
+
+    def task_notebook(self, wf: Workflow, wf_hash: str, node: str):
+        from nbflow.compiler.tasknb import task_notebook
+
+        k = (wf_hash, node)
+        if k not in self._nbs:
+            self._nbs[k] = task_notebook(wf, node)
+        return self._nbs[k]
+
+    async def _handle(self, msg) -> None:
+        try:
+            await self._handle_inner(msg)
+        except Exception:  # noqa: BLE001 - never lose the worker over one task
+            log.exception("task handling failed; it will be redelivered")
+            try:
+                await msg.nak(delay=2.0)
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            self._slots.release()
+
+    async def _handle_inner(self, msg) -> None:
+        try:
+            task = json.loads(msg.data)
+            run, key, attempt, node = task["run"], task["key"], int(task["attempt"]), task["node"]
+        except (ValueError, KeyError, TypeError) as e:
+            await self._dead_letter(msg, f"malformed task message: {e!r}")
+            return
+        delivered = msg.metadata.num_delivered
+        if delivered > MAX_DELIVER:
+            ev = make("TaskFailed", run, key=key, attempt=attempt, reason="lost",
+                      error=f"WorkerLost: the task was picked up {delivered - 1} times and its "
+                            f"worker died each time (killed, out of memory?)")
+            await self._publish(ev, f"done.{run}.{key}.{attempt}")
+            await msg.ack()
+            return
+        if not await self._still_wanted(run, key, attempt):
+            await msg.ack()
+            return
+        wall0 = time.time()
+        await self._publish(make("TaskStarted", run, key=key, attempt=attempt, worker=self.name),
+                            f"started.{run}.{key}.{attempt}")
+        workdir = tempfile.mkdtemp(prefix=f"nbflow-{run}-{key.replace('#', '-')}-")
+        cancel = threading.Event()
+        self._cancels[(run, key)] = cancel
+        hb = asyncio.create_task(self._heartbeat(msg))
+        try:
+            ev = await self._execute(task, workdir, cancel)
+            ev.data.setdefault("duration", time.time() - wall0)
+            ev.data["worker"] = self.name
+            await self._publish(ev, f"done.{run}.{key}.{attempt}")
+            await msg.ack()
+            self.done += 1
+        finally:
+            hb.cancel()
+            self._cancels.pop((run, key), None)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _heartbeat(self, msg) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await msg.in_progress()
+            except Exception:  # noqa: BLE001 - reconnecting; the next beat retries
+                pass
+
+    async def _execute(self, task: dict, workdir: str, cancel: threading.Event):
+        from nbflow.worker.runner import run_task
+
+        run, key, attempt, node_id = task["run"], task["key"], int(task["attempt"]), task["node"]
+        try:
+            wf = await self.workflow(task["wf"])
+            nb = self.task_notebook(wf, task["wf"], node_id)
+        except Exception as e:  # noqa: BLE001 - a definition we cannot build is a failed attempt
+            return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
+                        error=f"cannot build the task notebook for {node_id!r}: {e}")
+        node = wf.node(node_id)
+        inputs: dict[str, Any] = {}
+        os.makedirs(os.path.join(workdir, "in"), exist_ok=True)
+        for name, ref in (task.get("inputs") or {}).items():
+            if isinstance(ref, list):
+                files = []
+                for i, r in enumerate(ref):
+                    if r is None:
+                        files.append(None)
+                        continue
+                    rel = f"in/{name}.{i}.pkl"
+                    await self.art.get_file(r, os.path.join(workdir, rel))
+                    files.append(rel)
+                inputs[name] = files
+            else:
+                rel = f"in/{name}.pkl"
+                await self.art.get_file(ref, os.path.join(workdir, rel))
+                inputs[name] = rel
+        io = {"task": node_id, "key": key, "run": run, "dir": workdir, "inputs": inputs,
+              "map": task.get("map"), "signal": task.get("signal"), "outputs": node.outputs}
+        src = wf.source
+        cwd = os.path.dirname(src) if src and os.path.isdir(os.path.dirname(src)) else None
+        loop = asyncio.get_running_loop()
+        res = await loop.run_in_executor(None, lambda: run_task(
+            nb, params=task.get("params") or {}, io=io, cwd=cwd, timeout=task.get("timeout"),
+            cancel=cancel, engine=self.engine))
+        nb_key = ""
+        if res.notebook_path and os.path.exists(res.notebook_path):
+            nb_key = notebook_key(run, key, attempt)
+            await self.art.put_file(nb_key, res.notebook_path)
+        if res.status == "succeeded":
+            outputs, lens = {}, {}
+            meta_path = os.path.join(res.outputs_dir or "", "_meta.json")
+            if os.path.exists(meta_path):
+                with open(meta_path) as f:
+                    lens = json.load(f).get("lens", {})
+            for name in node.outputs:
+                p = os.path.join(res.outputs_dir or "", f"{name}.pkl")
+                if os.path.exists(p):
+                    ok = output_key(run, key, attempt, name)
+                    await self.art.put_file(ok, p)
+                    outputs[name] = ok
+            return make("TaskSucceeded", run, key=key, attempt=attempt, outputs=outputs,
+                        lens=lens, notebook=nb_key, exec_s=res.exec_s, duration=res.duration)
+        if res.status == "skipped":
+            return make("TaskSkipped", run, key=key, attempt=attempt, reason=res.reason or "when",
+                        notebook=nb_key)
+        reason = res.reason or "error"
+        if "cannot be pickled" in res.error:
+            reason = "unpicklable"
+        return make("TaskFailed", run, key=key, attempt=attempt, error=res.error or "failed",
+                    traceback=res.traceback, cell=res.cell, notebook=nb_key, reason=reason,
+                    duration=res.duration)
+
+    async def _dead_letter(self, msg, why: str) -> None:
+        log.warning("dead letter on %s: %s", msg.subject, why)
+        record = {"where": msg.subject, "why": why, "ts": time.time(),
+                  "data": msg.data[:65536].decode("utf-8", "replace")}
+        try:
+            await self.js.publish(self.L.dead_letter_subject(), json.dumps(record).encode())
+        finally:
+            await msg.term()
+
+
+async def serve(url: str, namespace: str = "", queue: str = "default", concurrency: int = 1,
+                ready: asyncio.Event | None = None) -> None:
+    """`nbflow worker`: connect and serve until cancelled."""
+    nc = await infra.connect(url, name="nbflow-worker")
+    w = Worker(nc, Layout(namespace), queue=queue, concurrency=concurrency)
+    await w.start()
+    if ready:
+        ready.set()
+    try:
+        await w.run()
+    finally:
+        w.stop()
+        await nc.drain()
+
+
+__all__ = ["Worker", "serve", "BadMessage"]
