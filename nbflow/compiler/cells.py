@@ -515,7 +515,9 @@ def parse_python(source: str, where: str, line_offset: int = 0) -> ast.Module:
     try:
         return ast.parse(code)
     except SyntaxError as e:
-        lineno = (e.lineno or 1) + line_offset
+        lines = source.split("\n")
+        lead = next((i for i, line in enumerate(lines) if line.strip()), 0)  # IPython drops these
+        lineno = (e.lineno or 1) + lead + line_offset
         lines = source.split("\n")
         text = lines[lineno - 1 - line_offset].strip() if 0 < lineno - line_offset <= len(lines) else ""
         show = f": `{text}`" if text else ""
