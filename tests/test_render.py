@@ -189,3 +189,22 @@ def test_cli_show_writes_svg_from_workflow_json(tmp_path):
     assert result.exit_code == 0 and result.output.startswith("digraph")
     result = CliRunner().invoke(main, ["show", str(src), "-o", str(tmp_path / "x.bmp")])
     assert result.exit_code == 2 and "unknown picture format" in result.output
+
+
+def test_cli_show_draws_a_notebook_and_a_bpmn_file(tmp_path):
+    from click.testing import CliRunner
+
+    from nbflow.cli import main
+
+    _compile_file_or_skip()
+    nb = Path(__file__).resolve().parent / "data" / "diamond.ipynb"
+    out = tmp_path / "dag.svg"
+    result = CliRunner().invoke(main, ["show", str(nb), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "<svg" in out.read_text()
+    bpmn = tmp_path / "flow.bpmn"
+    result = CliRunner().invoke(main, ["compile", str(nb), "-o", str(bpmn)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["show", str(bpmn), "-o", str(tmp_path / "again.dot")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "again.dot").read_text().startswith("digraph")

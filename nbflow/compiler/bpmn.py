@@ -113,7 +113,7 @@ _LONG_FIELDS = {"code", "doc", "when", "approval", "first_line"}
 def _set_text(el, text: str) -> None:
     """Element text; strings XML cannot hold (control characters) go in as JSON."""
     if _ILLEGAL.search(text):
-        el.set("json", "true")
+        el.set(_n("json"), "true")  # namespaced: BPMN expressions allow other namespaces' attributes
         el.text = json.dumps(text)
     else:
         el.text = text
@@ -121,7 +121,7 @@ def _set_text(el, text: str) -> None:
 
 def _get_text(el) -> str:
     text = el.text or ""
-    return json.loads(text) if el.get("json") == "true" else text
+    return json.loads(text) if el.get(_n("json")) == "true" else text
 
 
 def _display(s: str) -> str:
@@ -399,7 +399,7 @@ def _write_flow_node(proc, el: _El, signals: dict[str, str]) -> None:
     if el.default:
         x.set("default", el.default)
     if el.role is None and n.doc:
-        _set_text(etree.SubElement(x, _b("documentation")), n.doc)
+        etree.SubElement(x, _b("documentation")).text = _ILLEGAL.sub("", n.doc)  # shown; ext keeps it
     extel = etree.SubElement(x, _b("extensionElements"))
     if el.role is None:
         extel.append(_node_ext(n))
@@ -693,7 +693,7 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
                            "conditions are only supported out of an exclusive gateway")
             elif lang.lower().rstrip("/") not in {x.rstrip("/") for x in _PYTHON_LANGS}:
                 refuse(sf, f"condition language {lang!r}; nbflow evaluates Python")
-            condition = _get_text(ce) if ce.get("json") == "true" else "".join(ce.itertext()).strip()
+            condition = _get_text(ce) if ce.get(_n("json")) == "true" else "".join(ce.itertext())
         if s_bid not in owner or t_bid not in owner:
             continue  # an element we refused; the error is on its way
         s, t = owner[s_bid], owner[t_bid]
@@ -770,7 +770,7 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
         for n in wf.nodes:
             if n.notebook and not os.path.isabs(n.notebook):
                 n.notebook = str((Path(base_dir) / n.notebook).resolve())
-    return wf
+    return wf.validate()
 
 
 def _foreign_node(el, kind: str, node_id: str, signal_names, refuse) -> Node | None:
