@@ -431,3 +431,51 @@ def test_cli_compile_writes_valid_bpmn_and_reads_it_back(shared, schema, tmp_pat
     assert Workflow.from_json(back.read_text()).content_hash() == compiler.compile_file(nb).content_hash()
     result = CliRunner().invoke(main, ["compile", str(shared / "bpmn" / "miwg-reference" / "A.3.0.bpmn")])
     assert result.exit_code == 2 and "unsupported BPMN elements: subProcess" in result.output
+
+
+# --- property: any DAG with any options survives the trip ------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_names = st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True)
+
+
+@st.composite
+def workflows(draw):
+    n = draw(st.integers(1, 7))
+    ids = draw(st.lists(_names.filter(lambda s: s not in ("start", "end")), min_size=n, max_size=n,
+                        unique=True))
+    nodes = [Node("start", "start")]
+    for i in ids:
+        kind = draw(st.sampled_from(["task"] * 5 + ["parallel", "exclusive"]))
+        node = Node(i, kind)
+        if kind == "task":
+            node.code = draw(st.sampled_from(["", "x = 1", "y = f(x)\nprint(y)"]))
+            node.when = draw(st.none() | st.just("x > 1"))
+            node.approval = draw(st.none() | st.just("ok?"))
+            node.wait_signal = draw(st.none() | st.just("go"))
+            node.sleep = draw(st.none() | st.sampled_from([1.0, 90.5, 7200.0]))
+            node.retries = draw(st.integers(0, 3))
+            if draw(st.booleans()):
+                node.map_var, node.map_over = "item", "items"
+        nodes.append(node)
+    nodes.append(Node("end", "end"))
+    edges = []
+    for j, node in enumerate(nodes[1:-1], start=1):  # edges only go forward: a DAG
+        preds = draw(st.lists(st.integers(0, j - 1), min_size=1, max_size=3, unique=True))
+        for p in sorted(preds):
+            edges.append(Edge(nodes[p].id, node.id, data=draw(st.lists(_names, max_size=2, unique=True))))
+    has_out = {e.source for e in edges}
+    for node in nodes[:-1]:
+        if node.id not in has_out:
+            edges.append(Edge(node.id, "end"))
+    return Workflow("prop", nodes=nodes, edges=edges)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(wf=workflows())
+def test_any_workflow_round_trips_and_validates(schema, wf):
+    text = to_bpmn(wf)
+    schema.validate(text)
+    assert from_bpmn(text).to_dict() == wf.to_dict()

@@ -863,25 +863,7 @@ def _fold_conditions(nodes: list[Node], edges: list[Edge], foreign: set[str]) ->
 
 
 def _check_acyclic(nodes: list[Node], edges: list[Edge]) -> None:
-    succ: dict[str, list[str]] = defaultdict(list)
-    for e in edges:
-        succ[e.source].append(e.target)
-    colour: dict[str, int] = {}
-    stack_path: list[str] = []
-
-    def visit(v: str) -> None:
-        colour[v] = 1
-        stack_path.append(v)
-        for w in succ[v]:
-            if colour.get(w) == 1:
-                cycle = stack_path[stack_path.index(w):] + [w]
-                raise WorkflowError("the BPMN process loops (" + " -> ".join(cycle)
-                                    + "); nbflow workflows are acyclic")
-            if w not in colour:
-                visit(w)
-        stack_path.pop()
-        colour[v] = 2
-
-    for n in nodes:
-        if n.id not in colour:
-            visit(n.id)
+    cycle = Workflow("check", nodes=nodes, edges=edges).find_cycle()
+    if cycle:
+        raise WorkflowError("the BPMN process loops (" + " -> ".join(cycle)
+                            + "); nbflow workflows are acyclic")
