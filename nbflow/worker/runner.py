@@ -154,7 +154,7 @@ def _finish(res: TaskResult, t0: float) -> TaskResult:
 
 
 def _one_line(ename: str, evalue: str) -> str:
-    first = (evalue or "").strip().splitlines()
+    first = strip_ansi(evalue or "").strip().splitlines()
     return f"{ename}: {first[0]}" if first else ename
 
 
