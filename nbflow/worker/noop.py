@@ -1,0 +1,143 @@
+"""A worker that completes every task instantly: the engine's benchmark partner.
+
+It pulls from a queue's tasks stream like the real worker and reports ``TaskSucceeded`` with no
+outputs (optionally ``TaskStarted`` first), so what a benchmark measures is the engine and NATS,
+never papermill. Crash safety is the real worker's: the completion event is published and
+acknowledged by JetStream (``Nats-Msg-Id`` = ``done.<run>.<key>.<attempt>``) before the task
+message is acked. Tasks are handled in batches (one fetch, completions published async,
+then the acks), which is what lets it keep up with an engine.
+
+    python -m nbflow.worker.noop --nats nats://127.0.0.1:4222 --namespace bench --concurrency 64
+
+or in-process::
+
+    w = NoopWorker(nc, Layout("bench"), concurrency=64)
+    await w.start(); task = asyncio.create_task(w.run()); ...; w.stop(); await task
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+
+from nbflow.engine import infra
+from nbflow.engine.events import make
+from nbflow.engine.layout import MSG_ID, Layout
+
+log = logging.getLogger("nbflow.worker.noop")
+
+ACK_WAIT_S = 30.0
+
+
+class NoopWorker:
+    def __init__(self, nc, layout: Layout | None = None, *, queue: str = "default",
+                 concurrency: int = 64, started: bool = False, name: str | None = None):
+        self.nc, self.js = nc, nc.jetstream()
+        self.L = layout or Layout()
+        self.queue, self.concurrency, self.started = queue, max(1, concurrency), started
+        self.name = name or f"noop-{socket.gethostname()}-{os.getpid()}"
+        self._stop = asyncio.Event()
+        self.done = 0
+
+    async def start(self, ensure: bool = True) -> None:
+        if ensure:
+            await infra.ensure(self.js, self.L)
+        durable = self.L.worker_consumer(self.queue)
+        subject = self.L.task_subject(self.queue)
+        self.sub = await self.js.pull_subscribe(
+            subject, durable=durable, stream=self.L.tasks_stream,
+            config=infra.consumer_config(durable, subject, ACK_WAIT_S, 10_000))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msgs = await self.sub.fetch(self.concurrency, timeout=0.5)
+            except asyncio.TimeoutError:
+                continue
+            except Exception as e:  # noqa: BLE001 - reconnecting: keep trying
+                if self._stop.is_set():
+                    break
+                log.warning("fetch failed (%s); retrying", e)
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                await self.handle(msgs)
+            except Exception:  # noqa: BLE001 - unacked messages are redelivered
+                log.exception("completing %d task(s) failed; they will be redelivered", len(msgs))
+
+    async def handle(self, msgs: list) -> None:
+        """Complete a batch: publish every completion, wait for JetStream's acks, then ack."""
+        futs, todo = [], []
+        for m in msgs:
+            try:
+                t = json.loads(m.data)
+                run, key, attempt = t["run"], t["key"], int(t["attempt"])
+            except (ValueError, KeyError, TypeError):
+                await m.term()            # not a task: the real worker dead-letters it
+                continue
+            subj = self.L.history_subject(run)
+            now = time.time()
+            if self.started:
+                ev = make("TaskStarted", run, ts=now, key=key, attempt=attempt, worker=self.name)
+                futs.append(await self.js.publish_async(
+                    subj, ev.encode(), headers={MSG_ID: f"started.{run}.{key}.{attempt}"}))
+            ev = make("TaskSucceeded", run, ts=now, key=key, attempt=attempt, outputs={},
+                      exec_s=0.0, duration=0.0, worker=self.name)
+            futs.append(await self.js.publish_async(
+                subj, ev.encode(), headers={MSG_ID: f"done.{run}.{key}.{attempt}"}))
+            todo.append(m)
+        for f in futs:
+            await f                       # raises if JetStream did not store it: no ack then
+        for m in todo:
+            await m.ack()
+        self.done += len(todo)
+
+
+async def serve(url: str, namespace: str = "", queue: str = "default", concurrency: int = 64,
+                started: bool = False, ready: asyncio.Event | None = None) -> None:
+    nc = await infra.connect(url, name="nbflow-noop-worker")
+    w = NoopWorker(nc, Layout(namespace), queue=queue, concurrency=concurrency, started=started)
+    await w.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, w.stop)
+        except (NotImplementedError, RuntimeError):
+            pass
+    if ready:
+        ready.set()
+    try:
+        await w.run()
+    finally:
+        w.stop()
+        await nc.drain()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nbflow.worker.noop",
+                                description="A worker that completes every task instantly.")
+    p.add_argument("--nats", default=os.environ.get("NBFLOW_NATS_URL", "nats://127.0.0.1:4222"))
+    p.add_argument("--namespace", default=os.environ.get("NBFLOW_NAMESPACE", ""))
+    p.add_argument("--queue", default="default")
+    p.add_argument("--concurrency", type=int, default=64,
+                   help="tasks fetched and completed per batch")
+    p.add_argument("--started", action="store_true", help="also publish TaskStarted")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s noop %(levelname)s %(message)s")
+    try:
+        asyncio.run(serve(a.nats, a.namespace, a.queue, a.concurrency, a.started))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
