@@ -307,11 +307,7 @@ class Client:
                               f"{', '.join(k for k in st.nodes if k not in ('start', 'end'))})")
         ap = await self.kv(self.L.approvals_bucket)
         key = f"{st.run}.{task}"
-        try:
-            entry = await ap.get(key)
-            rec = json.loads(entry.value)
-        except Exception:  # noqa: BLE001 - no pending approval recorded
-            entry, rec = None, None
+        entry, rec = await self._approval_entry(ap, key, wait=ns.state == "awaiting_approval")
         if rec and rec.get("state") != "pending":
             raise AlreadyDecided(_decided_msg(st.run, task, rec), rec)
         if ns.state != "awaiting_approval" or entry is None:
@@ -333,6 +329,19 @@ class Client:
         await self.js.publish(self.L.history_subject(st.run), ev.encode(),
                               headers={MSG_ID: f"approval.{st.run}.{task}"})
         return decision
+
+    async def _approval_entry(self, ap, key: str, wait: bool, timeout: float = 10.0):
+        """The approvals KV entry; when history already says 'awaiting approval' the engine
+        may not have recorded it yet, so give it a moment."""
+        deadline = time.monotonic() + (timeout if wait else 0)
+        while True:
+            try:
+                entry = await ap.get(key)
+                return entry, json.loads(entry.value)
+            except Exception:  # noqa: BLE001 - not (yet) recorded
+                if time.monotonic() >= deadline:
+                    return None, None
+                await asyncio.sleep(0.05)
 
     async def signal(self, run: str, name: str, value: Any = None, by: str | None = None) -> None:
         st = await self._running(run, "a signal")

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -147,6 +148,9 @@ class Supervisor:
         self.engine_env = engine_env or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts = 0
+        self._spawned: set[str] = set()
+        self._watcher: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def _spawn(self, name: str) -> subprocess.Popen:
         kind = name.split("-")[0]
@@ -154,8 +158,9 @@ class Supervisor:
         if kind == "worker":
             cmd += ["--concurrency", str(self.concurrency)]
         env = _child_env(self.namespace)
-        if kind == "engine":
-            env.update(self.engine_env)
+        if kind == "engine" and name not in self._spawned:
+            env.update(self.engine_env)            # e.g. fault injection: first start only
+        self._spawned.add(name)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL)
@@ -179,7 +184,22 @@ class Supervisor:
             self._spawn(n)
         return dead
 
+    def supervise(self, interval: float = 0.2) -> "Supervisor":
+        """Restart dead children from a background thread until stop()."""
+        def loop():
+            while not self._stopping.wait(interval):
+                self.check()
+        self._watcher = threading.Thread(target=loop, daemon=True, name="nbflow-supervisor")
+        self._watcher.start()
+        return self
+
+    def pids(self, kind: str) -> list[int]:
+        return [p.pid for n, p in self.procs.items() if n.startswith(kind) and p.poll() is None]
+
     def stop(self, timeout: float = 15.0) -> None:
+        self._stopping.set()
+        if self._watcher:
+            self._watcher.join()
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

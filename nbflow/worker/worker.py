@@ -27,8 +27,9 @@ from nbflow.worker.artifacts import Artifacts, notebook_key, output_key
 
 log = logging.getLogger("nbflow.worker")
 
-ACK_WAIT_S = 30.0
-HEARTBEAT_S = 5.0
+# How long a task may go without a heartbeat before JetStream redelivers it to another worker.
+ACK_WAIT_S = float(os.environ.get("NBFLOW_TASK_ACK_WAIT", "30"))
+HEARTBEAT_S = ACK_WAIT_S / 4
 MAX_DELIVER = 5
 
 
