@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# notebooks under tests/data are inputs (some deliberately broken), not nbval tests
+collect_ignore_glob = ["data/*", "data/**/*"]
+
 HERE = Path(__file__).parent
 DATA = HERE / "data"
 REPO = HERE.parent
