@@ -184,3 +184,4 @@ def _show(shell: Any, args: str) -> None:
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext nbflow``: register ``%%task`` and ``%flow``."""
     ipython.register_magics(NbflowMagics)
+    import nbflow.widgets_magics  # noqa: F401  - registers %flow run/watch/runs/approve/signal/cancel

@@ -1,0 +1,489 @@
+"""RunView: a live ipywidget of one run (DAG, table, progress, logs, approvals, signals).
+
+A thin view over :class:`~nbflow.widgets.model.RunModel`. Threading (ipykernel 7): the run's
+history is watched on the SyncClient's own event loop (a daemon thread); each update is handed
+to the kernel's asyncio loop with ``call_soon_threadsafe`` and applied there, so widgets only
+change on the kernel's loop and the kernel never blocks — other cells run while the view
+updates. Button callbacks call the client, which publishes; the engine waits, never the kernel.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import html
+import reprlib
+import threading
+import time
+from typing import Any, Callable
+
+import ipywidgets as widgets
+
+from nbflow.client import AlreadyDecided, NbflowError, SyncClient, whoami
+from nbflow.compiler import render
+from nbflow.engine.state import RunState
+from nbflow.widgets.model import RunModel, decision_text
+
+_CLIENTS: dict[tuple[str | None, str | None], SyncClient] = {}
+_CLIENTS_LOCK = threading.Lock()
+FINAL = ("succeeded", "failed", "rejected", "cancelled")
+
+
+def shared_client(url: str | None = None, namespace: str | None = None) -> SyncClient:
+    """One SyncClient per (url, namespace) for this process (a kernel keeps one connection).
+    ``url``/``namespace`` default to NBFLOW_NATS_URL / NBFLOW_NAMESPACE, else the embedded
+    stack (started in the background as its own process: a kernel restart does not stop it)."""
+    key = (url, namespace)
+    with _CLIENTS_LOCK:
+        c = _CLIENTS.get(key)
+        if c is None or not c.loop.is_running():
+            c = _CLIENTS[key] = SyncClient(url, namespace=namespace)
+        return c
+
+
+def kernel_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop running in this thread (the kernel's), if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _badge(state: str) -> str:
+    colour = render.STATE_COLOURS.get(state, "#EEEEEE")
+    return (f'<span class="nbflow-state nbflow-state-{html.escape(state)}" '
+            f'style="background:{colour};padding:1px 6px;border-radius:3px;'
+            f'border:1px solid #888">{html.escape(state)}</span>')
+
+
+def legend_html() -> str:
+    items = "".join(
+        f'<span style="display:inline-block;margin-right:8px"><span style="display:inline-block;'
+        f'width:12px;height:12px;background:{c};border:1px solid #888;vertical-align:middle">'
+        f'</span> {html.escape(s)}</span>' for s, c in render.legend_items())
+    return f'<div class="nbflow-legend" style="font-size:11px">{items}</div>'
+
+
+def table_html(rows: list[dict[str, Any]]) -> str:
+    head = "".join(f"<th style='text-align:left;padding:2px 8px'>{h}</th>" for h in
+                   ("task", "state", "attempt", "started", "duration", "worker"))
+    body = []
+    for r in rows:
+        pad = 8 + 18 * r.get("level", 0)
+        body.append(
+            f"<tr class='nbflow-row' data-key='{html.escape(r['key'])}'>"
+            f"<td style='padding:2px 8px 2px {pad}px'>{html.escape(str(r['task']))}</td>"
+            f"<td style='padding:2px 8px'>{_badge(r['state'])}</td>"
+            + "".join(f"<td style='padding:2px 8px'>{html.escape(str(r[k]))}</td>"
+                      for k in ("attempt", "started", "duration", "worker")) + "</tr>")
+    return (f"<table class='nbflow-table' style='border-collapse:collapse;font-size:12px'>"
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def task_cell_outputs(nb: Any) -> list[dict[str, Any]]:
+    """The outputs of the task cell of an executed task notebook, as nbformat output dicts
+    (what ``widgets.Output.outputs`` takes)."""
+    outs = []
+    for cell in nb.get("cells", []):
+        if "nbflow-task" in cell.get("metadata", {}).get("tags", []):
+            for o in cell.get("outputs", []):
+                o = _plain(o)
+                if o.get("output_type") == "execute_result":   # shown like display_data
+                    o = {"output_type": "display_data", "data": o.get("data", {}),
+                         "metadata": o.get("metadata", {})}
+                outs.append(o)
+    return outs
+
+
+def _plain(o: Any, key: str = "") -> Any:
+    """NotebookNode -> plain dicts/strings (multiline lists joined), as the Output widget takes."""
+    if isinstance(o, dict):
+        return {k: _plain(v, k) for k, v in o.items()}
+    if isinstance(o, list) and key == "traceback":
+        return list(o)
+    if isinstance(o, list):
+        return "".join(o) if all(isinstance(x, str) for x in o) else [_plain(x) for x in o]
+    return o
+
+
+def download_html(run: str, key: str, raw: bytes) -> str:
+    name = f"{run}-{key.replace('#', '-')}.ipynb"
+    b64 = base64.b64encode(raw).decode()
+    return (f'<a class="nbflow-download" download="{html.escape(name)}" '
+            f'href="data:application/x-ipynb+json;base64,{b64}">⬇ download {html.escape(name)}'
+            f'</a>')
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict = limit, limit, 6, 6
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class RunView(widgets.VBox):
+    """Live view of run ``run``. ``.run`` is its id, ``.wait()`` blocks until it ends (use it in
+    scripts and in a last cell; the view itself never blocks the kernel)."""
+
+    def __init__(self, run: str, client: SyncClient | None = None, *, user: str | None = None,
+                 watch: bool = True, render_svg: Callable | None = None):
+        self.client = client or shared_client()
+        st = self.client.status(run)
+        self.run: str = st.run
+        self.wf = self.client.workflow(st.wf)
+        self.model = RunModel(self.wf, render_svg=render_svg)
+        self.retried: RunView | None = None
+        self._loop = kernel_loop()
+        self._pending: tuple[Any, RunState] | None = None
+        self._pending_lock = threading.Lock()
+        self._scheduled = False
+        self._inputs: dict[str, dict[str, str]] = {}      # approval node -> input name -> repr
+        self._details_for: tuple[str, str] | None = None  # (key, state) shown in details
+        self._approval_widgets: dict[str, dict[str, widgets.Widget]] = {}
+        self._signal_widgets: dict[str, dict[str, widgets.Widget]] = {}
+        self._build(user)
+        super().__init__(children=self._children)
+        self.add_class("nbflow-runview")
+        self.model.observe(self._render, names=["events", "run_state"])
+        self.model.observe(self._render_header, names=["elapsed"])
+        self._apply(None, st)              # show the snapshot at once; the watch refines it
+        self._watch_future = None
+        self._ticker = None
+        if watch and not st.is_final:
+            self.start_watch()
+
+    # --- construction -------------------------------------------------------------------------
+    def _build(self, user: str | None) -> None:
+        self.header = widgets.HTML()
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress",
+                                            bar_style="info")
+        self.svg = widgets.HTML()
+        self.legend = widgets.HTML(legend_html())
+        self.table = widgets.HTML()
+        self.status = widgets.HTML()            # last action's result / error
+        self.user_box = widgets.Text(value=user or whoami(), description="as",
+                                     layout=widgets.Layout(width="220px"))
+        self.cancel_button = widgets.Button(description="Cancel", button_style="warning",
+                                            icon="stop")
+        self.retry_button = widgets.Button(description="Retry", icon="redo")
+        self.cancel_button.on_click(lambda _b: self.cancel())
+        self.retry_button.on_click(lambda _b: self.retry())
+        self.approvals_box = widgets.VBox()
+        self.signals_box = widgets.VBox()
+        self.task_select = widgets.Dropdown(options=[], description="task")
+        self.task_select.observe(lambda _c: self._show_details(force=True), names="value")
+        self.logs = widgets.HTML()
+        self.outputs = widgets.Output()
+        self.download = widgets.HTML()
+        self.retry_box = widgets.VBox()
+        details = widgets.VBox([self.task_select, self.download,
+                                widgets.HTML("<b>outputs</b>"), self.outputs,
+                                widgets.HTML("<b>logs</b>"), self.logs])
+        self._children = [
+            self.header,
+            widgets.HBox([self.progress, self.cancel_button, self.retry_button, self.user_box]),
+            self.status, self.approvals_box, self.signals_box,
+            widgets.HBox([self.svg, self.table]), self.legend, details, self.retry_box,
+        ]
+
+    # --- updates: watch thread -> kernel loop -> model -> widgets -------------------------
+    def start_watch(self) -> None:
+        self._watch_future = asyncio.run_coroutine_threadsafe(self._watch(), self.client.loop)
+        if self._loop is not None:
+            self._ticker = self._loop.create_task(self._tick())
+
+    async def _watch(self) -> None:
+        try:
+            async for ev, st in self.client.aclient.watch(self.run):
+                self._deliver(ev, RunState.from_dict(st.to_dict()))   # a copy: watch mutates
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - show it; the run goes on without the view
+            self._to_kernel(self._set_status, f"watch stopped: {type(e).__name__}: {e}", True)
+
+    def _deliver(self, ev, st: RunState) -> None:
+        """Keep only the newest pending update (a late view catching up from history renders
+        once, not once per event)."""
+        with self._pending_lock:
+            self._pending = (ev, st)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._to_kernel(self._flush)
+
+    def _flush(self) -> None:
+        with self._pending_lock:
+            pending, self._pending, self._scheduled = self._pending, None, False
+        if pending is not None:
+            self._apply(*pending)
+
+    def _to_kernel(self, fn: Callable, *args) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+        else:
+            fn(*args)
+
+    def _bg(self, coro, then: Callable[[Any], None], on_error: Callable | None = None) -> None:
+        """Run ``coro`` on the client's loop; hand its result to ``then`` on the kernel loop."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.client.loop)
+
+        def done(f):
+            try:
+                res = f.result()
+            except Exception as e:  # noqa: BLE001
+                self._to_kernel(on_error or (lambda e: self._set_status(str(e), True)), e)
+                return
+            self._to_kernel(then, res)
+        fut.add_done_callback(done)
+
+    def _apply(self, ev, st: RunState) -> None:
+        if self.model.state is not None and st.events < self.model.state.events:
+            return                                     # an older state arrived late
+        self.model.apply(ev, st, now=time.time() if not st.is_final else None)
+
+    async def _tick(self) -> None:
+        while self.model.run_state not in FINAL:
+            await asyncio.sleep(1.0)
+            self.model.tick(time.time())
+
+    # --- rendering ----------------------------------------------------------------------------
+    def _render_header(self, _change=None) -> None:
+        m = self.model
+        err = (f"<div style='color:#D55E00'>{html.escape(m.error)}</div>" if m.error else "")
+        self.header.value = (
+            f"<b>{html.escape(m.name)}</b> run <code>{html.escape(m.run)}</code> "
+            f"{_badge(m.run_state)} <span class='nbflow-elapsed'>{html.escape(m.elapsed)}"
+            f"</span>{err}")
+
+    def _render(self, _change=None) -> None:
+        m = self.model
+        self._render_header()
+        self.progress.max, self.progress.value = m.progress_max, m.progress_value
+        self.progress.description = f"{m.progress_value}/{m.progress_max}"
+        self.progress.bar_style = {"succeeded": "success", "failed": "danger",
+                                   "rejected": "danger", "cancelled": "warning"}.get(
+            m.run_state, "info")
+        if self.svg.value != m.svg:
+            self.svg.value = m.svg
+        self.table.value = table_html(m.rows)
+        self.cancel_button.disabled = m.run_state in FINAL
+        self.retry_button.disabled = m.run_state in ("running", "succeeded")
+        opts = list(m.task_keys)
+        if list(self.task_select.options) != opts:
+            keep = self.task_select.value
+            self.task_select.options = opts
+            if keep in opts:
+                self.task_select.value = keep
+        self._render_approvals()
+        self._render_signals()
+        self._show_details()
+
+    def _render_approvals(self) -> None:
+        rows = []
+        for ap in self.model.approvals:
+            node = ap["node"]
+            w = self._approval_widgets.get(node)
+            if w is None:
+                w = self._approval_widgets[node] = self._approval_widget(node)
+            if ap["inputs"] and node not in self._inputs and ap["state"] == "pending":
+                self._inputs[node] = {n: "…" for n in ap["inputs"]}
+                self._bg(self._load_inputs(ap["inputs"]), lambda r, n=node: self._got_inputs(n, r))
+            inputs = self._inputs.get(node, {})
+            summary = "".join(f"<li><code>{html.escape(k)}</code> = {html.escape(v)}</li>"
+                              for k, v in inputs.items())
+            w["text"].value = (
+                f"<div class='nbflow-approval' data-node='{html.escape(node)}'>"
+                f"<b>approval: {html.escape(node)}</b> — {html.escape(ap['prompt'])}"
+                + (f"<ul>{summary}</ul>" if summary else "")
+                + f"<div class='nbflow-decision'>{html.escape(decision_text(ap))}</div></div>")
+            pending = ap["state"] == "pending"
+            for b in (w["approve"], w["reject"], w["comment"]):
+                b.disabled = not pending
+            w["buttons"].layout.display = None if pending else "none"
+            rows.append(w["box"])
+        if tuple(rows) != self.approvals_box.children:
+            self.approvals_box.children = tuple(rows)
+
+    def _approval_widget(self, node: str) -> dict[str, widgets.Widget]:
+        text = widgets.HTML()
+        approve = widgets.Button(description="Approve", button_style="success", icon="check")
+        reject = widgets.Button(description="Reject", button_style="danger", icon="times")
+        comment = widgets.Text(placeholder="comment (optional)", description="comment")
+        approve.on_click(lambda _b: self.approve(node, True, comment.value))
+        reject.on_click(lambda _b: self.approve(node, False, comment.value))
+        buttons = widgets.HBox([approve, reject, comment])
+        return {"text": text, "approve": approve, "reject": reject, "comment": comment,
+                "buttons": buttons, "box": widgets.VBox([text, buttons])}
+
+    async def _load_inputs(self, inputs: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for name, producer in inputs.items():
+            try:
+                out[name] = short_repr(await self.client.aclient.load_output(self.run, producer,
+                                                                             name))
+            except Exception as e:  # noqa: BLE001 - best effort: say why
+                out[name] = f"(not available: {type(e).__name__})"
+        return out
+
+    def _got_inputs(self, node: str, summary: dict[str, str]) -> None:
+        self._inputs[node] = summary
+        self._render_approvals()
+
+    def _render_signals(self) -> None:
+        rows = []
+        for sig in self.model.signals:
+            name = sig["name"]
+            w = self._signal_widgets.get(name)
+            if w is None:
+                label = widgets.HTML(f"<b>signal</b> <code>{html.escape(name)}</code> "
+                                     f"(task {html.escape(sig['node'])} waits for it)")
+                value = widgets.Text(placeholder='JSON value, e.g. 42 or "ok"',
+                                     description="value")
+                send = widgets.Button(description="Send", icon="paper-plane")
+                send.on_click(lambda _b, n=name, v=value: self.signal(n, v.value))
+                w = self._signal_widgets[name] = {"value": value, "send": send,
+                                                  "box": widgets.HBox([label, value, send])}
+            rows.append(w["box"])
+        if tuple(rows) != self.signals_box.children:
+            self.signals_box.children = tuple(rows)
+
+    def _show_details(self, force: bool = False) -> None:
+        key = self.task_select.value
+        st = self.model.state
+        if not key or st is None or key not in st.tasks:
+            return
+        t = st.tasks[key]
+        mark = (key, f"{t.state}.{t.attempt}")
+        if mark == self._details_for and not force:
+            return
+        self._details_for = mark
+        self._bg(self._fetch_details(key), lambda r, k=key: self._got_details(k, r))
+
+    async def _fetch_details(self, key: str) -> dict[str, Any]:
+        import nbformat
+
+        c = self.client.aclient
+        logs = await c.logs(self.run, key)
+        st = await c.status(self.run)
+        raw = b""
+        if st.tasks.get(key) and st.tasks[key].notebook:
+            raw = await c.output(self.run, key)
+        return {"logs": logs, "raw": raw, "nb": nbformat.reads(raw.decode(), as_version=4) if raw else {}}
+
+    def _got_details(self, key: str, d: dict[str, Any]) -> None:
+        if key != self.task_select.value:
+            return
+        self.logs.value = (f"<pre class='nbflow-logs' style='max-height:300px;overflow:auto'>"
+                           f"{html.escape(d['logs'] or '(no output yet)')}</pre>")
+        self.outputs.outputs = tuple(task_cell_outputs(d["nb"]))
+        self.download.value = download_html(self.run, key, d["raw"]) if d["raw"] else ""
+
+    def _set_status(self, text: str, error: bool = False) -> None:
+        colour = "#D55E00" if error else "#006B4F"
+        self.status.value = (f"<div class='nbflow-status' style='color:{colour}'>"
+                             f"{html.escape(text)}</div>")
+
+    # --- actions (button callbacks; also callable from code) ----------------------------------
+    @property
+    def user(self) -> str:
+        return self.user_box.value.strip() or whoami()
+
+    def approve(self, task: str, approved: bool = True, comment: str = "") -> dict | None:
+        try:
+            d = self.client.approve(self.run, task, approved=approved, by=self.user,
+                                    comment=comment)
+        except AlreadyDecided as e:
+            self._set_status(str(e), error=True)
+            return None
+        except NbflowError as e:
+            self._set_status(str(e), error=True)
+            return None
+        self._set_status(f"{task}: {d['state']} by {d['by']}")
+        return d
+
+    def signal(self, name: str, value_text: str) -> bool:
+        import json
+
+        try:
+            value = json.loads(value_text) if value_text.strip() else None
+        except ValueError as e:
+            self._set_status(f"signal {name}: not JSON ({e}); quote text like \"ok\"", True)
+            return False
+        try:
+            self.client.signal(self.run, name, value, by=self.user)
+        except NbflowError as e:
+            self._set_status(str(e), error=True)
+            return False
+        self._set_status(f"signal {name} sent")
+        return True
+
+    def cancel(self) -> bool:
+        try:
+            self.client.cancel(self.run, by=self.user)
+        except NbflowError as e:
+            self._set_status(str(e), error=True)
+            return False
+        self._set_status("cancel requested")
+        return True
+
+    def retry(self) -> "RunView | None":
+        try:
+            new = self.client.retry(self.run, by=self.user)
+        except NbflowError as e:
+            self._set_status(str(e), error=True)
+            return None
+        self.retried = RunView(new, self.client, user=self.user)
+        self.retry_box.children = (widgets.HTML(f"<b>retry</b>: run <code>{new}</code>"),
+                                   self.retried)
+        self._set_status(f"retrying as run {new}")
+        return self.retried
+
+    # --- blocking helpers for scripts and last cells ------------------------------------------
+    def wait(self, timeout: float | None = None) -> RunState:
+        """Block until the run ends; the view shows the final state."""
+        st = self.client.wait(self.run, timeout=timeout)
+        self._apply(None, st)
+        return st
+
+    def status_now(self) -> RunState:
+        return self.client.status(self.run)
+
+    def close(self) -> None:
+        if self._watch_future is not None:
+            self._watch_future.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        super().close()
+
+    def __repr__(self) -> str:
+        return f"<RunView run={self.run} {self.model.run_state}>"
+
+    # Shown once: `%flow run` displays the view itself and returns it; the same cell's output
+    # hook would otherwise draw it a second time.
+    _shown_in: int | None = None
+
+    def _ipython_display_(self) -> None:
+        from IPython import get_ipython
+        from IPython.display import display
+
+        ip = get_ipython()
+        count = getattr(ip, "execution_count", None)
+        if self._shown_in is not None and self._shown_in == count:
+            self._shown_in = None
+            return
+        display(self._repr_mimebundle_(), raw=True)
+
+
+_LAST: list[RunView] = []
+
+
+def last_view() -> RunView:
+    """The RunView that ``%flow run`` / ``%flow watch`` showed last in this kernel."""
+    if not _LAST:
+        raise NbflowError("no run shown yet in this kernel: `%flow run` starts one")
+    return _LAST[-1]
+
+
+def remember(view: RunView) -> RunView:
+    _LAST[:] = [view]
+    return view

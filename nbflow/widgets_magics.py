@@ -1,0 +1,149 @@
+"""``%flow run / watch / runs / approve / signal / cancel``: the run commands of the magic.
+
+Thin: parse the line, call the client, show a widget. Registered when ``%load_ext nbflow`` runs
+(``nbflow.magics.load_ipython_extension`` imports this module).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from nbflow.client import AlreadyDecided, NbflowError, parse_param
+from nbflow.magics import compile_current, flow_command
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no SystemExit in a kernel
+        raise UsageError(f"%flow {self.prog}: {message}")
+
+
+def _parse(prog: str, args: str, *spec: tuple[tuple, dict]) -> argparse.Namespace:
+    p = _Parser(prog=prog, add_help=False)
+    for a, kw in spec:
+        p.add_argument(*a, **kw)
+    try:
+        return p.parse_args(shlex.split(args))
+    except ValueError as e:          # unbalanced quotes
+        raise UsageError(f"%flow {prog}: {e}") from None
+
+
+def _client():
+    from nbflow.widgets.runview import shared_client
+
+    return shared_client()
+
+
+def _show(view) -> Any:
+    from IPython import get_ipython
+    from IPython.display import display
+
+    from nbflow.widgets.runview import remember
+
+    remember(view)
+    display(view)
+    ip = get_ipython()
+    view._shown_in = getattr(ip, "execution_count", None)   # don't draw it twice (output hook)
+    return view
+
+
+def _user_errors(func):
+    def wrapper(shell, args):
+        try:
+            return func(shell, args)
+        except NbflowError as e:
+            raise UsageError(str(e)) from None
+    wrapper.__name__, wrapper.__doc__ = func.__name__, func.__doc__
+    return wrapper
+
+
+def split_params(tokens: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
+    params = {}
+    for tok in tokens:
+        name, eq, value = tok.partition("=")
+        if not eq or not name:
+            raise UsageError(f"%flow run: expected name=value, got {tok!r}")
+        params[name] = parse_param(value, defaults.get(name))
+    return params
+
+
+@flow_command("run", "submit this notebook and watch it live: %flow run [path.ipynb] "
+              "[name=value ...] [--user NAME]")
+@_user_errors
+def flow_run(shell, args: str):
+    from nbflow.widgets.runview import RunView
+
+    ns = _parse("run", args, (("--user",), {"default": None}),
+                (("items",), {"nargs": "*"}))
+    path = None
+    items = list(ns.items)
+    if items and items[0].endswith(".ipynb") and "=" not in items[0]:
+        path = items.pop(0)
+    wf = compile_current(shell, path, "run")
+    params = split_params(items, wf.params)
+    c = _client()
+    run = c.submit(wf, params, by=ns.user)
+    return _show(RunView(run, c, user=ns.user))
+
+
+@flow_command("watch", "show a run live (catches up from its history): %flow watch RUN")
+@_user_errors
+def flow_watch(shell, args: str):
+    from nbflow.widgets.runview import RunView
+
+    ns = _parse("watch", args, (("run",), {}), (("--user",), {"default": None}))
+    return _show(RunView(ns.run, _client(), user=ns.user))
+
+
+@flow_command("runs", "recent runs, click one to watch it: %flow runs [--limit N]")
+@_user_errors
+def flow_runs(shell, args: str):
+    from IPython.display import display
+
+    from nbflow.widgets.runs import RunsList
+
+    ns = _parse("runs", args, (("--limit",), {"type": int, "default": 20}))
+    view = RunsList(_client(), limit=ns.limit)
+    display(view)
+    return None
+
+
+@flow_command("approve", "decide an approval: %flow approve RUN TASK [--reject] "
+              "[--comment TEXT] [--user NAME]")
+@_user_errors
+def flow_approve(shell, args: str):
+    ns = _parse("approve", args, (("run",), {}), (("task",), {}),
+                (("--reject",), {"action": "store_true"}),
+                (("--comment",), {"default": ""}), (("--user",), {"default": None}))
+    try:
+        d = _client().approve(ns.run, ns.task, approved=not ns.reject, by=ns.user,
+                              comment=ns.comment)
+    except AlreadyDecided as e:
+        raise UsageError(str(e)) from None
+    print(f"{ns.task}: {d['state']} by {d['by']}")
+
+
+@flow_command("signal", "send a signal to a run: %flow signal RUN NAME VALUE (JSON or text)")
+@_user_errors
+def flow_signal(shell, args: str):
+    ns = _parse("signal", args, (("run",), {}), (("name",), {}), (("value",), {"nargs": "?"}),
+                (("--user",), {"default": None}))
+    value = None
+    if ns.value is not None:
+        try:
+            value = json.loads(ns.value)
+        except ValueError:
+            value = ns.value
+    _client().signal(ns.run, ns.name, value, by=ns.user)
+    print(f"signal {ns.name} sent to run {ns.run}")
+
+
+@flow_command("cancel", "cancel a run: %flow cancel RUN")
+@_user_errors
+def flow_cancel(shell, args: str):
+    ns = _parse("cancel", args, (("run",), {}), (("--user",), {"default": None}))
+    _client().cancel(ns.run, by=ns.user)
+    print(f"cancel requested for run {ns.run}")
