@@ -141,11 +141,12 @@ class Supervisor:
 
     def __init__(self, url: str, *, workers: int = 2, engines: int = 1, namespace: str | None = None,
                  concurrency: int = 1, log_file: str | os.PathLike | None = None,
-                 engine_env: dict[str, str] | None = None):
+                 engine_env: dict[str, str] | None = None, env: dict[str, str] | None = None):
         self.url, self.namespace = url, namespace
         self.n_workers, self.n_engines, self.concurrency = workers, engines, concurrency
         self.log_file = log_file
         self.engine_env = engine_env or {}
+        self.env = env or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts = 0
         self._spawned: set[str] = set()
@@ -157,7 +158,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "nbflow", kind, "--nats", self.url]
         if kind == "worker":
             cmd += ["--concurrency", str(self.concurrency)]
-        env = _child_env(self.namespace)
+        env = {**_child_env(self.namespace), **self.env}
         if kind == "engine" and name not in self._spawned:
             env.update(self.engine_env)            # e.g. fault injection: first start only
         self._spawned.add(name)

@@ -34,7 +34,8 @@ from nbflow.engine.state import RunState, apply
 
 log = logging.getLogger("nbflow.engine")
 
-ACK_WAIT_S = 30.0
+# An event not acked within this time (engine died or stalled) goes to another engine.
+ACK_WAIT_S = float(os.environ.get("NBFLOW_ENGINE_ACK_WAIT", "30"))
 
 
 def _crash_point(name: str) -> None:
@@ -95,10 +96,14 @@ class Engine:
             stream=self.L.timers_stream,
             config=infra.consumer_config(self.L.timers_consumer, self.L.timer_fire_subject(">"),
                                          ACK_WAIT_S, 10_000))
+        from nbflow.engine.timers import Scheduler  # schedules & triggers (engine/timers.py)
+        self.scheduler = Scheduler(self.nc, self.L, self._stop)
+        await self.scheduler.start()
 
     async def run(self) -> None:
         """Serve until stop() is called."""
-        await asyncio.gather(self._history_loop(), self._timer_loop())
+        await asyncio.gather(self._history_loop(), self._timer_loop(),
+                             self.scheduler.run())  # scheduler: engine/timers.py
 
     def stop(self) -> None:
         self._stop.set()

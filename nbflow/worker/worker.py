@@ -114,9 +114,22 @@ class Worker:
             if ev:
                 ev.set()
 
-    async def _publish(self, ev, msg_id: str) -> None:
-        await self.js.publish(self.L.history_subject(ev.run), ev.encode(),
-                              headers={MSG_ID: msg_id})
+    async def _publish(self, ev, msg_id: str, patience: float = 120.0) -> None:
+        """Publish to history, riding out a NATS restart: a finished task's result is never
+        thrown away because the server was briefly gone (the msg id makes retries safe)."""
+        deadline = time.monotonic() + patience
+        delay = 0.2
+        while True:
+            try:
+                await self.js.publish(self.L.history_subject(ev.run), ev.encode(),
+                                      headers={MSG_ID: msg_id})
+                return
+            except Exception as e:  # noqa: BLE001 - timeouts, no responders while reconnecting
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("publishing %s for run %s failed (%s); retrying", ev.type, ev.run, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _still_wanted(self, run: str, key: str, attempt: int) -> bool:
         """False when the run is over or this attempt is already decided (stale message)."""
@@ -182,7 +195,7 @@ class Worker:
             return
         wall0 = time.time()
         await self._publish(make("TaskStarted", run, key=key, attempt=attempt, worker=self.name),
-                            f"started.{run}.{key}.{attempt}")
+                            f"started.{run}.{key}.{attempt}.{delivered}")
         workdir = tempfile.mkdtemp(prefix=f"nbflow-{run}-{key.replace('#', '-')}-")
         cancel = threading.Event()
         self._cancels[(run, key)] = cancel
@@ -192,7 +205,10 @@ class Worker:
             ev.data.setdefault("duration", time.time() - wall0)
             ev.data["worker"] = self.name
             await self._publish(ev, f"done.{run}.{key}.{attempt}")
-            await msg.ack()
+            try:
+                await msg.ack()
+            except Exception:  # noqa: BLE001 - redelivery is harmless: the result is recorded
+                log.warning("ack of %s failed; a redelivery will be dropped as stale", key)
             self.done += 1
         finally:
             hb.cancel()
