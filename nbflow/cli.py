@@ -485,3 +485,10 @@ def signal_cmd(run_id, name, value, nats_url, namespace):
 
     _call(nats_url, namespace, lambda c: c.signal(run_id, name, parse_param(value)))
     click.echo(f"sent {name} to run {run_id}", err=True)
+
+
+from nbflow.cli_schedule import backfill, schedule, trigger  # noqa: E402
+
+main.add_command(schedule)
+main.add_command(backfill)
+main.add_command(trigger)

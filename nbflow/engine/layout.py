@@ -110,6 +110,19 @@ class Layout:
     def timer_fire_subject(self, timer_id: str = "*") -> str:
         return f"{self._subj}.timers.fire.{timer_id}"
 
+    # -- schedules and triggers (engine/timers.py) --
+    def cron_schedule_subject(self, name: str = "*") -> str:
+        """Holds a schedule's ``Nats-Schedule`` message (one per schedule)."""
+        return f"{self._subj}.timers.cron.{name}"
+
+    def cron_tick_subject(self, name: str = "*") -> str:
+        """Where nats-server publishes a schedule's fires."""
+        return f"{self._subj}.timers.tick.{name}"
+
+    def schedule_log_subject(self, name: str = "*") -> str:
+        """What each fire of a schedule/trigger did: started, skipped, queued, refused."""
+        return f"{self._subj}.timers.log.{name}"
+
     def cancel_subject(self, run: str = "*") -> str:
         """Core (non-persistent) subject: tells workers to interrupt a run's running tasks."""
         return f"{self._subj}.control.cancel.{run}"
@@ -137,6 +150,13 @@ class Layout:
     @property
     def timers_consumer(self) -> str:
         return "engine_timers"
+
+    @property
+    def scheduler_consumer(self) -> str:
+        return "scheduler"
+
+    def trigger_consumer(self, name: str) -> str:
+        return f"trigger_{name}"
 
     def worker_consumer(self, queue: str) -> str:
         return f"worker_{queue}"
