@@ -94,6 +94,7 @@ def test_reuse_moves_cwd_and_sys_path_per_task(reuse, tmp_path):
 
 
 def test_a_killed_kernel_is_never_handed_out_again(reuse, tmp_path):
+    reuse.wait_ready()                              # the deadline also covers getting a kernel
     ctl = RunControl(cwd=str(tmp_path), deadline=time.monotonic() + 1, timeout=1)
     nb, ctl, err = execute(reuse, notebook("import time; time.sleep(60)"), tmp_path, control=ctl)
     assert ctl.reason == "timeout" and err.ename == "TimeoutError"
