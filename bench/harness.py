@@ -28,9 +28,12 @@ def _kill_all() -> None:
     for p in list(_LIVE):
         if p.poll() is None:
             try:
-                os.killpg(p.pid, signal.SIGKILL)
+                os.killpg(p.pid, signal.SIGKILL)      # our children lead their own session
             except OSError:
-                pass
+                try:
+                    p.kill()
+                except OSError:
+                    pass
     _LIVE.clear()
 
 
@@ -95,13 +98,19 @@ class Env:
         from nbflow.stack import NatsServer
 
         # sync_interval as the embedded stack: fsync every second, JetStream still writes each msg
-        self.server = NatsServer(self.dir / "nats", sync_interval="1s").start()
+        self.server = NatsServer(self.dir / "nats", sync_interval="1s")
+        try:
+            self.server.start()
+        finally:
+            if self.server.proc is not None:
+                _LIVE.add(self.server.proc)
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop_all()
         if self.server is not None:
             self.server.stop()
+            _LIVE.discard(self.server.proc)
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -142,6 +151,7 @@ class Env:
         p = self.procs.pop(name, None)
         if p is None:
             return
+        kids = descendants(p.pid)          # kernels may leave the process group: stop them too
         if p.poll() is None:
             try:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -155,6 +165,11 @@ class Env:
                 except OSError:
                     pass
                 p.wait()
+        for k in kids:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except OSError:
+                pass
         _LIVE.discard(p)
 
     def stop_all(self) -> None:

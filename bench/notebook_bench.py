@@ -61,10 +61,17 @@ def stripped(path: str, out: str) -> str:
 # --- the stack ---------------------------------------------------------------------------------
 
 async def _stack(env: Env, workers: int = 1, isolation: str | None = None) -> None:
-    env.engine()
+    """The engine (once per Env) and ``workers`` fresh worker processes."""
+    if "engine" not in env.procs:
+        env.engine()
     wenv = {"NBFLOW_ISOLATION": isolation} if isolation else None
     for i in range(workers):
         env.worker(f"worker{i}", concurrency=1, env=wenv)
+
+
+def _stop_workers(env: Env) -> None:
+    for name in [n for n in env.procs if n.startswith("worker")]:
+        env.stop(name)
 
 
 async def _run(env: Env, c, watch: RunWatch, path: str, params: dict | None = None,
@@ -108,19 +115,19 @@ def chain_overheads(snap: dict) -> tuple[list[float], list[float]]:
 
 # --- benchmarks --------------------------------------------------------------------------------
 
-async def _overhead_once(n: int, isolation: str | None) -> dict:
-    with Env("overhead") as env:
-        await _stack(env, 1, isolation)
-        c, watch = await _connected(env, 1)
-        try:
-            path = ordered_notebook(str(env.dir / "overhead.ipynb"), n)
-            await _run(env, c, watch, ordered_notebook(str(env.dir / "warm.ipynb"), 2))
-            dt, snap = await _run(env, c, watch, path)
-            kernels = [p for p in descendants(env.procs["worker0"].pid)
-                       if "ipykernel" in cmdline(p)]
-            krss = [rss_kb(p) for p in kernels]
-        finally:
-            await c.close()
+async def _overhead_once(env: Env, n: int, isolation: str | None) -> dict:
+    await _stack(env, 1, isolation)
+    c, watch = await _connected(env, 1)
+    try:
+        path = ordered_notebook(str(env.dir / f"overhead{n}.ipynb"), n)
+        await _run(env, c, watch, ordered_notebook(str(env.dir / "warm.ipynb"), 2))
+        dt, snap = await _run(env, c, watch, path)
+        kernels = [p for p in descendants(env.procs["worker0"].pid)
+                   if "ipykernel" in cmdline(p)]
+        krss = [rss_kb(p) for p in kernels]
+    finally:
+        await c.close()
+        _stop_workers(env)
     walls, over = chain_overheads(snap)
     execs = [t.get("exec_s") or 0.0 for t in snap["tasks"].values()]
     return {"n": n, "wall_s": dt, "p50": 1000 * percentile(over, 50),
@@ -132,8 +139,9 @@ async def task_overhead(size: str = "full") -> dict:
     """A chain of trivial tasks (``pass``, ordered by --after) on 1 worker: default isolation
     (fresh kernel per task) and ``reuse`` isolation."""
     n_fresh, n_reuse = {"tiny": (3, 3), "quick": (10, 100), "full": (100, 100)}[size]
-    fresh = await _overhead_once(n_fresh, None)
-    reuse = await _overhead_once(n_reuse, "reuse")
+    with Env("overhead") as env:
+        fresh = await _overhead_once(env, n_fresh, None)
+        reuse = await _overhead_once(env, n_reuse, "reuse")
     return {
         "task_overhead_tasks": n_fresh,
         "task_overhead_ms_p50": round(fresh["p50"], 1),
@@ -240,7 +248,7 @@ async def pipeline10(size: str = "full") -> dict:
                 nb_s, _ = await _run(env, c, watch, path)
             finally:
                 await c.close()
-                env.stop_all()
+                _stop_workers(env)
             res[label] = nb_s
     out = {
         "pipeline10_tasks": n,
@@ -276,9 +284,12 @@ async def fanout_map(size: str = "full") -> dict:
                 res[label], _ = await _run(env, c, watch, path)
             finally:
                 await c.close()
-                env.stop_all()
+                _stop_workers(env)
     ideal = items * sleep / workers
     out = {"fanout_map_items": items, "fanout_map_ideal_s": round(ideal, 3)}
+    if "" not in res:
+        out["fanout_map_note"] = ("--quick skips fanout_map with fresh kernels (one kernel start "
+                                  "per item); run without --quick for fanout_map_efficiency")
     if "" in res:
         out["fanout_map_s"] = round(res[""], 3)
         out["fanout_map_efficiency"] = round(ideal / res[""], 3)

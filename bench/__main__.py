@@ -1,0 +1,169 @@
+"""``python -m bench [--quick|--tiny] [--json] [--only NAME[,NAME]]``: run, print a table, and with
+``--json`` one JSON object with every figure as the very last line of stdout."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+
+from bench import BENCHES, GOALS, goal_met, load
+from bench.harness import _kill_all
+
+# (figure, label, value key, baseline key, ratio key, goal key) per benchmark; the goal key's
+# target is printed and checked; ratio = value / baseline unless the ratio key says otherwise
+ROWS = {
+    "engine_chain": [
+        ("steps/s, 1 run x N-step chain", "engine_chain_steps_per_s",
+         "engine_chain_raw_steps_per_s", "engine_chain_ratio", "engine_chain_ratio"),
+        ("ms per step", "engine_chain_ms_per_step", "engine_chain_raw_ms_per_step", None, None),
+    ],
+    "engine_fanout": [
+        ("steps/s, runs x parallel steps", "engine_fanout_steps_per_s",
+         "engine_fanout_raw_steps_per_s", "engine_fanout_ratio", "engine_fanout_ratio"),
+    ],
+    "task_overhead": [
+        ("overhead/task p50 ms (fresh kernels)", "task_overhead_ms_p50", None, None,
+         "task_overhead_ms_p50"),
+        ("overhead/task p99 ms (fresh kernels)", "task_overhead_ms_p99", None, None, None),
+        ("overhead/task p50 ms (--isolation reuse)", "task_overhead_reuse_ms_p50", None, None,
+         None),
+        ("overhead/task p99 ms (--isolation reuse)", "task_overhead_reuse_ms_p99", None, None,
+         None),
+        ("pooled kernel RSS MB", "kernel_rss_mb", None, None, None),
+    ],
+    "pipeline10": [
+        ("s end to end vs 1 kernel (floor)", "pipeline10_s", "pipeline10_floor_s",
+         "pipeline10_vs_floor", "pipeline10_vs_floor"),
+        ("s end to end vs papermill per task", "pipeline10_s", "pipeline10_papermill_s",
+         "pipeline10_speedup_vs_papermill", "pipeline10_speedup_vs_papermill"),
+        ("s (reuse) vs 1 kernel (floor)", "pipeline10_reuse_s", "pipeline10_floor_s",
+         "pipeline10_reuse_vs_floor", None),
+        ("s (reuse) vs papermill per task", "pipeline10_reuse_s", "pipeline10_papermill_s",
+         "pipeline10_reuse_speedup_vs_papermill", None),
+        ("s ploomber build", "pipeline10_ploomber_s", None, None, None),
+    ],
+    "fanout_map": [
+        ("s, --map 200 x 20 ms, 2 workers (fresh)", "fanout_map_s", "fanout_map_ideal_s",
+         "fanout_map_efficiency", "fanout_map_efficiency"),
+        ("s, same with --isolation reuse", "fanout_map_reuse_s", "fanout_map_ideal_s",
+         "fanout_map_reuse_efficiency", None),
+    ],
+    "memory": [
+        ("engine RSS MB after N runs vs before", "engine_rss_after_mb", "engine_rss_before_mb",
+         "engine_rss_growth_pct", "engine_rss_growth_pct"),
+        ("no-op runs/s (1 task each)", "memory_runs_per_s", None, None, None),
+    ],
+}
+
+DEFINITIONS = [
+    "raw floor (engine_*): per step publish a task msg, pull it, publish a result event, pull "
+    "the event, ack both, on the same JetStream streams; fanout floor batches like the engine",
+    "task overhead: per task of a chain, (its TaskSucceeded ts - predecessor's TaskSucceeded ts "
+    "or RunStarted ts) - exec_s (the task cell's own time, from papermill cell metadata)",
+    "pipeline10 floor: the notebook with %%task lines stripped, papermill in one new kernel "
+    "(kernel start included; the cells alone take pipeline10_floor_cells_s)",
+    "fanout_map efficiency: ideal (items x 20 ms / 2 workers) / measured (submit -> final)",
+    "memory: engine child process VmRSS after a warm-up vs after N one-task no-op runs",
+]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(v)
+
+
+def table(results: dict, ran: list[str], size: str) -> str:
+    head = ("benchmark", "figure", "value", "baseline", "ratio", "goal", "met?")
+    rows = [head]
+    for name in ran:
+        for label, vk, bk, rk, gk in ROWS[name]:
+            if vk not in results and (rk is None or rk not in results):
+                continue
+            goal = ""
+            met = ""
+            if gk:
+                op, target = GOALS[gk]
+                goal = f"{op} {target:g}"
+                ok = goal_met(gk, results.get(gk))
+                met = "-" if ok is None else ("yes" if ok else "NO")
+            rows.append((name, label, _fmt(results.get(vk)), _fmt(results.get(bk)) if bk else "",
+                         _fmt(results.get(rk)) if rk else "", goal, met))
+    for name in ran:
+        if f"{name}_error" in results:
+            rows.append((name, "ERROR", results[f"{name}_error"][:60], "", "", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [f"nbflow benchmarks ({size}) — {platform.python_version()}, {os.cpu_count()} CPUs"]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
+                               for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    notes = [f"note: {results[k]}" for k in sorted(results) if k.endswith("_note")]
+    return "\n".join(lines + [""] + [f"* {d}" for d in DEFINITIONS] + notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--only", default="", help=f"comma-separated: {','.join(BENCHES)}")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="smaller sizes (< 3 min on 2 cores)")
+    g.add_argument("--tiny", action="store_true", help="smoke-test sizes (the harness only)")
+    p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING)
+    size = "tiny" if a.tiny else "quick" if a.quick else "full"
+    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        p.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHES)}")
+
+    def _term(*_):
+        _kill_all()
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, _term)
+
+    results: dict = {"size": size, "cpus": os.cpu_count(), "python": platform.python_version()}
+    t_all = time.perf_counter()
+    failed = False
+    try:
+        for name in names:
+            t0 = time.perf_counter()
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            try:
+                results.update(asyncio.run(load(name)(size)))
+            except Exception as e:  # noqa: BLE001 - one failing bench must not hide the others
+                failed = True
+                results[f"{name}_error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc(file=sys.stderr)
+            results[f"{name}_bench_s"] = round(time.perf_counter() - t0, 1)
+            print(f"[bench] {name} done in {results[f'{name}_bench_s']} s", file=sys.stderr,
+                  flush=True)
+    except KeyboardInterrupt:
+        _kill_all()
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _kill_all()
+    results["total_s"] = round(time.perf_counter() - t_all, 1)
+    results["goals"] = {k: {"op": op, "target": t, "value": results.get(k),
+                            "met": goal_met(k, results.get(k))}
+                        for k, (op, t) in GOALS.items() if k in results}
+    print(table(results, names, size))
+    if a.json:
+        print(json.dumps(results, separators=(",", ":"), default=str))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""The benchmark harness runs end to end with tiny sizes and prints its figures as JSON.
+No timing assertions: figures on a shared CI box mean nothing; their presence does."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_engine_benches_run_tiny_and_print_json():
+    p = subprocess.run([sys.executable, "-m", "bench", "--only", "engine_chain,engine_fanout",
+                        "--tiny", "--json"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = p.stdout.strip().splitlines()[-1]
+    d = json.loads(last)
+    for k in ("engine_chain_steps_per_s", "engine_chain_raw_steps_per_s", "engine_chain_ratio",
+              "engine_fanout_steps_per_s", "engine_fanout_raw_steps_per_s",
+              "engine_fanout_ratio", "goals"):
+        assert k in d, k
+    assert d["engine_chain_ratio"] > 0 and d["engine_fanout_ratio"] > 0
+    assert "engine_chain_ratio" in d["goals"]
+    assert "engine_chain" in p.stdout and "ratio" in p.stdout     # the table came first
+
+
+def test_noop_worker_completes_tasks_in_process():
+    """The noop worker as an async class: a task message in, one TaskSucceeded out, task acked."""
+    import asyncio
+
+    from bench.harness import Env
+
+    async def go(env):
+        import nats
+
+        from nbflow.engine import infra
+        from nbflow.engine.layout import MSG_ID
+        from nbflow.worker.noop import NoopWorker
+
+        nc = await nats.connect(env.url)
+        js = nc.jetstream()
+        w = NoopWorker(nc, env.L, concurrency=8, started=True)
+        await w.start()
+        task = asyncio.create_task(w.run())
+        msg = {"v": 1, "run": "r1", "params": {}, "key": "a", "node": "a", "attempt": 1,
+               "queue": "default", "wf": "x", "inputs": {}}
+        await js.publish(env.L.task_subject("default"), json.dumps(msg).encode(),
+                         headers={MSG_ID: "task.r1.a.1"})
+        sub = await js.pull_subscribe(env.L.history_subject("r1"), durable="t",
+                                      stream=env.L.history_stream)
+        got = []
+        for _ in range(50):
+            try:
+                got += [json.loads(m.data)["type"] for m in await sub.fetch(2, timeout=0.2)]
+            except asyncio.TimeoutError:
+                pass
+            if len(got) >= 2:
+                break
+        w.stop()
+        await task
+        info = await js.stream_info(env.L.tasks_stream)
+        await nc.close()
+        assert infra and got == ["TaskStarted", "TaskSucceeded"]
+        assert info.state.messages == 0          # acked: the work queue is empty
+        assert w.done == 1
+
+    with Env("noop") as env:
+        asyncio.run(go(env))
