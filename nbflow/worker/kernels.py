@@ -6,13 +6,23 @@ issue "Performance"):
 
 =====================================================  ==========
 kernel start -> ready                                  ~0.55 s
-papermill default engine (nbclient), trivial task      ~0.8 s
-  of which kernel start ~0.55 s, the new client's ``wait_for_ready`` 0.2 s of iopub quiet,
-  graceful shutdown ~0.05 s (and ~1 in 30 stalls ~3 s)
-nbclient reusing a started kernel *and* client         ~20 ms
-this engine, ``reuse`` isolation                       ~15 ms   (see the module's bench figures)
-this engine, ``fresh`` isolation, warm kernel waiting  ~20 ms
+one execute round trip in a warm kernel (``x=1``)      ~2.5-3.5 ms
+papermill default engine (nbclient), trivial task      ~0.88 s p50
+  = kernel start ~0.55 s + a new client's ``wait_for_ready`` (0.2 s of iopub quiet) + graceful
+  shutdown (~0.05 s; ~1 in 30 stalls ~3 s) + papermill/nbformat bookkeeping (~10 ms)
+this engine, ``reuse``, back-to-back tasks             ~33 ms p50
+this engine, ``fresh``, a warm kernel waiting          ~38 ms p50
+this engine, ``fresh``, back-to-back on a 2-kernel pool ~0.3 s p50 (bound by kernel starts)
 =====================================================  ==========
+
+(20 trivial 6-cell task notebooks through ``runner.run_task``, quiet 2-CPU box.) What is left
+per task: ~7 kernel round trips (prelude + 6 cells, ~18 ms, the kernel's own per-request cost)
+and papermill's parameterize/validate/write (~10 ms). Kernel-side tweaks that measured well:
+``gc.freeze()`` after start plus an in-memory IPython history: the ``reset`` between reused tasks
+(a full ``gc.collect`` and history-db writes) went from ~50 ms to ~1 ms, and concurrent kernels no
+longer share one ``history.sqlite``.
+Pipelining all cells' execute requests saved <3 ms for 6 cells and IPC transport nothing: not
+done.
 
 So the engine never starts a kernel or a client on the critical path: a :class:`KernelPool`
 starts kernels (manager + started, ready blocking client) ahead of demand in background threads,
@@ -24,13 +34,13 @@ Isolation
 ---------
 ``fresh`` (default): a kernel runs one task, then is shut down in a background thread and the
     pool refills in the background. Same semantics as a papermill run (nothing leaks between
-    tasks: modules, globals, env, threads). While a warm kernel is waiting a task costs ~20 ms;
+    tasks: modules, globals, env, threads). While a warm kernel is waiting a task costs ~38 ms;
     back-to-back tasks on a saturated pool are bounded by the kernel start rate (~0.55 s/kernel/
     CPU), which is why the pool holds one spare kernel per worker slot plus one.
 ``reuse``: the same kernel runs consecutive tasks. Between tasks the user namespace is cleared
     (``InteractiveShell.reset(new_session=True)``: globals, In/Out, execution count) and cwd /
     ``sys.path[0]`` are restored, but imported modules, their state, env vars and threads are
-    shared. Fastest (~15 ms even back-to-back); opt in per task (``isolation="reuse"``) or with
+    shared. Fastest (~33 ms even back-to-back); opt in per task (``isolation="reuse"``) or with
     ``NBFLOW_ISOLATION=reuse``. A kernel that is killed (timeout/cancel) or died is never handed
     out again. ``setup_hash`` gives affinity only: a task prefers an idle kernel that last ran the
     same setup cells (its imports are warm in ``sys.modules``); setup cells always run again,
