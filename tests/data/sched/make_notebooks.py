@@ -23,9 +23,8 @@ NOTEBOOKS = {
     "event": [code("payload = None", "parameters"),
               code("%%task handle\nn = len(str(payload))")],
     # durable timer inside a workflow
-    "sleepy": [code("%%task first\na = 1"),
-               code("%%task wait --sleep 2s --after first"),
-               code("%%task after --after wait\nb = a + 1")],
+    "sleepy": [code("%%task wait --sleep 2s"),
+               code("%%task after --after wait\nb = 1")],
 }
 
 
