@@ -265,3 +265,22 @@ def test_at_task_end_to_end(client, tmp_path):
     # timer was set, so we look at the task that followed it)
     started = [e for e in client.history(run) if e.type == "TaskStarted" and e["key"] == "after"]
     assert started[0].ts >= parse_iso(at).timestamp() - 0.01
+
+
+def test_flow_schedule_magics(nats_server, monkeypatch):
+    from nbflow.compiler.graph import WorkflowError
+    from nbflow.magics import FLOW_COMMANDS
+    from nbflow import schedule_magics  # noqa: F401 - registers %flow schedule(s)
+
+    monkeypatch.setenv("NBFLOW_NATS_URL", nats_server.url)
+    monkeypatch.setenv("NBFLOW_NAMESPACE", "sched-magic")
+
+    class Shell:
+        user_ns = {"__session__": TICK}
+    d = FLOW_COMMANDS["schedule"](Shell(), '--cron "0 6 * * *" --name nightly scheduled_for=x')
+    assert d["name"] == "nightly" and d["notebook"] == TICK and d["params"] == {
+        "scheduled_for": "x"}
+    with pytest.raises(WorkflowError, match="bad cron"):
+        FLOW_COMMANDS["schedule"](Shell(), '--cron "nope"')
+    view = FLOW_COMMANDS["schedules"](Shell(), "")
+    assert "nightly" in view.value and "0 6 * * *" in view.value
