@@ -136,6 +136,20 @@ def test_overlap_skip_is_recorded(nats_server, tmp_path):
         assert len(s.starts("ovl@")) == 1
 
 
+def test_overlap_queue_starts_when_the_previous_run_ends(nats_server, tmp_path):
+    with private_stack(nats_server, tmp_path, workers=0) as (s, sup, ns):
+        s.add(TICK, "* * * * * *", name="q", overlap="queue")
+        until(lambda: sum(e["type"] == "queued" for e in s.log("q")) >= 2, 20, "queued fires")
+        s.pause("q")
+        (first,) = s.starts("q@")
+        queued = sorted(e["fire"] for e in s.log("q") if e["type"] == "queued")
+        s.sc.cancel(first.run)                      # the previous run ends ...
+        until(lambda: len(s.starts("q@")) == 2, 20, "the queued fire to start")
+        second = [e for e in s.starts("q@") if e.run != first.run][0]
+        assert second["params"]["scheduled_for"] == queued[0]   # ... and the oldest goes next
+        assert any(e["type"] == "started" and e.get("queued") for e in s.log("q"))
+
+
 def test_backfill_bounded_and_idempotent(nats_server, tmp_path):
     import threading
 
