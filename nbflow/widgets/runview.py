@@ -445,6 +445,22 @@ class RunView(widgets.VBox):
         self._apply(None, st)
         return st
 
+    def wait_until(self, task: str, *states: str, timeout: float = 120.0):
+        """Block until ``task`` is in one of ``states`` (e.g. 'awaiting_approval'); returns its
+        NodeState. For unattended notebooks that decide or signal from code."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.client.status(self.run)
+            ns = st.nodes.get(task)
+            if ns is None:
+                raise NbflowError(f"run {self.run} has no task {task!r}")
+            if ns.state in states:
+                return ns
+            if st.is_final or time.monotonic() > deadline:
+                raise NbflowError(f"task {task!r} of run {self.run} is {ns.state} (run "
+                                  f"{st.state}), not {' or '.join(states)}")
+            time.sleep(0.2)
+
     def status_now(self) -> RunState:
         return self.client.status(self.run)
 
