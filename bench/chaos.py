@@ -238,7 +238,8 @@ class Chaos:
             approver = asyncio.create_task(self._approve_loop(done))
             chaos = asyncio.create_task(self._kill_loop(done))
             try:
-                await asyncio.wait_for(self._until_all_final(submitter), self.timeout)
+                await asyncio.wait_for(self._until_all_final(submitter, approver),
+                                       self.timeout)
             except asyncio.TimeoutError:
                 self.echo(f"chaos: timed out after {self.timeout:.0f}s with "
                           f"{self.n_runs - len(self.final)} run(s) unfinished")
@@ -332,8 +333,15 @@ class Chaos:
         except Exception:  # noqa: BLE001
             pass
 
-    async def _until_all_final(self, submitter: asyncio.Task) -> None:
+    async def _until_all_final(self, submitter: asyncio.Task, approver: asyncio.Task) -> None:
+        t_report = time.monotonic() + 15
         while not (submitter.done() and len(self.final) >= self.n_runs):
+            if approver.done():
+                approver.result()                # it died: raise its error here
+            if time.monotonic() > t_report:
+                t_report += 15
+                self.echo(f"chaos: {len(self.final)}/{self.n_runs} runs final, "
+                          f"{len(self.report.kills)} kills so far")
             await asyncio.sleep(0.2)
 
     # --- the chaos ----------------------------------------------------------------------------

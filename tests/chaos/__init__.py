@@ -1,0 +1,1 @@
+"""Chaos suite: random SIGKILLs of workers, engines and the nats-server under load."""

@@ -1,0 +1,212 @@
+"""nbflow on a 3-node NATS cluster: streams, KV buckets and the object store at replicas 3, an
+engine and workers connected to all three nodes, one node SIGKILLed mid-run — every run still
+completes, each task's success recorded once, replay equal to the snapshot."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import check_replay, success_counts
+from nbhelpers import write_notebook
+
+from nbflow.client import SyncClient
+from nbflow.engine import infra
+from nbflow.engine.layout import Layout
+from nbflow.stack import NatsServer, Supervisor, free_port
+
+FAST = {"NBFLOW_TASK_ACK_WAIT": "3", "NBFLOW_ENGINE_ACK_WAIT": "3"}
+
+
+def wait_for(cond, timeout=60.0, what="condition", every=0.1):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            v = cond()
+        except Exception as e:  # noqa: BLE001 - the cluster is still forming
+            last, v = e, None
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last!r})")
+
+
+class Cluster:
+    """Three nats-servers with JetStream, clustered over loopback routes."""
+
+    def __init__(self, base, name="nbflow-c3"):
+        self.ports = [free_port() for _ in range(3)]
+        self.cports = [free_port() for _ in range(3)]
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.cports)
+        self.nodes = [
+            NatsServer(base / f"n{i}", port=self.ports[i], name=f"n{i}", extra_conf=(
+                f"cluster {{\n  name: {name}\n  listen: 127.0.0.1:{self.cports[i]}\n"
+                f"  routes: [{routes}]\n}}\n"))
+            for i in range(3)]
+
+    @property
+    def url(self) -> str:
+        return ",".join(n.url for n in self.nodes)
+
+    def start(self) -> "Cluster":
+        for n in self.nodes:
+            n.start()
+        wait_for(lambda: asyncio.run(self._js_ready()), 60, "the JetStream meta leader")
+        return self
+
+    async def _js_ready(self) -> bool:
+        nc = await infra.connect(self.url, reconnect=False)
+        try:
+            await nc.jetstream().account_info()
+            return True
+        finally:
+            await nc.close()
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+    def node_named(self, name: str) -> NatsServer:
+        return next(n for n in self.nodes if n.name == name)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path).start()
+    yield c
+    c.stop()
+
+
+async def _replicas(url: str, L: Layout) -> dict[str, int]:
+    """name -> configured replicas, for every stream nbflow uses (KV and object store are
+    streams too: KV_<bucket>, OBJ_<store>)."""
+    nc = await infra.connect(url, reconnect=False)
+    try:
+        js = nc.jetstream()
+        names = [L.history_stream, L.tasks_stream, L.timers_stream, L.deadletter_stream,
+                 *(f"KV_{b}" for b in (L.runs_bucket, L.defs_bucket, L.approvals_bucket,
+                                       L.signals_bucket, L.workers_bucket, L.schedules_bucket)),
+                 f"OBJ_{L.artifacts_store}"]
+        return {n: (await js.stream_info(n)).config.num_replicas for n in names}
+    finally:
+        await nc.close()
+
+
+async def _ensure(url: str, L: Layout, replicas: int | None) -> None:
+    nc = await infra.connect(url, reconnect=False)
+    try:
+        if replicas is None:
+            await infra.ensure(nc.jetstream(), L)           # what workers and clients do
+        else:
+            await infra.ensure(nc.jetstream(), L, replicas=replicas)
+    finally:
+        await nc.close()
+
+
+def test_ensure_replicas_3_covers_streams_kv_and_object_store(cluster):
+    L = Layout("r3")
+    asyncio.run(_ensure(cluster.url, L, 3))
+    reps = asyncio.run(_replicas(cluster.url, L))
+    assert reps == {n: 3 for n in reps}, reps
+    asyncio.run(_ensure(cluster.url, L, 3))                 # idempotent
+    assert asyncio.run(_replicas(cluster.url, L)) == reps
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "infra.ensure(js, layout) with the default replicas=1 (what every worker and client calls) "
+    "turns the existing R3 streams into R1: add_stream fails with 'already in use with a "
+    "different configuration' and ensure then calls update_stream with num_replicas=1. "
+    "Fix: never lower replicas — on 'already in use' read stream_info and update with "
+    "num_replicas=max(existing, requested) (or only create, never update, when replicas is "
+    "not given explicitly)"))
+def test_worker_and_client_ensure_keep_replicas_3(cluster):
+    L = Layout("keep3")
+    asyncio.run(_ensure(cluster.url, L, 3))                 # `nbflow engine --replicas 3`
+    asyncio.run(_ensure(cluster.url, L, None))              # a worker / client connecting
+    reps = asyncio.run(_replicas(cluster.url, L))
+    assert reps == {n: 3 for n in reps}, reps
+
+
+# Until ensure() stops lowering replicas (see the xfail above), workers and engines of the
+# kill test are started through this shim, which makes every ensure() of theirs ask for 3.
+_R3_SHIM = (
+    "import sys, nbflow.engine.infra as i\n"
+    "_ensure = i.ensure\n"
+    "async def ensure(js, layout, replicas=1):\n"
+    "    return await _ensure(js, layout, max(replicas, 3))\n"
+    "i.ensure = ensure\n"
+    "from nbflow.cli import main\n"
+    "sys.argv[0] = 'nbflow'\n"
+    "main()\n")
+
+
+class ShimSupervisor(Supervisor):
+    def _spawn(self, name):
+        kind = name.split("-")[0]
+        cmd = [sys.executable, "-c", _R3_SHIM, kind, "--nats", self.url]
+        if kind == "engine":
+            cmd += ["--replicas", "3"]
+        env = {**os.environ, "NBFLOW_NAMESPACE": self.namespace, **self.env}
+        out = open(self.log_file, "ab")
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+        out.close()
+        self.procs[name] = p
+        return p
+
+
+async def _stream_leader(url: str, stream: str) -> str:
+    nc = await infra.connect(url, reconnect=False)
+    try:
+        info = await nc.jetstream().stream_info(stream)
+        return info.cluster.leader
+    finally:
+        await nc.close()
+
+
+def test_kill_one_node_mid_run_every_run_completes(cluster, tmp_path, monkeypatch):
+    ns = "cluster"
+    L = Layout(ns)
+    real_ensure = infra.ensure
+
+    async def r3_ensure(js, layout, replicas=1):          # the shim, for this process's client
+        return await real_ensure(js, layout, max(replicas, 3))
+    monkeypatch.setattr(infra, "ensure", r3_ensure)
+    asyncio.run(_ensure(cluster.url, L, 3))
+    sup = ShimSupervisor(cluster.url, workers=2, engines=1, namespace=ns, env=FAST,
+                         log_file=tmp_path / "stack.log").start().supervise()
+    try:
+        nb = write_notebook(tmp_path / "c.ipynb", [
+            "%%task a\nimport time\ntime.sleep(1)\nx = 1",
+            "%%task b --map i in items\ny = i * x",
+            "%%task c\nimport time\ntime.sleep(1)\nz = sum(y)",
+            "%%task d\nprint(z)",
+        ], params="items = [1, 2, 3]")
+        with SyncClient(cluster.url, namespace=ns) as c:
+            runs = [c.submit(str(nb), {}) for _ in range(4)]
+            wait_for(lambda: any(e.type == "TaskSucceeded" for e in c.history(runs[0])), 120,
+                     "the first task to finish")
+        # the worst node to lose: the one leading the history stream
+        leader = asyncio.run(_stream_leader(cluster.url, L.history_stream))
+        cluster.node_named(leader).kill()
+        # a new client (the CLI connects per command; Client does not reconnect) on all 3 urls
+        with SyncClient(cluster.url, namespace=ns) as c:
+            for run in runs:
+                st = c.wait(run, timeout=180)
+                assert st.state == "succeeded", st.error
+                check_replay(c, run)
+                assert success_counts(c, run) == {"a": 1, "b#0": 1, "b#1": 1, "b#2": 1,
+                                                  "c": 1, "d": 1}
+            assert c.load_output(runs[-1], "c", "z") == 6
+            # the history stream moved to a surviving node and still has three replicas
+            new_leader = asyncio.run(_stream_leader(cluster.url, L.history_stream))
+            assert new_leader and new_leader != leader
+        reps = asyncio.run(_replicas(cluster.url, L))
+        assert reps == {n: 3 for n in reps}, reps
+    finally:
+        sup.stop()
