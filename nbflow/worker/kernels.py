@@ -77,6 +77,7 @@ import hashlib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import queue  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -314,7 +315,10 @@ class KernelPool:
             self._spawn(self._start_one)
 
     def _start_kernel(self) -> PooledKernel:
-        km = KernelManager(kernel_name=self.kernel_name, context=self._ctx)
+        # unix sockets in the pool's private (0700) dir: no loopback TCP ports to other users
+        ipc = os.path.join(self._home, f"k-{uuid.uuid4().hex[:12]}") if os.name == "posix" else ""
+        km = KernelManager(kernel_name=self.kernel_name, context=self._ctx,
+                           **({"transport": "ipc", "ip": ipc} if ipc else {}))
         km.shutdown_wait_time = self.shutdown_wait
         # in-memory history: concurrent kernels do not contend for one history.sqlite
         km.start_kernel(cwd=self._home, extra_arguments=["--HistoryManager.hist_file=:memory:"])
@@ -466,6 +470,7 @@ class KernelPool:
             t.join(max(0.0, end - time.monotonic()))
         if not any(t.is_alive() for t in self._threads):
             self._ctx.destroy(linger=0)
+        shutil.rmtree(self._home, ignore_errors=True)   # ipc socket files of killed kernels
 
 
 # process-global pools, one per kernel name and isolation
