@@ -72,11 +72,14 @@ def test_fresh_tasks_run_in_kernels_started_before_them_one_kernel_each(fresh, t
 
 
 def test_reuse_runs_consecutive_tasks_in_one_kernel_with_a_cleared_namespace(reuse, tmp_path):
-    nb1, c1, _ = execute(reuse, notebook("secret = 42\nimport json\nprint(os.getpid())"), tmp_path)
+    nb1, c1, _ = execute(reuse, notebook(
+        "secret = 42\nimport json, sys\nos.environ['NBFLOW_LEAK'] = '1'\nsys.path.append('/leak')"),
+        tmp_path)
     nb2, c2, _ = execute(reuse, notebook(
-        "print(os.getpid(), 'secret' in globals(), 'json' in globals(), len(Out))"), tmp_path)
+        "import sys\nprint(os.getpid(), 'secret' in globals(), 'json' in globals(), len(Out),"
+        " 'NBFLOW_LEAK' in os.environ, '/leak' in sys.path)"), tmp_path)
     assert c1.kernel_pid == c2.kernel_pid and c2.kernel_uses == 1
-    assert text(nb2) == f"{c1.kernel_pid} False False 0\n"
+    assert text(nb2) == f"{c1.kernel_pid} False False 0 False False\n"
     assert nb2.cells[0].execution_count == 1        # a new session: counts restart
 
 

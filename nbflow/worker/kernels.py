@@ -38,9 +38,9 @@ Isolation
     back-to-back tasks on a saturated pool are bounded by the kernel start rate (~0.55 s/kernel/
     CPU), which is why the pool holds one spare kernel per worker slot plus one.
 ``reuse``: the same kernel runs consecutive tasks. Between tasks the user namespace is cleared
-    (``InteractiveShell.reset(new_session=True)``: globals, In/Out, execution count) and cwd /
-    ``sys.path[0]`` are restored, but imported modules, their state, env vars and threads are
-    shared. Fastest (~33 ms even back-to-back); opt in per task (``isolation="reuse"``) or with
+    (``InteractiveShell.reset(new_session=True)``: globals, In/Out, execution count) and cwd,
+    ``sys.path`` and ``os.environ`` are restored to the kernel's pristine ones, but imported
+    modules, their state and threads are shared. Fastest (~33 ms even back-to-back); opt in per task (``isolation="reuse"``) or with
     ``NBFLOW_ISOLATION=reuse``. A kernel that is killed (timeout/cancel) or died is never handed
     out again. ``setup_hash`` gives affinity only: a task prefers an idle kernel that last ran the
     same setup cells (its imports are warm in ``sys.modules``); setup cells always run again,
@@ -154,7 +154,16 @@ def interruption_message(reason: str, timeout: float | None) -> tuple[str, str]:
 _PRELUDE = ("(lambda os, sys, cwd, prev: (os.chdir(cwd), sys.path.__setitem__(0, cwd) "
             "if sys.path and sys.path[0] == prev else sys.path.insert(0, cwd)))"
             "(__import__('os'), __import__('sys'), {cwd!r}, {prev!r})")
-_RESET = "get_ipython().reset(new_session=True)"
+# at warm-up: remember the pristine sys.path and environment (sys.modules outlives resets)
+_WARM = ("import gc as __g, os as __o, sys as __s, types as __t\n"
+         "__m = __t.ModuleType('_nbflow_pool')\n__m.path = list(__s.path)\n"
+         "__m.environ = dict(__o.environ)\n__s.modules['_nbflow_pool'] = __m\n"
+         "__g.collect()\n__g.freeze()\ndel __g, __o, __s, __t, __m")
+# between reused tasks: globals, In/Out and counts go; sys.path, env vars and cwd come back
+_RESET = ("get_ipython().reset(new_session=True)\n"
+          "(lambda os, sys, m: (sys.path.__setitem__(slice(None), m.path), os.environ.clear(), "
+          "os.environ.update(m.environ), os.chdir({home!r})))"
+          "(__import__('os'), __import__('sys'), __import__('sys').modules['_nbflow_pool'])")
 
 
 @dataclass(eq=False)
@@ -230,8 +239,10 @@ class PooledKernel:
 
     def recycle(self) -> None:
         """Clear the user namespace and go home, for the next task in ``reuse`` isolation."""
-        self.run_quiet(_RESET)
-        self.enter(self.home)
+        reply = self.run_quiet(_RESET.format(home=self.home))
+        if reply.get("status") != "ok":
+            raise RuntimeError(f"reset failed: {reply.get('ename')}: {reply.get('evalue')}")
+        self.path0 = self.home
 
     def close(self) -> None:
         """Shut down (graceful, then kill). Slow at times (~3 s): call off the critical path."""
@@ -331,7 +342,7 @@ class KernelPool:
             k.language_info = info["content"].get("language_info", {})
             # startup objects live forever: freezing them makes every later gc pass (and the
             # reset between reused tasks, which collects) scan only the task's own objects
-            k.run_quiet("import gc as __g; __g.collect(); __g.freeze(); del __g")
+            k.run_quiet(_WARM)
             self.started += 1
             return k
         except BaseException:
