@@ -182,7 +182,7 @@ class RunView(widgets.VBox):
             self.header,
             widgets.HBox([self.progress, self.cancel_button, self.retry_button, self.user_box]),
             self.status, self.approvals_box, self.signals_box,
-            widgets.HBox([self.svg, self.table]), self.legend, details, self.retry_box,
+            self.svg, self.legend, self.table, details, self.retry_box,
         ]
 
     # --- updates: watch thread -> kernel loop -> model -> widgets -------------------------
@@ -251,9 +251,10 @@ class RunView(widgets.VBox):
         m = self.model
         err = (f"<div style='color:#D55E00'>{html.escape(m.error)}</div>" if m.error else "")
         self.header.value = (
+            f"<div class='nbflow-header' data-state='{html.escape(m.run_state)}'>"
             f"<b>{html.escape(m.name)}</b> run <code>{html.escape(m.run)}</code> "
             f"{_badge(m.run_state)} <span class='nbflow-elapsed'>{html.escape(m.elapsed)}"
-            f"</span>{err}")
+            f"</span>{err}</div>")
 
     def _render(self, _change=None) -> None:
         m = self.model
@@ -274,6 +275,8 @@ class RunView(widgets.VBox):
             self.task_select.options = opts
             if keep in opts:
                 self.task_select.value = keep
+            elif opts:
+                self.task_select.value = opts[0]      # show something: the first task
         self._render_approvals()
         self._render_signals()
         self._show_details()
