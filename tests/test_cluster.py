@@ -194,6 +194,9 @@ def test_kill_one_node_mid_run_every_run_completes(cluster, tmp_path, monkeypatc
         # the worst node to lose: the one leading the history stream
         leader = asyncio.run(_stream_leader(cluster.url, L.history_stream))
         cluster.node_named(leader).kill()
+        # JetStream elects new leaders (meta and per stream) within seconds
+        wait_for(lambda: asyncio.run(_stream_leader(cluster.url, L.history_stream)) not in
+                 (None, "", leader), 60, "a new history stream leader")
         # a new client (the CLI connects per command; Client does not reconnect) on all 3 urls
         with SyncClient(cluster.url, namespace=ns) as c:
             for run in runs:

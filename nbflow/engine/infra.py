@@ -75,6 +75,7 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
         opts = ConnectOptions.from_env(opts)
     kw: dict = {"name": name, "connect_timeout": timeout, "allow_reconnect": reconnect,
                 "max_reconnect_attempts": -1 if reconnect else 0, "reconnect_time_wait": 0.5}
+    _check_credential_files(opts)
     if opts.creds:
         kw["user_credentials"] = opts.creds
     if opts.nkey:
@@ -84,9 +85,13 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
     if opts.user:
         kw["user"], kw["password"] = opts.user, opts.password or ""
     if opts.tls_ca or opts.tls_cert:
-        ctx = ssl.create_default_context(cafile=opts.tls_ca)
-        if opts.tls_cert:
-            ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
+        try:
+            ctx = ssl.create_default_context(cafile=opts.tls_ca)
+            if opts.tls_cert:
+                ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConnectError(f"cannot load the TLS files (NBFLOW_NATS_CA/CERT/KEY): "
+                               f"{e.strerror or e}") from None
         kw["tls"] = ctx
     errors: list[str] = []
 
@@ -103,6 +108,22 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
             f"cannot reach NATS at {redact(opts.url)}: {why}. Is nats-server running there? "
             f"(leave --nats and NBFLOW_NATS_URL unset to use the embedded stack)") from None
     return nc
+
+
+def _check_credential_files(opts: ConnectOptions) -> None:
+    """Missing files and a missing `nkeys` package are one clear sentence, not a traceback
+    (and never echo a secret: only paths and variable names)."""
+    for what, path in (("NBFLOW_NATS_CREDS", opts.creds), ("NBFLOW_NATS_NKEY", opts.nkey),
+                       ("NBFLOW_NATS_CA", opts.tls_ca), ("NBFLOW_NATS_CERT", opts.tls_cert),
+                       ("NBFLOW_NATS_KEY", opts.tls_key)):
+        if path and not os.path.isfile(path):
+            raise ConnectError(f"{what}: no such file {path!r}")
+    if opts.creds or opts.nkey:
+        import importlib.util
+
+        if importlib.util.find_spec("nkeys") is None:
+            raise ConnectError("NKey and .creds authentication need the 'nkeys' package: "
+                               "pip install nkeys")
 
 
 # --- infrastructure ----------------------------------------------------------------------------
