@@ -92,8 +92,18 @@ def instrument(eng, t: Timings, engine_cls=None) -> None:
     em.RunState.to_dict = to_dict
 
 
+def fast_to_dict(self) -> dict:
+    """What ``RunState.to_dict`` gives (same JSON bytes), built shallowly: ``asdict`` recurses
+    and deep-copies every field of every node and task on every event."""
+    d = dict(self.__dict__)
+    d["nodes"] = {k: dict(v.__dict__) for k, v in self.nodes.items()}
+    d["tasks"] = {k: dict(v.__dict__) for k, v in self.tasks.items()}
+    return d
+
+
 def profile(steps: int = 200, runs: int = 0, width: int = 20, top: int = 25,
-            engine_cls=None, quiet: bool = False) -> dict:
+            engine_cls=None, quiet: bool = False, cprofile: bool = True,
+            fast_snapshot: bool = False) -> dict:
     """Profile one chain of ``steps`` (or ``runs`` fan-out runs of ``width``). Returns figures
     and the report text."""
     import nats
@@ -101,6 +111,11 @@ def profile(steps: int = 200, runs: int = 0, width: int = 20, top: int = 25,
     from nbflow.engine.engine import Engine
 
     engine_cls = engine_cls or Engine
+    if fast_snapshot:
+        from nbflow.engine.state import RunState
+        orig = RunState.to_dict
+        RunState.to_dict = fast_to_dict
+        _restore.append(lambda: setattr(RunState, "to_dict", orig))
     out: dict = {}
     with Env("profile") as env:
         env.noop_worker(concurrency=64)
@@ -141,7 +156,8 @@ def profile(steps: int = 200, runs: int = 0, width: int = 20, top: int = 25,
             t.n.clear()
             t.s.clear()
             loop, _ = stop_loop[0]
-            loop.call_soon_threadsafe(prof.enable)
+            if cprofile:
+                loop.call_soon_threadsafe(prof.enable)
             await asyncio.sleep(0.05)
             dt, _ = await _nbflow_runs(env, wf, runs or 1)
             loop.call_soon_threadsafe(prof.disable)
@@ -155,10 +171,13 @@ def profile(steps: int = 200, runs: int = 0, width: int = 20, top: int = 25,
         while _restore:
             _restore.pop()()
     n = runs * width if runs else steps
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(top)
-    s2 = io.StringIO()
-    pstats.Stats(prof, stream=s2).sort_stats("cumulative").print_stats(top)
+    s, s2 = io.StringIO(), io.StringIO()
+    if cprofile:
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(top)
+        pstats.Stats(prof, stream=s2).sort_stats("cumulative").print_stats(top)
+    if not cprofile:
+        prof.enable()                     # an empty profile, so the report code stays uniform
+        prof.disable()
     out.update(steps=n, wall_s=dt, ms_per_step=1000 * dt / n, timings=t.report(n),
                tottime=s.getvalue(), cumulative=s2.getvalue())
     if not quiet:
@@ -178,8 +197,12 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=0, help="fan-out runs instead of a chain")
     p.add_argument("--width", type=int, default=20)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-cprofile", action="store_true", help="timings only (less overhead)")
+    p.add_argument("--fast-snapshot", action="store_true",
+                   help="experiment: RunState.to_dict built shallowly instead of asdict")
     a = p.parse_args()
-    profile(a.steps, a.runs, a.width, a.top)
+    profile(a.steps, a.runs, a.width, a.top, cprofile=not a.no_cprofile,
+            fast_snapshot=a.fast_snapshot)
 
 
 if __name__ == "__main__":
