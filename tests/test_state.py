@@ -819,8 +819,6 @@ def test_duplicate_run_started_changes_nothing():
     assert sim.keys(first) == ["t0"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a duplicate RunStarted returns before recording its "
-                                       "stream sequence, so RunState.seq lags the history")
 def test_duplicate_run_started_still_records_its_sequence():
     sim = Sim(chain(2))
     sim.start()
@@ -860,9 +858,6 @@ def test_replay_equals_the_incremental_state():
     assert replay([], sim.wf) is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: timer ids are not unique: the retry timer of map "
-                                       "instance 'a#0' and of task 'a-0' share one id (and one "
-                                       "dedup Msg-Id / schedule subject in the engine)")
 def test_timer_ids_are_unique_per_timer():
     wf = build([task("a", "r = i", map_var="i", map_over="items", retries=1, retry_delay=5.0),
                 task("a-0", retries=1, retry_delay=5.0)], params={"items": [1]})

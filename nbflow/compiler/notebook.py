@@ -1,4 +1,4 @@
-"""Notebook -> Workflow IR.
+"""Notebook -> Workflow IR: the compiler proper.
 
     compile_notebook(source, *, name=None) -> Workflow   # path, NotebookNode or list of cells
     compile_file(path) -> Workflow                       # .ipynb, .bpmn/.xml or .json (IR)

@@ -73,8 +73,10 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
     """Connect, or raise ConnectError with one clear sentence (never hang for long)."""
     if isinstance(opts, str):
         opts = ConnectOptions.from_env(opts)
-    kw: dict = {"name": name, "connect_timeout": timeout, "allow_reconnect": reconnect,
-                "max_reconnect_attempts": -1 if reconnect else 0, "reconnect_time_wait": 0.5}
+    # nats-py treats max_reconnect_attempts=0 as "retry the first connect forever": a short
+    # client asks for 1 (two tries, then a clear error); services reconnect forever.
+    kw: dict = {"name": name, "connect_timeout": timeout, "allow_reconnect": True,
+                "max_reconnect_attempts": -1 if reconnect else 1, "reconnect_time_wait": 0.5}
     _check_credential_files(opts)
     if opts.creds:
         kw["user_credentials"] = opts.creds

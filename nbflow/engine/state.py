@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from nbflow.compiler.graph import Node, Workflow
-from nbflow.engine.events import Command, Event, task_key
+from nbflow.engine.events import Command, Event, split_key, task_key
 
 RUN_FINAL = ("succeeded", "failed", "rejected", "cancelled")
 NODE_FINAL = ("succeeded", "failed", "skipped", "rejected", "cancelled")
@@ -295,7 +295,7 @@ class _Step:
         return refs
 
     def dispatch(self, node: Node, key: str, attempt: int) -> None:
-        _, inst = key.partition("#")[0], (int(key.partition("#")[2]) if "#" in key else None)
+        inst = split_key(key)[1]
         t = self.st.tasks.get(key)
         if t is None:
             t = self.st.tasks[key] = TaskState(key, node.id, inst)
@@ -315,7 +315,8 @@ class _Step:
         self.cmds.append(Command("dispatch", data))
 
     def timer(self, kind: str, key: str, at: float, attempt: int | None = None) -> None:
-        tid = f"{self.st.run}.{kind}.{key.replace('#', '-')}" + (f".{attempt}" if attempt else "")
+        # '~' cannot occur in a node name (unlike '-'), so map instances never collide with tasks
+        tid = f"{self.st.run}.{kind}.{key.replace('#', '~')}" + (f".{attempt}" if attempt else "")
         self.cmds.append(Command("timer", {"id": tid, "kind": kind, "key": key, "at": at,
                                            "at_iso": _iso(at), "attempt": attempt}))
 
@@ -534,8 +535,10 @@ def new_state(ev: Event, wf: Workflow) -> RunState:
 def apply(state: RunState | None, ev: Event, wf: Workflow) -> tuple[RunState, list[Command]]:
     """Apply one event. Mutates and returns ``state`` (a new one for RunStarted)."""
     if ev.type == "RunStarted":
-        if state is not None:
-            return state, []           # a duplicate start changes nothing
+        if state is not None:          # a duplicate start changes nothing but the last seq seen
+            if ev.seq is not None:
+                state.seq = max(state.seq, ev.seq)
+            return state, []
         state = new_state(ev, wf)
         step = _Step(state, wf, ev)
         _on_run_started(step)
