@@ -190,3 +190,24 @@ def test_importing_the_engine_module_first_still_registers_it():
 def test_human_seconds():
     assert [kernels.human_seconds(s) for s in (600, 90, 3600, 2.5, 3661)] == [
         "10m", "1m30s", "1h", "2.5s", "1h1m1s"]
+
+
+def test_run_isolation_reuses_a_kernel_within_a_run_but_never_across_runs(tmp_path):
+    pool = KernelPool(size=2, isolation="run")
+    try:
+        def task(scope, src="print(os.getpid())"):
+            nb, c, err = execute(pool, notebook(src), tmp_path,
+                                 control=RunControl(cwd=str(tmp_path), scope=scope))
+            assert err is None
+            return c.kernel_pid
+        a1 = task("run-a")
+        a2 = task("run-a")
+        b1 = task("run-b")
+        c1 = task("run-c")      # both idle kernels belong to other runs: one is retired
+        a3 = task("run-a")
+        assert a1 == a2                       # consecutive tasks of one run: one warm kernel
+        assert b1 != a1 and c1 not in (a1, b1)
+        assert a3 != c1
+        assert pool.stats()["isolation"] == "run"
+    finally:
+        pool.shutdown()

@@ -74,7 +74,9 @@ _TASK_ARGS = [
     argument("--wait-signal", metavar="NAME", help="wait for signal NAME; its value is bound to NAME"),
     argument("--sleep", metavar="DURATION", help="durable wait before the task runs"),
     argument("--at", metavar="ISO8601", help="durable wait until this instant"),
-    argument("--isolation", choices=["fresh", "reuse"], help="kernel isolation"),
+    argument("--isolation", choices=["run", "fresh", "reuse"],
+             help="kernel isolation: run (default: one kernel per run, reset between its "
+                  "tasks), fresh (a new kernel for this task), reuse (share kernels across runs)"),
     argument("--no-run", action="store_true", help="register the task without running it (magic only)"),
 ]
 

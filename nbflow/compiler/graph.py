@@ -35,7 +35,7 @@ IR_VERSION = 1
 
 NODE_KINDS = ("start", "end", "task", "parallel", "exclusive")
 INSTANT_KINDS = ("start", "end", "parallel", "exclusive")
-ISOLATIONS = ("fresh", "reuse")
+ISOLATIONS = ("run", "fresh", "reuse")
 
 # node ids go into NATS subjects and KV keys: no '.', '#', spaces or wildcards
 TASK_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -71,7 +71,7 @@ class Node:
     at: str | None = None                    # ISO-8601 UTC instant to wait for before running
     notebook: str | None = None              # another notebook to run (BPMN import); else own code
     notebook_task: str | None = None         # the task inside that notebook
-    isolation: str | None = None             # kernel isolation: "fresh" | "reuse" | None (default)
+    isolation: str | None = None             # kernel isolation: "run" | "fresh" | "reuse" | None
     after: list[str] = field(default_factory=list)  # --after targets (ordering edges, no data)
 
     @property
@@ -197,7 +197,7 @@ class Workflow:
             if n.map_var is not None and n.map_over is None or n.map_over is not None and n.map_var is None:
                 raise WorkflowError(f"{describe(n)}: --map needs both VAR and NAME")
             if n.isolation is not None and n.isolation not in ISOLATIONS:
-                raise WorkflowError(f"{describe(n)}: --isolation must be fresh or reuse, "
+                raise WorkflowError(f"{describe(n)}: --isolation must be run, fresh or reuse, "
                                     f"not {n.isolation!r}")
             if n.retries < 0:
                 raise WorkflowError(f"{describe(n)}: --retries must be 0 or more")

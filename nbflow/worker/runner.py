@@ -55,7 +55,7 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
              timeout: float | None = None, cancel: threading.Event | None = None,
              engine: str = "nbflow", kernel_name: str = "python3", log=None,
              isolation: str | None = None, save_every_cell: bool = False,
-             pool: kernels.KernelPool | None = None) -> TaskResult:
+             pool: kernels.KernelPool | None = None, scope: str | None = None) -> TaskResult:
     """Run a task notebook; never raises for the task's own failures.
 
     ``engine``: ``"nbflow"`` (warm kernel pool, :mod:`nbflow.worker.kernels`) or ``"papermill"``
@@ -76,7 +76,8 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
         cwd = workdir
     cwd = os.path.abspath(cwd)
     control = kernels.RunControl(deadline=t0 + timeout if timeout else None, timeout=timeout,
-                                 cancel=cancel, isolation=isolation, cwd=cwd)
+                                 cancel=cancel, isolation=isolation, cwd=cwd,
+                                 scope=scope or io.get("run"))
     task = io.get("task", "?")
     if control.interrupted():
         return _finish(TaskResult("failed", reason=control.interrupted(),

@@ -51,6 +51,9 @@ class Worker:
         self.done = 0
 
     async def start(self) -> None:
+        from nbflow.worker import kernels
+
+        kernels.configure(concurrency=self.concurrency)   # warm kernels: one per slot + a spare
         await infra.ensure(self.js, self.L)
         durable = self.L.worker_consumer(self.queue)
         subject = self.L.task_subject(self.queue)
@@ -258,7 +261,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         res = await loop.run_in_executor(None, lambda: run_task(
             nb, params=task.get("params") or {}, io=io, cwd=cwd, timeout=task.get("timeout"),
-            cancel=cancel, engine=self.engine))
+            cancel=cancel, engine=self.engine, isolation=task.get("isolation"), scope=run))
         nb_key = ""
         if res.notebook_path and os.path.exists(res.notebook_path):
             nb_key = notebook_key(run, key, attempt)
@@ -300,6 +303,7 @@ class Worker:
 async def serve(url: str, namespace: str = "", queue: str = "default", concurrency: int = 1,
                 ready: asyncio.Event | None = None) -> None:
     """`nbflow worker`: connect and serve until cancelled."""
+    logging.getLogger("papermill").setLevel(logging.WARNING)   # its per-notebook INFO lines
     nc = await infra.connect(url, name="nbflow-worker")
     w = Worker(nc, Layout(namespace), queue=queue, concurrency=concurrency)
     await w.start()
@@ -310,6 +314,9 @@ async def serve(url: str, namespace: str = "", queue: str = "default", concurren
     finally:
         w.stop()
         await nc.drain()
+        from nbflow.worker import kernels
+
+        kernels.shutdown_pool()
 
 
 __all__ = ["Worker", "serve", "BadMessage"]
