@@ -991,3 +991,14 @@ def test_duplicated_events_anywhere_do_not_change_the_final_state(dag, picks, du
     assert finished == 1
     assert len(dispatched) == len(set(dispatched)) == len(sim.dispatched)
     assert norm(st.to_dict()) == norm(sim.st.to_dict())
+
+
+def test_compact_snapshot_restores_the_same_state():
+    """The engine stores snapshots compact (defaults left out); they must restore exactly."""
+    sim = Sim(diamond())
+    sim.start()
+    sim.run_workers()
+    st = sim.st
+    compact = json.loads(json.dumps(st.to_dict(compact=True)))
+    assert RunState.from_dict(compact).to_dict() == st.to_dict()
+    assert len(json.dumps(compact)) < len(json.dumps(st.to_dict()))

@@ -68,14 +68,13 @@ class LRU(OrderedDict):
 
 class Engine:
     def __init__(self, nc, layout: Layout | None = None, *, batch: int = 256,
-                 snapshot_cache: int = 2000):
+                 snapshot_cache: int = 500):
         self.nc = nc
         self.js = nc.jetstream()
         self.L = layout or Layout()
         self.batch = batch
         self.snapshots: LRU = LRU(snapshot_cache)   # run -> (RunState, kv revision)
         self.defs: LRU = LRU(256)                   # wf hash -> Workflow
-        self._locks: dict[str, asyncio.Lock] = {}
         self._stop = asyncio.Event()
         self.processed = 0
         self.dead_letters = 0
@@ -135,6 +134,9 @@ class Engine:
         try:
             await self._handle_run_batch(run, msgs)
         except Exception:  # noqa: BLE001 - one run's trouble must not stop the engine
+            # apply() advanced the cached state in place: forget it, or the redelivered events
+            # would look applied and their commands would never be published
+            self.snapshots.pop(run, None)
             log.exception("run %s: handling %d event(s) failed; they will be redelivered",
                           run, len(msgs))
             for m in msgs:
@@ -160,27 +162,25 @@ class Engine:
 
     # --- one run's batch of events ------------------------------------------------------------
     async def _handle_run_batch(self, run: str, msgs: list) -> None:
-        lock = self._locks.setdefault(run, asyncio.Lock())
-        async with lock:
-            good: list[tuple[Any, Event]] = []
-            for m in msgs:
-                try:
-                    good.append((m, decode(m.data, seq=m.metadata.sequence.stream)))
-                except BadMessage as e:
-                    await self.dead_letter(m, str(e))
-            if good:
-                for attempt in range(20):
-                    if await self._apply_batch(run, good):
-                        break
-                    self.snapshots.pop(run, None)       # CAS lost: reload and retry
-                else:
-                    raise RuntimeError(f"run {run}: snapshot CAS kept conflicting")
-                _crash_point("before_ack")
-                for m, _ in good:
-                    await m.ack()
-                self.processed += len(good)
-        if not lock.locked() and len(self._locks) > 10_000:
-            self._locks.pop(run, None)
+        # one batch per run at a time: _history_loop groups a fetch by run and awaits them all
+        good: list[tuple[Any, Event]] = []
+        for m in msgs:
+            try:
+                good.append((m, decode(m.data, seq=m.metadata.sequence.stream)))
+            except BadMessage as e:
+                await self.dead_letter(m, str(e))
+        if not good:
+            return
+        for _ in range(20):
+            if await self._apply_batch(run, good):
+                break
+            self.snapshots.pop(run, None)       # CAS lost to another engine: reload, retry
+        else:
+            raise RuntimeError(f"run {run}: snapshot CAS kept conflicting")
+        _crash_point("before_ack")
+        for m, _ in good:
+            await m.ack()
+        self.processed += len(good)
 
     async def load_snapshot(self, run: str) -> tuple[RunState | None, int]:
         cached = self.snapshots.get(run)
@@ -236,7 +236,9 @@ class Engine:
         if not todo:
             return True                      # all applied before (redelivery after a crash)
         todo.sort(key=lambda e: e.seq)
-        earlier = await self._events_between(run, last, todo[0].seq)
+        # a run's first event has nothing before it; otherwise read what this batch must follow
+        fresh = st is None and todo[0].type == "RunStarted"
+        earlier = [] if fresh else await self._events_between(run, last, todo[0].seq)
         events = earlier + todo
         cmds: list[Command] = []
         wf: Workflow | None = None
@@ -265,7 +267,7 @@ class Engine:
             return True
         await self.execute(st, cmds)
         _crash_point("before_snapshot")
-        value = json.dumps(st.to_dict(), separators=(",", ":")).encode()
+        value = json.dumps(st.to_dict(compact=True), separators=(",", ":")).encode()
         try:
             if rev:
                 new_rev = await self.runs_kv.update(run, value, last=rev)

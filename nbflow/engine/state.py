@@ -20,7 +20,7 @@ completion of a task already final) changes nothing and yields no command.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -91,8 +91,17 @@ class RunState:
     reuse: dict[str, Any] = field(default_factory=dict)   # node -> carried-over results (retry)
 
     # --- (de)serialisation --------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, compact: bool = False) -> dict[str, Any]:
+        """Plain data. Shallow copies (not ``asdict``'s deep recursion): this runs on every event.
+        ``compact`` leaves out fields at their defaults (the KV snapshot: ~half the bytes)."""
+        d = dict(self.__dict__)
+        if compact:
+            d["nodes"] = {k: _compact(v) for k, v in self.nodes.items()}
+            d["tasks"] = {k: _compact(v) for k, v in self.tasks.items()}
+        else:
+            d["nodes"] = {k: dict(v.__dict__) for k, v in self.nodes.items()}
+            d["tasks"] = {k: dict(v.__dict__) for k, v in self.tasks.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunState":
@@ -126,6 +135,18 @@ class RunState:
                 for i in range(ns.count)
             ]
         return out
+
+
+# field -> default, for the fields that have one (key and node of a task are required)
+_DEFAULTS = {cls: {f.name: (f.default if f.default is not MISSING else f.default_factory())
+                   for f in fields(cls)
+                   if f.default is not MISSING or f.default_factory is not MISSING}
+             for cls in (NodeState, TaskState)}
+
+
+def _compact(obj) -> dict[str, Any]:
+    defaults = _DEFAULTS[type(obj)]
+    return {k: v for k, v in obj.__dict__.items() if k not in defaults or v != defaults[k]}
 
 
 def _iso(ts: float) -> str:
