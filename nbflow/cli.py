@@ -492,3 +492,7 @@ from nbflow.cli_schedule import backfill, schedule, trigger  # noqa: E402
 main.add_command(schedule)
 main.add_command(backfill)
 main.add_command(trigger)
+
+from nbflow.kernelspec import kernel  # noqa: E402
+
+main.add_command(kernel)

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from support import REPO
 
 
 def test_engine_benches_run_tiny_and_print_json():

@@ -18,7 +18,7 @@ import urllib.request
 import nbformat
 import pytest
 
-from conftest import REPO
+from support import REPO
 
 CHROMIUM = "/usr/bin/chromium"
 

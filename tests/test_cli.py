@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import DATA, finish
+from support import DATA, finish
 from nbhelpers import write_notebook
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import check_replay, success_counts
+from support import check_replay, success_counts
 from nbhelpers import write_notebook
 
 from nbflow.client import SyncClient

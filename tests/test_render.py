@@ -105,6 +105,7 @@ def test_states_colour_nodes_and_legend():
         assert f'BGCOLOR="{colour}"' in dot
 
 
+@pytest.mark.needs_dot
 def test_nasty_names_and_conditions_are_escaped():
     nasty = 'say "hi" <b>&</b>\nline2 \\ end'
     wf = Workflow('wf "x"', nodes=[
@@ -123,12 +124,14 @@ def test_nasty_names_and_conditions_are_escaped():
     assert "<svg" in svg and "&lt;b&gt;" in svg
 
 
+@pytest.mark.needs_dot
 def test_svg_renders():
     svg = to_svg(daily_report(), states={"extract": "succeeded"}, legend=True)
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
     assert "by_region" in svg and STATE_COLOURS["succeeded"].lower() in svg.lower()
 
 
+@pytest.mark.needs_dot
 @pytest.mark.parametrize("suffix", [".svg", ".png", ".pdf", ".dot", ".gv"])
 def test_render_writes_each_format(tmp_path, suffix):
     out = tmp_path / f"dag{suffix}"

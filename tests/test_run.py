@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import DATA, finish, success_counts
+from support import DATA, finish, success_counts
 from nbhelpers import write_notebook
 
 from nbflow.client import AlreadyDecided, NbflowError

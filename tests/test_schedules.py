@@ -253,7 +253,7 @@ def _timer_fired_before_after(client, run):
 
 
 def test_sleep_task_end_to_end(client):
-    from conftest import finish
+    from support import finish
 
     run = client.submit(str(SCHED / "sleepy.ipynb"))
     st = finish(client, run, timeout=60)
@@ -263,7 +263,7 @@ def test_sleep_task_end_to_end(client):
 
 def test_at_task_end_to_end(client, tmp_path):
     import nbformat
-    from conftest import finish
+    from support import finish
     from nbformat.v4 import new_code_cell, new_notebook
 
     at = (datetime.now(timezone.utc) + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -15,7 +15,9 @@ from nbflow.engine.events import make
 from nbflow.engine.state import apply
 from nbflow.widgets.model import RunModel, human_duration, runs_rows
 
-from conftest import finish
+from support import finish
+
+pytestmark = pytest.mark.needs_dot      # the run view draws the DAG with graphviz
 
 T0 = 1_700_000_000.0
 

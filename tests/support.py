@@ -1,0 +1,39 @@
+"""Helpers shared by the tests (import them from here: `conftest` is ambiguous once
+notebooks/ has its own conftest.py)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+DATA = HERE / "data"
+REPO = HERE.parent
+SHARED = REPO.parent / "shared"
+
+
+def finish(client, run: str, timeout: float = 120.0):
+    """Wait for a run to end, then prove its history replays to the stored snapshot."""
+    st = client.wait(run, timeout=timeout)
+    assert st is not None and st.is_final
+    check_replay(client, run)
+    return client.status(run)
+
+
+def check_replay(client, run: str, timeout: float = 30.0) -> None:
+    """Replay the run's history through state.py; it must equal the engine's snapshot."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = client.status(run).to_dict()
+        replayed = client.replay(run).to_dict()
+        if snap == replayed or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)   # the engine writes the snapshot just after the event is in history
+    assert replayed == snap, f"replay of run {run} differs from its snapshot"
+
+
+def success_counts(client, run: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ev in client.history(run):
+        if ev.type == "TaskSucceeded":
+            counts[ev["key"]] = counts.get(ev["key"], 0) + 1
+    return counts
