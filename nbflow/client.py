@@ -135,8 +135,7 @@ class Client:
 
             workflow = compile_file(workflow)
         params = dict(params or {})
-        unknown = sorted(set(params) - set(workflow.params) -
-                         _source_names(workflow.params_source))
+        unknown = sorted(set(params) - workflow.param_names())
         if unknown:
             known = ", ".join(sorted(workflow.params)) or "(none: add a cell tagged 'parameters')"
             raise NbflowError(f"unknown parameter {', '.join(map(repr, unknown))} for "
@@ -172,7 +171,7 @@ class Client:
             return run
         except Exception:  # noqa: BLE001 - not found: try history, then prefixes
             pass
-        if await self._has_history(run):
+        if await self.has_run(run):
             return run
         try:
             keys = await runs.keys()
@@ -185,7 +184,8 @@ class Client:
             raise NbflowError(f"run id {run!r} is ambiguous: {', '.join(sorted(matches)[:5])}")
         raise NbflowError(f"no run {run!r} (see `nbflow runs` for recent runs)")
 
-    async def _has_history(self, run: str) -> bool:
+    async def has_run(self, run: str) -> bool:
+        """True when the history holds any event of this exact run id."""
         try:
             await self.js.get_last_msg(self.L.history_stream, self.L.history_subject(run))
             return True
@@ -436,18 +436,6 @@ class Client:
 def _decided_msg(run: str, task: str, rec: dict[str, Any]) -> str:
     return (f"task {task!r} of run {run} was already {rec.get('state')} by "
             f"{rec.get('by', '?')} at {_ago(rec.get('at'))}")
-
-
-def _source_names(src: str) -> set[str]:
-    import ast
-
-    try:
-        tree = ast.parse(src or "")
-    except SyntaxError:
-        return set()
-    return {t.id for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
-            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
-            if isinstance(t, ast.Name)}
 
 
 class SyncClient:

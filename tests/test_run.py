@@ -267,3 +267,24 @@ def test_relative_paths_and_local_modules_work_as_in_jupyter(client, tmp_path):
 def test_unknown_run_is_a_clear_error(client):
     with pytest.raises(NbflowError, match="no run 'zzzzzzzz'"):
         client.status("zzzzzzzz")
+
+
+def test_output_over_the_size_limit_fails_clearly(nats_server, tmp_path):
+    from nbflow.client import SyncClient
+    from nbflow.stack import Supervisor
+
+    sup = Supervisor(nats_server.url, workers=1, namespace="limits",
+                     env={"NBFLOW_MAX_OUTPUT_MB": "1"}, log_file=tmp_path / "log").start()
+    try:
+        with SyncClient(nats_server.url, namespace="limits") as c:
+            nb = write_notebook(tmp_path / "huge.ipynb", [
+                "%%task produce --retries 2\nblob = b'x' * (3 * 1024 * 1024)",
+                "%%task consume\nprint(len(blob))",
+            ])
+            st = finish(c, c.submit(str(nb), {}))
+            assert st.state == "failed"
+            err = st.error["error"]
+            assert "'blob'" in err and "'produce'" in err and "NBFLOW_MAX_OUTPUT_MB" in err
+            assert st.tasks["produce"].attempt == 1       # retrying would not shrink it
+    finally:
+        sup.stop()

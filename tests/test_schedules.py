@@ -132,7 +132,7 @@ def test_overlap_skip_is_recorded(nats_server, tmp_path):
         assert all(first.run in e["reason"] for e in skipped)
         assert all(e["fire"] > first["schedule"].partition("@")[2] for e in skipped)
         # a skipped fire has no run
-        assert not any(s.run(s.sc.aclient._has_history(e["run"])) for e in skipped)
+        assert not any(s.run(s.sc.aclient.has_run(e["run"])) for e in skipped)
         assert len(s.starts("ovl@")) == 1
 
 

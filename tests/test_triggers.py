@@ -72,7 +72,7 @@ def test_validation_hook_refuses_before_a_run(nats_server, tmp_path):
         assert ev["params"]["payload"] == {"amount": 10}
         refused = [e for e in s.log("checked") if e["type"] == "refused"]
         assert len(refused) == 1 and refused[0]["reason"] == "amount must be positive"
-        assert not s.run(s.sc.aclient._has_history(refused[0]["run"]))
+        assert not s.run(s.sc.aclient.has_run(refused[0]["run"]))
         s.trigger_rm("checked")
 
 

@@ -119,6 +119,20 @@ class Workflow:
     def tasks(self) -> list[Node]:
         return [n for n in self.nodes if n.kind == "task"]
 
+    def param_names(self) -> set[str]:
+        """Every parameter a run may set: the JSON defaults plus any other name the parameters
+        cell assigns (e.g. ``day = date.today()``, whose value nbflow cannot see)."""
+        import ast
+
+        try:
+            tree = ast.parse(self.params_source or "")
+        except SyntaxError:
+            tree = ast.Module(body=[], type_ignores=[])
+        names = {t.id for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                 for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                 if isinstance(t, ast.Name)}
+        return names | set(self.params)
+
     def predecessors(self, node_id: str) -> list[str]:
         return [e.source for e in self.edges if e.target == node_id]
 

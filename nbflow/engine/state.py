@@ -451,7 +451,8 @@ def _on_task_failed(step: _Step) -> None:
     t.worker = ev.get("worker", t.worker)
     if t.started is None:
         t.started = ev.ts
-    retriable = t.reason not in ("cancelled", "unpicklable", "config")
+    # retrying cannot help these: the same code makes the same unpicklable or oversized value
+    retriable = t.reason not in ("cancelled", "unpicklable", "config", "too_big")
     if retriable and t.attempt <= node.retries:
         t.state, t.finished = "retry_wait", ev.ts
         delay = (node.retry_delay or 0.0) * (2 ** (t.attempt - 1))

@@ -368,7 +368,7 @@ class Starter:
         return await self.client.workflow(d["wf"])
 
     async def has_run(self, run: str) -> bool:
-        return await self.client._has_history(run)
+        return await self.client.has_run(run)
 
     async def is_running(self, run: str | None) -> bool:
         if not run:
@@ -398,15 +398,11 @@ class Starter:
 
 
 def declares(wf, param: str) -> bool:
-    from nbflow.client import _source_names
-
-    return param in wf.params or param in _source_names(wf.params_source)
+    return param in wf.param_names()
 
 
 def unknown_params(wf, params: dict) -> list[str]:
-    from nbflow.client import _source_names
-
-    return sorted(set(params) - set(wf.params) - _source_names(wf.params_source))
+    return sorted(set(params) - wf.param_names())
 
 
 # --- the engine side ----------------------------------------------------------------------------

@@ -31,6 +31,8 @@ log = logging.getLogger("nbflow.worker")
 ACK_WAIT_S = float(os.environ.get("NBFLOW_TASK_ACK_WAIT", "30"))
 HEARTBEAT_S = ACK_WAIT_S / 4
 MAX_DELIVER = 5
+# An output bigger than this fails the task with a clear message instead of filling the store.
+MAX_OUTPUT_BYTES = int(float(os.environ.get("NBFLOW_MAX_OUTPUT_MB", "2048")) * 1024 * 1024)
 
 
 class Worker:
@@ -272,6 +274,17 @@ class Worker:
             if os.path.exists(meta_path):
                 with open(meta_path) as f:
                     lens = json.load(f).get("lens", {})
+            too_big = [(n, os.path.getsize(p)) for n in node.outputs
+                       if os.path.exists(p := os.path.join(res.outputs_dir or "", f"{n}.pkl"))
+                       and os.path.getsize(p) > MAX_OUTPUT_BYTES]
+            if too_big:
+                name, size = too_big[0]
+                return make("TaskFailed", run, key=key, attempt=attempt, reason="too_big",
+                            error=f"OutputTooLarge: output {name!r} of task {node_id!r} is "
+                                  f"{size / 2**20:.0f} MB, over the limit of "
+                                  f"{MAX_OUTPUT_BYTES / 2**20:.0f} MB (NBFLOW_MAX_OUTPUT_MB); "
+                                  f"write big data to files or a database and pass its path",
+                            notebook=nb_key, duration=res.duration)
             for name in node.outputs:
                 p = os.path.join(res.outputs_dir or "", f"{name}.pkl")
                 if os.path.exists(p):
