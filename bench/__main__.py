@@ -29,9 +29,9 @@ ROWS = {
          "engine_fanout_raw_steps_per_s", "engine_fanout_ratio", "engine_fanout_ratio"),
     ],
     "task_overhead": [
-        ("overhead/task p50 ms (fresh kernels)", "task_overhead_ms_p50", None, None,
+        ("overhead/task p50 ms (default: run isolation)", "task_overhead_ms_p50", None, None,
          "task_overhead_ms_p50"),
-        ("overhead/task p99 ms (fresh kernels)", "task_overhead_ms_p99", None, None, None),
+        ("overhead/task p99 ms (default: run isolation)", "task_overhead_ms_p99", None, None, None),
         ("overhead/task p50 ms (--isolation reuse)", "task_overhead_reuse_ms_p50", None, None,
          None),
         ("overhead/task p99 ms (--isolation reuse)", "task_overhead_reuse_ms_p99", None, None,
@@ -50,7 +50,7 @@ ROWS = {
         ("s ploomber build", "pipeline10_ploomber_s", None, None, None),
     ],
     "fanout_map": [
-        ("s, --map 200 x 20 ms, 2 workers (fresh)", "fanout_map_s", "fanout_map_ideal_s",
+        ("s, --map 200 x 20 ms, 2 workers", "fanout_map_s", "fanout_map_ideal_s",
          "fanout_map_efficiency", "fanout_map_efficiency"),
         ("s, same with --isolation reuse", "fanout_map_reuse_s", "fanout_map_ideal_s",
          "fanout_map_reuse_efficiency", None),

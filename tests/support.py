@@ -37,3 +37,15 @@ def success_counts(client, run: str) -> dict[str, int]:
         if ev.type == "TaskSucceeded":
             counts[ev["key"]] = counts.get(ev["key"], 0) + 1
     return counts
+
+
+def wait_for(cond, timeout=60.0, what="condition"):
+    """Poll ``cond`` until it returns something truthy (for states only visible by polling:
+    widget traitlets, snapshots); fails the test with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -9,23 +9,13 @@ import time
 
 import pytest
 
-from support import check_replay, success_counts
+from support import check_replay, success_counts, wait_for
 from nbhelpers import write_notebook
 
 from nbflow.client import SyncClient
 from nbflow.stack import NatsServer, Supervisor
 
 FAST = {"NBFLOW_TASK_ACK_WAIT": "3", "NBFLOW_ENGINE_ACK_WAIT": "3"}
-
-
-def wait_for(cond, timeout=90.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def chain_notebook(tmp_path, slow_s: float = 0.0):

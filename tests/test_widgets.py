@@ -15,7 +15,7 @@ from nbflow.engine.events import make
 from nbflow.engine.state import apply
 from nbflow.widgets.model import RunModel, human_duration, runs_rows
 
-from support import finish
+from support import finish, wait_for
 
 pytestmark = pytest.mark.needs_dot      # the run view draws the DAG with graphviz
 
@@ -163,16 +163,6 @@ def _write(tmp_path, name, cells):
     p = tmp_path / name
     nbformat.write(new_notebook(cells=cells), p)
     return str(p)
-
-
-def wait_for(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

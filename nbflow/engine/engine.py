@@ -108,17 +108,8 @@ class Engine:
         self._stop.set()
 
     # --- loops --------------------------------------------------------------------------------
-    async def _fetch(self, sub, n: int, timeout: float = 1.0):
-        try:
-            return await sub.fetch(n, timeout=timeout)
-        except asyncio.TimeoutError:
-            return []
-        except Exception as e:  # noqa: BLE001 - reconnects, server restarts: keep serving
-            if self._stop.is_set():
-                return []
-            log.warning("fetch failed (%s); retrying", e)
-            await asyncio.sleep(0.5)
-            return []
+    async def _fetch(self, sub, n: int):
+        return await infra.fetch(sub, n, self._stop, what="engine fetch")
 
     async def _history_loop(self) -> None:
         while not self._stop.is_set():

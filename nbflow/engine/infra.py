@@ -9,6 +9,7 @@ last ``sync_interval`` of writes (the embedded stack syncs every second). For mo
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 from dataclasses import dataclass
@@ -105,7 +106,11 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
     try:
         nc = await asyncio.wait_for(nats.connect(servers, **kw), timeout=timeout * 2 + 1)
     except (NoServersError, OSError, asyncio.TimeoutError, nats.errors.Error) as e:
-        why = errors[-1] if errors else (str(e) or type(e).__name__)
+        # the server's -ERR (e.g. 'Authorization Violation') may be followed by a reset: say
+        # the reason, not the symptom
+        auth = [x for x in errors if "authorization" in x.lower() or "tls" in x.lower()
+                or "certificate" in x.lower()]
+        why = auth[-1] if auth else errors[-1] if errors else (str(e) or type(e).__name__)
         raise ConnectError(
             f"cannot reach NATS at {redact(opts.url)}: {why}. Is nats-server running there? "
             f"(leave --nats and NBFLOW_NATS_URL unset to use the embedded stack)") from None
@@ -183,6 +188,20 @@ async def ensure(js, layout: Layout, replicas: int = 1) -> None:
         await js.create_object_store(L.artifacts_store, config=ObjectStoreConfig(
             replicas=replicas, storage=StorageType.FILE,
             description="nbflow task outputs and executed notebooks"))
+
+
+async def fetch(sub, n: int, stop: asyncio.Event, timeout: float = 1.0, what: str = "fetch"):
+    """Pull up to ``n`` messages; [] on a quiet timeout or while NATS reconnects (services keep
+    serving through a server restart)."""
+    try:
+        return await sub.fetch(n, timeout=timeout)
+    except asyncio.TimeoutError:
+        return []
+    except Exception as e:  # noqa: BLE001 - reconnects, server restarts: keep serving
+        if not stop.is_set():
+            logging.getLogger("nbflow").warning("%s failed (%s); retrying", what, e)
+            await asyncio.sleep(0.5)
+        return []
 
 
 def consumer_config(durable: str, subject: str, ack_wait: float, max_ack_pending: int,

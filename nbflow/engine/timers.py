@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
+from nbflow.engine import infra
 from nbflow.engine.layout import (DUPLICATE_WINDOW_S, MSG_ID, SCHEDULE, SCHEDULE_NEXT,
                                   SCHEDULE_TARGET, SCHEDULE_TZ, Layout)
 
@@ -427,8 +428,8 @@ class Scheduler:
         self.tick_sub = await self.js.pull_subscribe(
             self.L.cron_tick_subject("*"), durable=self.L.scheduler_consumer,
             stream=self.L.timers_stream,
-            config=_consumer(self.L.scheduler_consumer, self.L.cron_tick_subject("*"),
-                             self.ACK_WAIT_S))
+            config=infra.consumer_config(self.L.scheduler_consumer, self.L.cron_tick_subject("*"),
+                                         self.ACK_WAIT_S, 1000))
         try:
             await self.catch_up()
         except Exception:  # noqa: BLE001 - never keep the engine from serving
@@ -440,17 +441,8 @@ class Scheduler:
     def stop(self) -> None:
         self._stop.set()
 
-    async def _fetch(self, sub, n: int, timeout: float = 1.0):
-        try:
-            return await sub.fetch(n, timeout=timeout)
-        except asyncio.TimeoutError:
-            return []
-        except Exception as e:  # noqa: BLE001
-            if self._stop.is_set():
-                return []
-            log.warning("scheduler fetch failed (%s); retrying", e)
-            await asyncio.sleep(0.5)
-            return []
+    async def _fetch(self, sub, n: int):
+        return await infra.fetch(sub, n, self._stop, what="scheduler fetch")
 
     # -- ticks --
     async def _tick_loop(self) -> None:
@@ -689,13 +681,6 @@ def _payload(data: bytes) -> Any:
         return json.loads(data)
     except ValueError:
         return data.decode("utf-8", "replace")
-
-
-def _consumer(durable: str, subject: str, ack_wait: float):
-    from nats.js.api import ConsumerConfig
-
-    return ConsumerConfig(durable_name=durable, filter_subject=subject, ack_wait=ack_wait,
-                          max_ack_pending=1000)
 
 
 async def ensure_triggers_stream(js, L: Layout, subjects: list[str]) -> None:

@@ -402,6 +402,25 @@ class KernelPool:
 
     # -- API
 
+    def _pick(self, scope: str | None, setup_hash: str | None) -> PooledKernel | None:
+        """The idle kernel to hand out, or None to wait (called with the lock held)."""
+        if self.isolation != "run":
+            return next((k for k in self._idle if setup_hash and k.setup_hash == setup_hash),
+                        self._idle[0])
+        # a kernel serves one run: the same run's first, then a never-used one; a kernel of
+        # another run is retired (its modules must not leak into this run)
+        mine = [k for k in self._idle if k.scope == scope]
+        if mine:
+            return mine[0]
+        if scope in self._recycling_scopes:
+            return None                        # its own kernel is being reset: ~ms
+        unused = [k for k in self._idle if k.scope is None]
+        if unused:
+            return unused[0]
+        self._spawn(self._idle.pop(0).close)
+        self._fill()
+        return None
+
     def acquire(self, setup_hash: str | None = None, cwd: str | None = None,
                 timeout: float | None = None, control: RunControl | None = None,
                 scope: str | None = None) -> PooledKernel:
@@ -412,32 +431,8 @@ class KernelPool:
             while True:
                 if self._closed:
                     raise RuntimeError("kernel pool is shut down")
-                if self.isolation == "run" and self._idle:
-                    # a kernel serves one run: same run first, then a never-used one; a kernel
-                    # of another run is retired (its modules must not leak into this run)
-                    mine = [k for k in self._idle if k.scope == scope]
-                    if not mine and scope in self._recycling_scopes:
-                        self._cond.wait(POLL_SLICE)    # its own kernel is being reset: ~ms
-                        continue
-                    mine += [k for k in self._idle if k.scope is None]
-                    if not mine:
-                        old = self._idle.pop(0)
-                        self._spawn(old.close)
-                        self._fill()
-                        self._cond.wait(POLL_SLICE)
-                        continue
-                    k = mine[0]
-                    self._idle.remove(k)
-                    if not k.alive():
-                        self._spawn(k.close)
-                        self._fill()
-                        continue
-                    self._busy.add(k)
-                    self._fill(urgent=True)
-                    break
-                if self._idle:
-                    k = next((k for k in self._idle if setup_hash and k.setup_hash == setup_hash),
-                             self._idle[0])
+                k = self._pick(scope, setup_hash) if self._idle else None
+                if k is not None:
                     self._idle.remove(k)
                     if not k.alive():          # died while idle: drop it and look again
                         self._spawn(k.close)
@@ -454,7 +449,7 @@ class KernelPool:
                 if end is not None and time.monotonic() >= end:
                     raise TimeoutError("no kernel became ready in time")
                 self._fill()
-                self._cond.wait(POLL_SLICE if control is not None else 1.0)
+                self._cond.wait(POLL_SLICE if control is not None or self._idle else 1.0)
         k.setup_hash = setup_hash
         k.scope = scope
         if cwd:
