@@ -275,7 +275,7 @@ async def raw_chain(nc, L: Layout, n: int) -> float:
     js = nc.jetstream()
     await infra.ensure(js, L)
     run = "rawchain" + secrets.token_hex(3)
-    tsubj, hsubj = L.task_subject("rawq"), L.history_subject(run)
+    tsubj, hsubj = L.task_subject("rawq", run), L.history_subject(run)
     tsub = await js.pull_subscribe(tsubj, durable="raw_worker", stream=L.tasks_stream)
     hsub = await js.pull_subscribe(hsubj, durable="raw_engine", stream=L.history_stream)
     t0 = time.perf_counter()
@@ -345,7 +345,7 @@ async def raw_fanout(nc, L: Layout, runs: int, width: int, batch: int = 64) -> f
 
     async def start_run(r: int):
         run = f"rawfan{tag}{r}"
-        futs = [await js.publish_async(tsubj, _task_bytes(run, f"p{i}", i),
+        futs = [await js.publish_async(L.task_subject("rawq", run), _task_bytes(run, f"p{i}", i),
                                        headers={MSG_ID: f"task.{run}.p{i}.1"})
                 for i in range(width)]
         for f in futs:

@@ -45,7 +45,7 @@ def test_noop_worker_completes_tasks_in_process():
         task = asyncio.create_task(w.run())
         msg = {"v": 1, "run": "r1", "params": {}, "key": "a", "node": "a", "attempt": 1,
                "queue": "default", "wf": "x", "inputs": {}}
-        await js.publish(env.L.task_subject("default"), json.dumps(msg).encode(),
+        await js.publish(env.L.task_subject("default", "r1"), json.dumps(msg).encode(),
                          headers={MSG_ID: "task.r1.a.1"})
         sub = await js.pull_subscribe(env.L.history_subject("r1"), durable="t",
                                       stream=env.L.history_stream)

@@ -288,3 +288,20 @@ def test_output_over_the_size_limit_fails_clearly(nats_server, tmp_path):
             assert st.tasks["produce"].attempt == 1       # retrying would not shrink it
     finally:
         sup.stop()
+
+
+def test_cancel_removes_queued_tasks_from_the_work_queue(client, tmp_path):
+    nb = write_notebook(tmp_path / "wide.ipynb", [
+        f"%%task t{i}\nimport time\ntime.sleep(120)\nx{i} = 1" for i in range(4)])
+    run = client.submit(str(nb), {})
+    # two workers: two tasks run, two wait in the queue
+    client_watch_until(client, run, lambda s: sum(t.state == "running"
+                                                  for t in s.tasks.values()) == 2)
+    client.cancel(run)
+    st = finish(client, run)
+    assert st.state == "cancelled"
+    started = {e["key"] for e in client.history(run) if e.type == "TaskStarted"}
+    assert len(started) == 2                       # the queued two never started
+    assert all(t.state == "cancelled" for t in st.tasks.values())
+    # and the workers are free again: a new run goes through
+    assert finish(client, client.submit(str(DATA / "chain.ipynb"), {})).state == "succeeded"

@@ -278,7 +278,7 @@ class Engine:
         for c in cmds:
             if c.kind == "dispatch":
                 msg = {"v": 1, "run": st.run, "params": st.params, **c.data}
-                subj = self.L.task_subject(c["queue"])
+                subj = self.L.task_subject(c["queue"], st.run)
                 futs.append(await self.js.publish_async(
                     subj, json.dumps(msg, separators=(",", ":")).encode(),
                     headers={MSG_ID: f"task.{st.run}.{c['key']}.{c['attempt']}"}))
@@ -287,6 +287,10 @@ class Engine:
             elif c.kind == "approval":
                 await self._request_approval(st, c)
             elif c.kind == "cancel_tasks":
+                # queued tasks never start: remove them from the work queue; running ones are
+                # told to stop (their workers kill the kernel)
+                await self.js.purge_stream(self.L.tasks_stream,
+                                           subject=self.L.task_subject("*", st.run))
                 await self.nc.publish(self.L.cancel_subject(st.run),
                                       json.dumps({"keys": c["keys"]}).encode())
             elif c.kind == "finished":

@@ -101,8 +101,9 @@ class Layout:
     def history_subject(self, run: str = "*") -> str:
         return f"{self._subj}.history.{run}"
 
-    def task_subject(self, queue: str = "*") -> str:
-        return f"{self._subj}.tasks.{queue}"
+    def task_subject(self, queue: str = "*", run: str = "*") -> str:
+        """Tasks of one run on one queue: workers filter by queue, cancel purges by run."""
+        return f"{self._subj}.tasks.{queue}.{run}"
 
     def timer_schedule_subject(self, timer_id: str = "*") -> str:
         return f"{self._subj}.timers.sched.{timer_id}"
@@ -140,7 +141,7 @@ class Layout:
 
     @property
     def tasks_wildcard(self) -> str:
-        return f"{self._subj}.tasks.*"
+        return f"{self._subj}.tasks.*.*"
 
     # --- consumers ----------------------------------------------------------------------------
     @property

@@ -195,7 +195,9 @@ class Worker:
             await self._publish(ev, f"done.{run}.{key}.{attempt}")
             await msg.ack()
             return
-        if not await self._still_wanted(run, key, attempt):
+        # a redelivery may be stale (its result recorded before a crash, or the run over);
+        # first deliveries are current: cancel purges a run's queued tasks from the stream
+        if delivered > 1 and not await self._still_wanted(run, key, attempt):
             await msg.ack()
             return
         wall0 = time.time()
