@@ -290,7 +290,9 @@ def down(data):
 
 @main.command()
 @nats_options
-@click.option("--replicas", type=int, default=1, help="Replicas for streams/buckets (cluster: 3).")
+@click.option("--replicas", type=int, default=None,
+              help="Replicas for streams/buckets (cluster: 3). Default: 1 for new ones; "
+                   "existing ones keep theirs (never lowered).")
 def engine(nats_url, namespace, replicas):
     """Run the engine against a NATS server or cluster (run as many as you like)."""
     import logging

@@ -115,9 +115,19 @@ class Client:
     # --- submit -------------------------------------------------------------------------------
     async def put_workflow(self, wf: Workflow) -> str:
         h = wf.content_hash()
+        body = wf.to_json().encode()
+        limit = self.nc.max_payload
+        if len(body) > limit:
+            big = max(wf.tasks, key=lambda n: len(n.code), default=None)
+            where = (f": the largest cell is task {big.id!r} (cell {big.cell}, "
+                     f"{len(big.code.encode()) / 2**20:.1f} MB)") if big else ""
+            raise NbflowError(
+                f"workflow {wf.name} is {len(body) / 2**20:.1f} MB, over the NATS max payload "
+                f"of {limit / 2**20:.1f} MB{where}; load big data from files instead of "
+                f"writing it into cells")
         defs = await self.kv(self.L.defs_bucket)
         try:
-            await defs.create(h, wf.to_json().encode())
+            await defs.create(h, body)
         except Exception as e:  # noqa: BLE001 - exists: definitions are immutable by hash
             if "wrong last sequence" not in str(e).lower() and \
                     type(e).__name__ != "KeyWrongLastSequenceError":
@@ -240,6 +250,8 @@ class Client:
     async def replay(self, run: str) -> RunState | None:
         st = None
         async for ev in self._events(run, follow=False):
+            if st is None and ev.type != "RunStarted":
+                continue                    # stray events before a start are not a run
             wf = await self.workflow(ev["wf"] if st is None else st.wf)
             st, _ = apply(st, ev, wf)
         return st
@@ -321,9 +333,15 @@ class Client:
         decision.pop("token", None)      # single use: the token is consumed by this decision
         try:
             await ap.update(key, json.dumps(decision).encode(), last=entry.revision)
-        except Exception:  # noqa: BLE001 - CAS lost: someone decided first
+        except Exception as e:  # noqa: BLE001 - CAS lost, or not allowed to write
             won = json.loads((await ap.get(key)).value)
-            raise AlreadyDecided(_decided_msg(st.run, task, won), won) from None
+            if won.get("state") != "pending":
+                raise AlreadyDecided(_decided_msg(st.run, task, won), won) from None
+            raise NbflowError(
+                f"could not record the decision on {task!r} of run {st.run} "
+                f"({type(e).__name__}: {e or 'no reply'}): does this NATS user have permission "
+                f"to publish on $KV.{self.L.approvals_bucket}.{key}? Workers are not allowed "
+                f"to approve") from None
         ev = make("ApprovalDecided", st.run, node=task, approved=approved, by=who,
                   comment=comment or None)
         await self.js.publish(self.L.history_subject(st.run), ev.encode(),

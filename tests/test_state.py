@@ -557,7 +557,9 @@ def test_approval_timeout_rejects_and_later_decisions_are_ignored():
     assert tm["attempt"] is None
     assert sim.st.nodes["ok"].approval["expires"] == asked + 3600.0
     cmds = sim.fire(tm)
-    assert [c.kind for c in cmds] == ["finished"] and cmds[0]["state"] == "rejected"
+    assert [c.kind for c in cmds] == ["approval_closed", "finished"]
+    assert cmds[0].data == {"node": "ok", "state": "rejected", "by": "timeout",
+                            "reason": "timeout"} and cmds[1]["state"] == "rejected"
     ns = sim.st.nodes["ok"]
     assert ns.state == "rejected" and ns.reason == "approval timed out"
     assert ns.approval["state"] == "rejected" and ns.approval["by"] == "timeout"
@@ -724,7 +726,8 @@ def test_cancel_while_awaiting_approval_has_no_tasks_to_cancel():
     sim.start()
     (tm,) = sim.of(sim.succeed("a"), "timer")
     cmds = sim.cancel()
-    assert [c.kind for c in cmds] == ["finished"]
+    assert [c.kind for c in cmds] == ["approval_closed", "finished"]   # no tasks to cancel
+    assert cmds[0]["node"] == "ok" and cmds[0]["state"] == "cancelled"
     assert sim.st.nodes["ok"].state == "cancelled"
     assert sim.fire(tm) == [] and sim.st.state == "cancelled"
 

@@ -80,7 +80,7 @@ class Engine:
         self.dead_letters = 0
 
     # --- setup --------------------------------------------------------------------------------
-    async def start(self, replicas: int = 1) -> None:
+    async def start(self, replicas: int | None = None) -> None:
         await infra.ensure(self.js, self.L, replicas)
         self.runs_kv = await self.js.key_value(self.L.runs_bucket)
         self.defs_kv = await self.js.key_value(self.L.defs_bucket)
@@ -234,6 +234,8 @@ class Engine:
         cmds: list[Command] = []
         wf: Workflow | None = None
         for ev in events:
+            if ev.type == "ApprovalDecided" and not await self._decision_recorded(ev):
+                continue
             if st is None and ev.type != "RunStarted":
                 log.error("run %s: %s before RunStarted; dead-lettering", run, ev.type)
                 await self._dead_letter_raw(run, ev.encode(), "event before RunStarted")
@@ -286,6 +288,8 @@ class Engine:
                 futs.append(await self.schedule_timer(st.run, c))
             elif c.kind == "approval":
                 await self._request_approval(st, c)
+            elif c.kind == "approval_closed":
+                await self._close_approval(st, c)
             elif c.kind == "cancel_tasks":
                 # queued tasks never start: remove them from the work queue; running ones are
                 # told to stop (their workers kill the kernel)
@@ -313,6 +317,46 @@ class Engine:
             self.L.timer_schedule_subject(tid), ev.encode(),
             headers={SCHEDULE: f"@at {iso}", SCHEDULE_TARGET: self.L.timer_fire_subject(tid),
                      MSG_ID: f"sched.{c['id']}"})
+
+    async def _decision_recorded(self, ev: Event) -> bool:
+        """An approval counts only when it was decided through the approvals bucket (single-use
+        token, compare-and-set): a decision published straight onto the history stream by
+        anyone else is removed from the history and dead-lettered, never applied."""
+        try:
+            rec = json.loads((await self.approvals_kv.get(f"{ev.run}.{ev['node']}")).value)
+        except Exception:  # noqa: BLE001 - no such approval was ever requested
+            rec = {}
+        want = "approved" if ev["approved"] else "rejected"
+        if rec.get("state") == want and rec.get("by") == ev["by"]:
+            return True
+        await self._dead_letter_raw(self.L.history_subject(ev.run), ev.encode(),
+                                    f"ApprovalDecided for {ev['node']!r} was not decided through "
+                                    f"the approvals bucket (record: {rec.get('state', 'none')})")
+        try:
+            await self.js.delete_msg(self.L.history_stream, ev.seq)
+        except Exception:  # noqa: BLE001 - already deleted by another engine
+            pass
+        return False
+
+    async def _close_approval(self, st: RunState, c: Command) -> None:
+        """A pending approval that can no longer be given (timed out, run cancelled): its
+        record stops being pending and its token is dropped."""
+        key = f"{st.run}.{c['node']}"
+        for _ in range(5):
+            try:
+                entry = await self.approvals_kv.get(key)
+            except Exception:  # noqa: BLE001 - never recorded
+                return
+            rec = json.loads(entry.value)
+            if rec.get("state") != "pending":
+                return
+            rec.pop("token", None)
+            rec.update(state=c["state"], by=c["by"], reason=c["reason"], at=time.time())
+            try:
+                await self.approvals_kv.update(key, json.dumps(rec).encode(), last=entry.revision)
+                return
+            except Exception:  # noqa: BLE001 - a person decided meanwhile: look again
+                continue
 
     async def _request_approval(self, st: RunState, c: Command) -> None:
         key = f"{st.run}.{c['node']}"
@@ -346,7 +390,7 @@ class Engine:
             await self.nc.publish(self.L.dead_letter_subject(), json.dumps(record).encode())
 
 
-async def serve(url: str, namespace: str = "", replicas: int = 1,
+async def serve(url: str, namespace: str = "", replicas: int | None = None,
                 ready: asyncio.Event | None = None) -> None:
     """`nbflow engine`: connect and serve until cancelled."""
     nc = await infra.connect(url, name="nbflow-engine")

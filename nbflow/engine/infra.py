@@ -135,9 +135,13 @@ def _check_credential_files(opts: ConnectOptions) -> None:
 
 # --- infrastructure ----------------------------------------------------------------------------
 
-async def ensure(js, layout: Layout, replicas: int = 1) -> None:
-    """Create every stream, bucket and store nbflow needs (no-op when they exist)."""
+async def ensure(js, layout: Layout, replicas: int | None = None) -> None:
+    """Create every stream, bucket and store nbflow needs (no-op when they exist).
+
+    ``replicas``: for what is created (default 1); existing streams keep theirs unless more are
+    asked for — a worker or client connecting never lowers a cluster's replication."""
     L = layout
+    want = replicas or 1
 
     async def stream(cfg: StreamConfig):
         try:
@@ -145,25 +149,27 @@ async def ensure(js, layout: Layout, replicas: int = 1) -> None:
         except BadRequestError as e:
             if "already in use" not in str(e) and getattr(e, "err_code", 0) != 10058:
                 raise
+            have = (await js.stream_info(cfg.name)).config.num_replicas or 1
+            cfg.num_replicas = max(have, replicas or 0)
             await js.update_stream(cfg)
 
     await stream(StreamConfig(
         name=L.history_stream, subjects=[L.history_wildcard], storage=StorageType.FILE,
-        num_replicas=replicas, duplicate_window=DUPLICATE_WINDOW_S, allow_direct=True,
+        num_replicas=want, duplicate_window=DUPLICATE_WINDOW_S, allow_direct=True,
         description="nbflow run histories: every state change of every run"))
     await stream(StreamConfig(
         name=L.tasks_stream, subjects=[L.tasks_wildcard], storage=StorageType.FILE,
-        retention=RetentionPolicy.WORK_QUEUE, num_replicas=replicas,
+        retention=RetentionPolicy.WORK_QUEUE, num_replicas=want,
         duplicate_window=DUPLICATE_WINDOW_S, description="nbflow tasks waiting for a worker"))
     await stream(StreamConfig(
         name=L.timers_stream, subjects=[L.timers_wildcard], storage=StorageType.FILE,
-        num_replicas=replicas, allow_msg_schedules=True, allow_msg_ttl=True,
+        num_replicas=want, allow_msg_schedules=True, allow_msg_ttl=True,
         duplicate_window=DUPLICATE_WINDOW_S, allow_rollup_hdrs=True,
         description="nbflow durable timers: retries, sleeps, approval timeouts, schedules"))
 
     await stream(StreamConfig(
         name=L.deadletter_stream, subjects=[L.dead_letter_subject()], storage=StorageType.FILE,
-        num_replicas=replicas, description="nbflow messages that could not be handled, with why"))
+        num_replicas=want, description="nbflow messages that could not be handled, with why"))
 
     async def kv(bucket: str, history: int = 1, ttl: float | None = None, desc: str = ""):
         try:
@@ -173,7 +179,7 @@ async def ensure(js, layout: Layout, replicas: int = 1) -> None:
                     "not found" not in str(e).lower():
                 raise
             await js.create_key_value(KeyValueConfig(
-                bucket=bucket, history=history, ttl=ttl, replicas=replicas,
+                bucket=bucket, history=history, ttl=ttl, replicas=want,
                 storage=StorageType.FILE, description=desc))
 
     await kv(L.runs_bucket, desc="nbflow run snapshots (derived from history; CAS on revision)")
@@ -186,7 +192,7 @@ async def ensure(js, layout: Layout, replicas: int = 1) -> None:
         await js.object_store(L.artifacts_store)
     except Exception:  # noqa: BLE001 - nats-py raises NotFoundError or a generic API error
         await js.create_object_store(L.artifacts_store, config=ObjectStoreConfig(
-            replicas=replicas, storage=StorageType.FILE,
+            replicas=want, storage=StorageType.FILE,
             description="nbflow task outputs and executed notebooks"))
 
 

@@ -482,6 +482,8 @@ def _on_timer_fired(step: _Step) -> None:
         if ns and ns.state == "awaiting_approval":
             ns.approval = {**(ns.approval or {}), "state": "rejected", "by": "timeout",
                            "reason": "timeout", "at": ev.ts}
+            step.cmds.append(Command("approval_closed", {"node": key, "state": "rejected",
+                                                         "by": "timeout", "reason": "timeout"}))
             step.resolve(key, "rejected", "approval timed out")
 
 
@@ -520,6 +522,11 @@ def _on_cancel(step: _Step) -> None:
     if st.is_final:
         return
     active = [t.key for t in st.tasks.values() if t.state in TASK_ACTIVE]
+    for node_id, ns in st.nodes.items():
+        if ns.state == "awaiting_approval":        # its pending approval can no longer be given
+            step.cmds.append(Command("approval_closed", {"node": node_id, "state": "cancelled",
+                                                         "by": step.ev.get("by", ""),
+                                                         "reason": "run cancelled"}))
     for t in st.tasks.values():
         if t.state in TASK_ACTIVE:
             t.state, t.finished, t.reason = "cancelled", step.ev.ts, "run cancelled"
