@@ -192,15 +192,18 @@ def _sigkill(pid: int) -> None:
 
 class Chaos:
     def __init__(self, runs: int, kills: int, seed: int, workdir: Path, workers: int = 3,
-                 engines: int = 2, width: int = 3, gap: tuple[float, float] = (0.5, 2.0),
-                 nats_down: tuple[float, float] = (0.2, 1.5), submit_every: float = 0.25,
+                 engines: int = 2, width: int = 3, gap: tuple[float, float] = (1.5, 4.0),
+                 nats_down: tuple[float, float] = (0.2, 1.5), submit_every: float | None = None,
                  timeout: float = 600.0, echo: Callable[[str], None] = print,
                  isolation: str = ISOLATION):
         self.n_runs, self.n_kills, self.seed = runs, kills, seed
         self.rng = random.Random(seed)
         self.dir = workdir
         self.n_workers, self.n_engines, self.width = workers, engines, width
-        self.gap, self.nats_down, self.submit_every = gap, nats_down, submit_every
+        self.gap, self.nats_down = gap, nats_down
+        # spread the submissions over the time the kills take, so every kill lands on live runs
+        self.submit_every = submit_every if submit_every is not None else max(
+            0.25, 0.9 * kills * (gap[0] + gap[1]) / 2 / max(1, runs))
         self.timeout = timeout
         self.echo = echo
         self.isolation = isolation

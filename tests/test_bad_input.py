@@ -258,12 +258,6 @@ def limited_stack(nats_server, tmp_path):
     sup.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "no output size limit exists: NBFLOW_MAX_OUTPUT_MB is ignored and a 3 MB output is stored "
-    "like any other. Fix: the worker reads NBFLOW_MAX_OUTPUT_MB (default e.g. 1024); an output "
-    "pickle over it fails the attempt with reason 'too_large' (not retried, like "
-    "'unpicklable') and error \"output 'blob' of task 'produce' is 3.0 MB, over the limit of "
-    "1 MB (NBFLOW_MAX_OUTPUT_MB)\""))
 def test_output_over_the_size_limit_fails_with_its_size(limited_stack, tmp_path):
     c = limited_stack
     nb = write_notebook(tmp_path / "big.ipynb", [

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import check_replay, success_counts
+from support import check_replay, success_counts
 from nbhelpers import write_notebook
 
 from nbflow.client import SyncClient
@@ -197,8 +197,14 @@ def test_kill_one_node_mid_run_every_run_completes(cluster, tmp_path, monkeypatc
         # JetStream elects new leaders (meta and per stream) within seconds
         wait_for(lambda: asyncio.run(_stream_leader(cluster.url, L.history_stream)) not in
                  (None, "", leader), 60, "a new history stream leader")
-        # a new client (the CLI connects per command; Client does not reconnect) on all 3 urls
-        with SyncClient(cluster.url, namespace=ns) as c:
+        # a new client (the CLI connects per command; Client does not reconnect) on all 3 urls;
+        # while the streams elect new leaders its ensure() may time out: retry, as a user would
+        def client():
+            try:
+                return SyncClient(cluster.url, namespace=ns)
+            except Exception:  # noqa: BLE001 - NbflowError('... refused ...: nats: timeout')
+                return None
+        with wait_for(client, 90, "a client to connect after the node loss") as c:
             for run in runs:
                 st = c.wait(run, timeout=180)
                 assert st.state == "succeeded", st.error

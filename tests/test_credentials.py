@@ -13,7 +13,7 @@ import secrets
 import pytest
 from click.testing import CliRunner
 
-from conftest import check_replay
+from support import check_replay
 from nbhelpers import write_notebook
 
 from nbflow.cli import main as cli

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import check_replay
+from support import check_replay
 from nbhelpers import write_notebook
 
 from nbflow.client import AlreadyDecided, NbflowError, SyncClient
