@@ -141,3 +141,23 @@ def test_embedded_stack_on_demand_up_and_down(tmp_path):
         d = nbflow("down", "--data", str(home), env=env, timeout=60)
     assert "stopped" in d.stderr
     assert not (home / "stack.json").exists()
+
+
+def test_up_in_the_foreground_and_ctrl_c_stops_everything(tmp_path):
+    from nbflow.stack import free_port
+
+    home = tmp_path / "up"
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "nbflow", "up", "--data", str(home), "--port",
+                          str(port), "--workers", "1"], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "NBFLOW_NATS_URL": ""})
+    line = p.stderr.readline()                        # printed once everything is started
+    assert f"nats://127.0.0.1:{port}" in line and "Ctrl-C" in line, line
+    info = json.loads((home / "stack.json").read_text())
+    children = Path(f"/proc/{info['pid']}/task/{info['pid']}/children").read_text().split()
+    assert len(children) == 3                         # nats-server, engine, one worker
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=60) == 0
+    assert not (home / "stack.json").exists()
+    assert not any(Path(f"/proc/{c}").exists() and "zombie" not in
+                   Path(f"/proc/{c}/status").read_text().lower() for c in children)
