@@ -115,14 +115,6 @@ def test_bad_files_are_refused_everywhere_with_the_reason(i, client, nats_server
     assert len(client.runs(limit=10_000)) == n_runs        # nothing was submitted
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "client.submit (put_workflow -> defs KV create) lets nats.errors.MaxPayloadError "
-    "('nats: maximum payload exceeded') escape for a workflow definition larger than the "
-    "server's max_payload (8 MB on the embedded stack), so `nbflow run` prints a traceback. Fix: "
-    "in Client.put_workflow compare len(wf.to_json()) with nc.max_payload and raise "
-    "NbflowError('workflow <name> is 9.0 MB, over the NATS max payload of 8.0 MB: the largest "
-    "cell is task huge (9.0 MB); load big data from files instead of literals') — or store "
-    "large definitions in the object store and keep a pointer in the defs KV"))
 def test_enormous_cell_is_refused_with_its_size(client, tmp_path, done_run):
     """A task cell bigger than a NATS message: the definition cannot be stored."""
     big = "x = 1\n" + "# " + "y" * (9 * 1024 * 1024) + "\n"
@@ -351,13 +343,6 @@ def test_events_for_an_unknown_run_are_dead_lettered(client, done_run):
     a_normal_run_still_completes(client, done_run[1])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Client.status/history/approve on a run id whose history holds only events published by "
-    "hand (no RunStarted) raise KeyError('wf') from Client.replay (ev['wf'] of a non-RunStarted "
-    "event) instead of a user error. Fix: in Client.replay skip events until RunStarted (as "
-    "watch() does) and return None when there is none; status() then raises "
-    "NbflowError(\"no run 'x'\"); _resolve_run should accept history only when its first "
-    "message is a RunStarted"))
 def test_a_run_id_with_only_garbage_history_is_no_run(client, done_run):
     ghost, marker = _event_for_unknown_run(client)
     wait_for(lambda: _dead_letters(client, marker), 60, "the dead letter")

@@ -117,13 +117,6 @@ def test_ensure_replicas_3_covers_streams_kv_and_object_store(cluster):
     assert asyncio.run(_replicas(cluster.url, L)) == reps
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "infra.ensure(js, layout) with the default replicas=1 (what every worker and client calls) "
-    "turns the existing R3 streams into R1: add_stream fails with 'already in use with a "
-    "different configuration' and ensure then calls update_stream with num_replicas=1. "
-    "Fix: never lower replicas — on 'already in use' read stream_info and update with "
-    "num_replicas=max(existing, requested) (or only create, never update, when replicas is "
-    "not given explicitly)"))
 def test_worker_and_client_ensure_keep_replicas_3(cluster):
     L = Layout("keep3")
     asyncio.run(_ensure(cluster.url, L, 3))                 # `nbflow engine --replicas 3`
@@ -132,8 +125,8 @@ def test_worker_and_client_ensure_keep_replicas_3(cluster):
     assert reps == {n: 3 for n in reps}, reps
 
 
-# Until ensure() stops lowering replicas (see the xfail above), workers and engines of the
-# kill test are started through this shim, which makes every ensure() of theirs ask for 3.
+# ensure() used to lower replicas (see the test above); workers and engines of the
+# kill test still start through this shim (every ensure() asks for 3); it can go.
 _R3_SHIM = (
     "import sys, nbflow.engine.infra as i\n"
     "_ensure = i.ensure\n"

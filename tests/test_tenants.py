@@ -160,14 +160,6 @@ def test_a_worker_user_cannot_approve(accounts):
     assert rec["state"] == "pending" and rec.get("token")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "client.approve treats every failure of the approvals-KV CAS update as 'someone decided "
-    "first' and raises AlreadyDecided('... was already pending by ? at ') — a permissions "
-    "violation (publish to $KV.nbflow_approvals.> denied) surfaces as a misleading message "
-    "after a 5 s timeout. Fix: catch only KeyWrongLastSequenceError / err_code 10071 as a lost "
-    "race; map nats 'Permissions Violation' (error_cb / timeout after a denied publish) to "
-    "NbflowError('not allowed to approve: the NATS user lacks publish permission on "
-    "$KV.nbflow_approvals.<run>.<task>')"))
 def test_a_worker_users_approve_says_permission_denied(accounts):
     clients, runs, _ = accounts
     with pytest.raises(NbflowError, match="(?i)permission") as e:
