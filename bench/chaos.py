@@ -411,7 +411,7 @@ class Chaos:
             for ev in evs:
                 replayed, _ = apply(replayed, ev, self.wf)
             if st is None or replayed is None or replayed.to_dict() != st.to_dict():
-                r.replay_mismatch.append(run)
+                r.replay_mismatch.append(f"{run}: {_diff(replayed, st)}")
             for e in evs:
                 if e.type != "TaskSucceeded":
                     continue
@@ -550,3 +550,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _diff(a, b, limit: int = 6) -> str:
+    """Where a replayed state and a snapshot differ (for the report)."""
+    if a is None or b is None:
+        return f"replayed={a is not None} snapshot={b is not None}"
+    out = []
+
+    def walk(x, y, path):
+        if len(out) >= limit:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), key=str):
+                walk(x.get(k), y.get(k), f"{path}.{k}")
+        elif x != y:
+            out.append(f"{path}: replay={x!r} snapshot={y!r}")
+    walk(a.to_dict(), b.to_dict(), "")
+    return "; ".join(out)

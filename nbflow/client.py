@@ -86,10 +86,12 @@ class Client:
 
     @classmethod
     async def connect(cls, url: str | None = None, namespace: str | None = None,
-                      **conn) -> "Client":
+                      reconnect: bool = False, **conn) -> "Client":
+        """``reconnect``: ride out server restarts and leader moves (long-lived clients such as
+        widgets); a one-shot CLI command fails fast instead."""
         url = resolve_url(url)
         nc = await infra.connect(infra.ConnectOptions.from_env(url, **conn), name="nbflow-client",
-                                 reconnect=False)
+                                 reconnect=reconnect)
         c = cls(nc, Layout(default_namespace() if namespace is None else namespace))
         try:
             await infra.ensure(c.js, c.L)
@@ -234,12 +236,14 @@ class Client:
                     msg = await sub.next_msg(timeout=None if follow else 10)
                 except asyncio.TimeoutError:
                     return
+                seq = msg.metadata.sequence.stream
                 try:
-                    ev = decode(msg.data, seq=msg.metadata.sequence.stream)
+                    ev = decode(msg.data, seq=seq)
                 except Exception:  # noqa: BLE001 - malformed messages are dead-lettered
-                    continue
-                yield ev
-                if not follow and msg.metadata.sequence.stream >= last_seq:
+                    ev = None
+                if ev is not None:
+                    yield ev
+                if not follow and seq >= last_seq:
                     return
         finally:
             try:
@@ -321,6 +325,10 @@ class Client:
         key = f"{st.run}.{task}"
         entry, rec = await self._approval_entry(ap, key, wait=ns.state == "awaiting_approval")
         if rec and rec.get("state") != "pending":
+            if ns.state == "awaiting_approval" and rec.get("state") in ("approved", "rejected"):
+                # decided in the bucket but never reached the history (the decider died in
+                # between): finish the decider's job — same msg id, so at most once
+                await self._publish_decision(st.run, task, rec)
             raise AlreadyDecided(_decided_msg(st.run, task, rec), rec)
         if ns.state != "awaiting_approval" or entry is None:
             if ns.approval and ns.approval.get("state") not in (None, "pending"):
@@ -342,11 +350,14 @@ class Client:
                 f"({type(e).__name__}: {e or 'no reply'}): does this NATS user have permission "
                 f"to publish on $KV.{self.L.approvals_bucket}.{key}? Workers are not allowed "
                 f"to approve") from None
-        ev = make("ApprovalDecided", st.run, node=task, approved=approved, by=who,
-                  comment=comment or None)
-        await self.js.publish(self.L.history_subject(st.run), ev.encode(),
-                              headers={MSG_ID: f"approval.{st.run}.{task}"})
+        await self._publish_decision(st.run, task, decision)
         return decision
+
+    async def _publish_decision(self, run: str, task: str, rec: dict[str, Any]) -> None:
+        ev = make("ApprovalDecided", run, node=task, approved=rec["state"] == "approved",
+                  by=rec["by"], comment=rec.get("comment") or None)
+        await self.js.publish(self.L.history_subject(run), ev.encode(),
+                              headers={MSG_ID: f"approval.{run}.{task}"})
 
     async def _approval_entry(self, ap, key: str, wait: bool, timeout: float = 10.0):
         """The approvals KV entry; when history already says 'awaiting approval' the engine
@@ -465,7 +476,7 @@ class SyncClient:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="nbflow-client")
         self._thread.start()
-        self.aclient: Client = self._call(Client.connect(url, namespace, **conn))
+        self.aclient: Client = self._call(Client.connect(url, namespace, reconnect=True, **conn))
 
     def _call(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

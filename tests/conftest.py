@@ -34,6 +34,11 @@ def _isolated_home(tmp_path_factory):
     os.environ.pop("NBFLOW_NATS_URL", None)
     os.environ.pop("NBFLOW_NAMESPACE", None)
     yield home
+    # a test that reached the embedded default (e.g. `%flow run` in a kernel) started a
+    # background stack in this home: it must not outlive the session
+    from nbflow import stack
+
+    stack.down(str(home))
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)

@@ -49,3 +49,13 @@ def wait_for(cond, timeout=60.0, what="condition"):
             return v
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def ipython_shell():
+    """The one test IPython shell of this process (IPython's globalipapp hands it out only to
+    its first caller, so every test module gets it here)."""
+    from IPython import get_ipython
+    from IPython.testing.globalipapp import start_ipython
+
+    start_ipython()
+    return get_ipython()

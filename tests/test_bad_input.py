@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import get_ipython
 
-from support import DATA, check_replay, finish
+from support import DATA, check_replay, finish, wait_for, ipython_shell
 from nbhelpers import write_notebook
 
 from nbflow.cli import main as cli
@@ -23,15 +22,6 @@ from nbflow.compiler.graph import WorkflowError
 
 NS = "itest"
 
-
-def wait_for(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def record(client, run):
@@ -130,7 +120,7 @@ def test_enormous_cell_is_refused_with_its_size(client, tmp_path, done_run):
 
 @pytest.fixture(scope="module")
 def ip():
-    shell = get_ipython()
+    shell = ipython_shell()
     shell.run_cell("%load_ext nbflow")
     return shell
 

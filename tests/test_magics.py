@@ -6,7 +6,8 @@ import os
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import get_ipython
+
+from support import ipython_shell
 
 from nbflow import magics
 from nbflow.magics import FLOW_COMMANDS, flow_command, registered_tasks
@@ -16,7 +17,7 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 
 @pytest.fixture(scope="module")
 def ip():
-    shell = get_ipython()
+    shell = ipython_shell()
     shell.run_cell("%load_ext nbflow")
     return shell
 

@@ -305,3 +305,27 @@ def test_cancel_removes_queued_tasks_from_the_work_queue(client, tmp_path):
     assert all(t.state == "cancelled" for t in st.tasks.values())
     # and the workers are free again: a new run goes through
     assert finish(client, client.submit(str(DATA / "chain.ipynb"), {})).state == "succeeded"
+
+
+def test_a_decision_recorded_but_never_published_is_completed_by_the_next_approve(client,
+                                                                                   tmp_path):
+    """The decider died between taking the approval (KV compare-and-set) and publishing it."""
+    import json as _json
+
+    nb = write_notebook(tmp_path / "half.ipynb", ['%%task gate --approval "Go?"',
+                                                   "%%task after --after gate\nx = 1"])
+    run = client.submit(str(nb), {})
+    client_watch_until(client, run, lambda s: s.nodes["gate"].state == "awaiting_approval")
+
+    async def take_it_and_die():
+        kv = await client.aclient.kv(client.aclient.L.approvals_bucket)
+        e = await kv.get(f"{run}.gate")
+        rec = {**_json.loads(e.value), "state": "approved", "by": "ghost", "comment": ""}
+        rec.pop("token")
+        await kv.update(f"{run}.gate", _json.dumps(rec).encode(), last=e.revision)
+    client._call(take_it_and_die())
+    with pytest.raises(AlreadyDecided, match="already approved by ghost"):
+        client.approve(run, "gate", False, by="eve")
+    st = finish(client, run)
+    assert st.state == "succeeded" and st.nodes["gate"].approval["by"] == "ghost"
+    assert len([e for e in client.history(run) if e.type == "ApprovalDecided"]) == 1

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from support import check_replay
+from support import check_replay, wait_for
 from nbhelpers import write_notebook
 
 from nbflow.client import AlreadyDecided, NbflowError, SyncClient
@@ -21,15 +21,6 @@ from nbflow.stack import NatsServer, Supervisor
 
 FAST = {"NBFLOW_TASK_ACK_WAIT": "3", "NBFLOW_ENGINE_ACK_WAIT": "3"}
 
-
-def wait_for(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def awaiting(c, run, node):
@@ -167,15 +158,6 @@ def test_a_worker_users_approve_says_permission_denied(accounts):
     assert not isinstance(e.value, AlreadyDecided)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the engine applies any ApprovalDecided event found on the history stream, without checking "
-    "the approvals KV: anyone who may publish on nbflow.history.* (every worker must, for task "
-    "events) can approve by publishing the event by hand, bypassing the token/CAS. Fix: in "
-    "Engine._apply_batch, before applying ApprovalDecided, read nbflow_approvals/<run>.<node> and "
-    "apply it only when the record's state is approved/rejected with the same 'by' (else "
-    "dead-letter 'approval not decided through the approvals bucket'); or give workers "
-    "permission only for nbflow.history.* messages whose type they own (split subjects: "
-    "nbflow.history.<run>.task vs .decision)"))
 def test_a_worker_user_cannot_forge_an_approval_on_history(accounts):
     clients, runs, _ = accounts
     w, a = clients["aworker"], clients["a"]
@@ -186,8 +168,18 @@ def test_a_worker_user_cannot_forge_an_approval_on_history(accounts):
         return await w.aclient.js.publish(w.aclient.L.history_subject(run), ev.encode(),
                                           headers={MSG_ID: f"forged.{run}"})
     ack = w._call(publish())
-    wait_for(lambda: a.status(run).seq >= ack.seq, 60, "the engine to apply the forged event")
+
+    async def still_in_history():
+        try:
+            await a.aclient.js.get_msg(a.aclient.L.history_stream, ack.seq)
+            return True
+        except Exception:  # noqa: BLE001 - deleted
+            return False
+    # the engine removes the forged decision from the history (it is dead-lettered instead)
+    wait_for(lambda: not a._call(still_in_history()), 60, "the engine to reject the forgery")
     assert a.status(run).nodes["publish"].state == "awaiting_approval"
+    assert not [e for e in a.history(run) if e.type == "ApprovalDecided"]
+    check_replay(a, run)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -254,17 +246,11 @@ def test_an_expired_approval_cannot_be_decided(client, tmp_path):
     check_replay(client, run)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "when an approval times out the engine never updates its approvals KV record: it stays "
-    "state 'pending' with a live token (only the run snapshot says rejected). Anything that "
-    "trusts the approvals bucket (widgets listing pending approvals, a future token-based "
-    "approve endpoint) sees a live approval. Fix: on TimerFired(approval_timeout) that "
-    "rejects, the engine CAS-updates nbflow_approvals/<run>.<node> to "
-    "{state: 'rejected', by: 'timeout', reason: 'timeout'} and drops the token (also on "
-    "run cancel)"))
 def test_an_expired_approvals_record_is_no_longer_pending(client, tmp_path):
     nb = approval_notebook(tmp_path / "exp2.ipynb", timeout="1s")
     run = client.submit(str(nb), {})
     assert client.wait(run, timeout=90).state == "rejected"
-    rec = _approval_record(client, f"{run}.publish")
-    assert rec["state"] != "pending" and "token" not in rec
+    # the client sees the timeout in history first; the engine closes the record as it applies it
+    rec = wait_for(lambda: (r := _approval_record(client, f"{run}.publish"))["state"] != "pending"
+                   and r, 30, "the engine to close the approval record")
+    assert rec["state"] == "rejected" and rec["by"] == "timeout" and "token" not in rec

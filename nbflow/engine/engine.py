@@ -197,20 +197,21 @@ class Engine:
         return wf
 
     async def _events_between(self, run: str, after: int, before: int) -> list[Event]:
-        """History events of ``run`` with after < seq < before (what this batch must follow)."""
+        """History events of ``run`` with after < seq < before (what this batch must follow).
+
+        Read through the stream leader (not a direct get, which a lagging replica or a server
+        still recovering its store may answer), and never take "not found" for "no more": the
+        event at ``before`` is on this subject, so a miss is a glitch and the batch is retried."""
         out: list[Event] = []
         seq = after + 1
         subj = self.L.history_subject(run)
         while seq < before:
             try:
                 raw = await self.js.get_msg(self.L.history_stream, seq=seq, subject=subj,
-                                            next=True, direct=True)
+                                            next=True)
             except NotFoundError:
-                break
-            except APIError as e:
-                if getattr(e, "code", None) == 404:
-                    break
-                raise
+                raise RuntimeError(f"run {run}: history read from #{seq} found nothing though "
+                                   f"#{before} exists; retrying") from None
             if raw.seq >= before:
                 break
             try:

@@ -546,6 +546,9 @@ class Scheduler:
                 missed.append(iso(t))
                 if len(missed) > CATCHUP_MAX:
                     missed.pop(0)
+            # a fire handled just as the last engine stopped has its run already: not missed
+            while missed and await self.starter.has_run(schedule_run_id(name, missed[0])):
+                missed.pop(0)
             if not missed:
                 continue
             policy = d.get("catchup", "latest")
