@@ -519,6 +519,24 @@ def run_chaos(runs: int = 30, kills: int = 20, seed: int | None = None, *, worke
     return rep
 
 
+def _diff(a, b, limit: int = 6) -> str:
+    """Where a replayed state and a snapshot differ (for the report)."""
+    if a is None or b is None:
+        return f"replayed={a is not None} snapshot={b is not None}"
+    out = []
+
+    def walk(x, y, path):
+        if len(out) >= limit:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), key=str):
+                walk(x.get(k), y.get(k), f"{path}.{k}")
+        elif x != y:
+            out.append(f"{path}: replay={x!r} snapshot={y!r}")
+    walk(a.to_dict(), b.to_dict(), "")
+    return "; ".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=30)
@@ -550,21 +568,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _diff(a, b, limit: int = 6) -> str:
-    """Where a replayed state and a snapshot differ (for the report)."""
-    if a is None or b is None:
-        return f"replayed={a is not None} snapshot={b is not None}"
-    out = []
-
-    def walk(x, y, path):
-        if len(out) >= limit:
-            return
-        if isinstance(x, dict) and isinstance(y, dict):
-            for k in sorted(set(x) | set(y), key=str):
-                walk(x.get(k), y.get(k), f"{path}.{k}")
-        elif x != y:
-            out.append(f"{path}: replay={x!r} snapshot={y!r}")
-    walk(a.to_dict(), b.to_dict(), "")
-    return "; ".join(out)

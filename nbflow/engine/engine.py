@@ -228,10 +228,18 @@ class Engine:
         if not todo:
             return True                      # all applied before (redelivery after a crash)
         todo.sort(key=lambda e: e.seq)
-        # a run's first event has nothing before it; otherwise read what this batch must follow
-        fresh = st is None and todo[0].type == "RunStarted"
-        earlier = [] if fresh else await self._events_between(run, last, todo[0].seq)
-        events = earlier + todo
+        # Apply the run's history in order and without holes. This batch may lack some of the
+        # run's events (another engine holds them, or they wait for redelivery): read whatever
+        # lies before each of its events from the history itself. Consecutive stream sequences
+        # cannot hide anything, and a run's first event has nothing before it.
+        events: list[Event] = []
+        prev = last
+        for ev in todo:
+            fresh = prev == 0 and ev.type == "RunStarted"
+            if ev.seq != prev + 1 and not fresh:
+                events += await self._events_between(run, prev, ev.seq)
+            events.append(ev)
+            prev = ev.seq
         cmds: list[Command] = []
         wf: Workflow | None = None
         for ev in events:
