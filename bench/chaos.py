@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import nbformat
 
+from bench.harness import descendants
 from nbflow.client import AlreadyDecided, Client, NbflowError
 from nbflow.engine import infra
 from nbflow.engine.events import decode
@@ -162,25 +163,6 @@ def _pct(xs: list[float], p: float) -> float | None:
     xs = sorted(xs)
     i = min(len(xs) - 1, max(0, int(round(p / 100 * (len(xs) - 1)))))
     return round(xs[i], 3)
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def _sigkill(pid: int) -> None:
@@ -378,7 +360,7 @@ class Chaos:
         if not pids:
             return None                      # all of that kind are restarting right now
         pid = self.rng.choice(pids)
-        victims = [pid] + (_descendants(pid) if kind == "worker" else [])
+        victims = [pid] + (descendants(pid) if kind == "worker" else [])
         t = time.time()
         for p in victims:                    # the worker's machine dies: its kernels with it
             _sigkill(p)
