@@ -74,7 +74,7 @@ def resolve_url(url: str | None = None) -> str:
     return stack.ensure_background()
 
 
-def _ago(ts: float | None) -> str:
+def _local_time(ts: float | None) -> str:
     return "" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
@@ -464,7 +464,7 @@ class Client:
 
 def _decided_msg(run: str, task: str, rec: dict[str, Any]) -> str:
     return (f"task {task!r} of run {run} was already {rec.get('state')} by "
-            f"{rec.get('by', '?')} at {_ago(rec.get('at'))}")
+            f"{rec.get('by', '?')} at {_local_time(rec.get('at'))}")
 
 
 class SyncClient:

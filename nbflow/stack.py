@@ -241,11 +241,9 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
                          f"(pid {info.get('pid', '?')}, {info.get('url', '?')}); "
                          f"stop it with `nbflow down`") from None
     workers = workers or max(1, os.cpu_count() or 1)
-    prev = read_stack(d)
-    port = port or (prev or {}).get("port") or 0
     try:
-        server = NatsServer(d, port=port or _reusable_port(d)).start()
-    except StackError:
+        server = NatsServer(d, port=port or _default_port()).start()
+    except StackError:                   # the port was taken meanwhile
         server = NatsServer(d, port=free_port()).start()
     sup = Supervisor(server.url, workers=workers, namespace=namespace,
                      log_file=d / LOG_FILE).start()
@@ -279,16 +277,14 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
     return 0
 
 
-def _reusable_port(d: Path) -> int:
-    """Prefer the port used last time (clients may have it), else the NATS default, else free."""
-    for p in (4222,):
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", p))
-            return p
-        except OSError:
-            continue
-    return free_port()
+def _default_port() -> int:
+    """The NATS default port when it is free (clients may assume it), else any free port."""
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 4222))
+        return 4222
+    except OSError:
+        return free_port()
 
 
 def ensure_background(data: str | None = None, timeout: float = 60.0) -> str:

@@ -405,10 +405,4 @@ async def serve(url: str, namespace: str = "", replicas: int | None = None,
     nc = await infra.connect(url, name="nbflow-engine")
     eng = Engine(nc, Layout(namespace))
     await eng.start(replicas)
-    if ready:
-        ready.set()
-    try:
-        await eng.run()
-    finally:
-        eng.stop()
-        await nc.drain()
+    await infra.run_service(nc, eng, ready)

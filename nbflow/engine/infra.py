@@ -210,6 +210,28 @@ async def fetch(sub, n: int, stop: asyncio.Event, timeout: float = 1.0, what: st
         return []
 
 
+async def run_service(nc, service, ready: asyncio.Event | None = None,
+                      stop_on_signals: bool = False) -> None:
+    """Serve a started engine/worker until its run() returns; then stop it and drain the
+    connection (what `nbflow engine` and `nbflow worker` do around their service)."""
+    if stop_on_signals:
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, service.stop)
+            except (NotImplementedError, RuntimeError):
+                pass
+    if ready:
+        ready.set()
+    try:
+        await service.run()
+    finally:
+        service.stop()
+        await nc.drain()
+
+
 def consumer_config(durable: str, subject: str, ack_wait: float, max_ack_pending: int,
                     max_deliver: int = -1) -> ConsumerConfig:
     return ConsumerConfig(durable_name=durable, filter_subject=subject, ack_wait=ack_wait,

@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
 import time
 
@@ -106,19 +105,7 @@ async def serve(url: str, namespace: str = "", queue: str = "default", concurren
     nc = await infra.connect(url, name="nbflow-noop-worker")
     w = NoopWorker(nc, Layout(namespace), queue=queue, concurrency=concurrency, started=started)
     await w.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, w.stop)
-        except (NotImplementedError, RuntimeError):
-            pass
-    if ready:
-        ready.set()
-    try:
-        await w.run()
-    finally:
-        w.stop()
-        await nc.drain()
+    await infra.run_service(nc, w, ready, stop_on_signals=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -322,13 +322,9 @@ async def serve(url: str, namespace: str = "", queue: str = "default", concurren
     nc = await infra.connect(url, name="nbflow-worker")
     w = Worker(nc, Layout(namespace), queue=queue, concurrency=concurrency)
     await w.start()
-    if ready:
-        ready.set()
     try:
-        await w.run()
+        await infra.run_service(nc, w, ready)
     finally:
-        w.stop()
-        await nc.drain()
         from nbflow.worker import kernels
 
         kernels.shutdown_pool()
