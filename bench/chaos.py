@@ -40,10 +40,10 @@ import nbformat
 
 from bench.harness import descendants
 from nbflow.client import AlreadyDecided, Client, NbflowError
-from nbflow.engine import infra
-from nbflow.engine.events import decode
-from nbflow.engine.layout import MSG_ID, Layout
-from nbflow.engine.state import RunState, apply
+from nbflow.nats import infra
+from nbflow.core.events import decode
+from nbflow.nats.layout import MSG_ID, Layout
+from nbflow.core.state import RunState, apply
 from nbflow.stack import NatsServer, Supervisor
 
 FAST = {"NBFLOW_TASK_ACK_WAIT": "3", "NBFLOW_ENGINE_ACK_WAIT": "3"}
@@ -303,7 +303,7 @@ class Chaos:
             await asyncio.sleep(0.2)
 
     async def _repair_approval(self, run: str, decision: dict) -> None:
-        from nbflow.engine.events import make
+        from nbflow.core.events import make
 
         evs = await self.c.history(run)
         if any(e.type == "ApprovalDecided" for e in evs):

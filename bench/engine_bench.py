@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from nbflow.compiler.graph import Edge, Node, Workflow
+from nbflow.core.ir import Edge, Node, Workflow
 
 from bench.harness import (Env, RunWatch, raw_chain, raw_fanout, rss_kb, wait_consumer)
 
@@ -67,7 +67,7 @@ async def _nbflow_runs(env: Env, wf: Workflow, runs: int, timeout: float = 600.0
 async def _raw(env: Env, fn, *args) -> float:
     import nats
 
-    from nbflow.engine.layout import Layout
+    from nbflow.nats.layout import Layout
 
     nc = await nats.connect(env.url)
     try:

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nbflow.engine.layout import MSG_ID, Layout
-from nbflow.engine.state import RUN_FINAL
+from nbflow.nats.layout import MSG_ID, Layout
+from nbflow.core.state import RUN_FINAL
 
 _LIVE: set[subprocess.Popen] = set()
 
@@ -270,7 +270,7 @@ def _event_bytes(run: str, key: str) -> bytes:
 async def raw_chain(nc, L: Layout, n: int) -> float:
     """The floor of a chain: per step publish a task, pull it, publish its result event, ack the
     task, pull the event, ack it — one at a time, on the same streams nbflow uses. Seconds."""
-    from nbflow.engine import infra
+    from nbflow.nats import infra
 
     js = nc.jetstream()
     await infra.ensure(js, L)
@@ -298,7 +298,7 @@ async def raw_fanout(nc, L: Layout, runs: int, width: int, batch: int = 64) -> f
     """The floor of a fan-out: every run publishes its ``width`` tasks at once (async publishes),
     a worker loop pulls them in batches and publishes result events, an orchestrator loop pulls
     and acks the events; all concurrent, batched as the engine and noop worker batch. Seconds."""
-    from nbflow.engine import infra
+    from nbflow.nats import infra
 
     js = nc.jetstream()
     await infra.ensure(js, L)

@@ -112,7 +112,7 @@ def profile(steps: int = 200, runs: int = 0, width: int = 20, top: int = 25,
 
     engine_cls = engine_cls or Engine
     if fast_snapshot:
-        from nbflow.engine.state import RunState
+        from nbflow.core.state import RunState
         orig = RunState.to_dict
         RunState.to_dict = fast_to_dict
         _restore.append(lambda: setattr(RunState, "to_dict", orig))

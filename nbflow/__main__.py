@@ -1,3 +1,3 @@
-from nbflow.cli import main
+from nbflow.cli.main import main
 
 main()

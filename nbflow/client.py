@@ -19,11 +19,11 @@ import threading
 import time
 from typing import Any, AsyncIterator
 
-from nbflow.compiler.graph import Workflow, WorkflowError
-from nbflow.engine import infra
-from nbflow.engine.events import Event, decode, make, task_key
-from nbflow.engine.layout import MSG_ID, Layout, default_namespace
-from nbflow.engine.state import RUN_FINAL, RunState, apply
+from nbflow.core.ir import Workflow, WorkflowError
+from nbflow.nats import infra
+from nbflow.core.events import Event, decode, make, task_key
+from nbflow.nats.layout import MSG_ID, Layout, default_namespace
+from nbflow.core.state import RUN_FINAL, RunState, apply
 
 _ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"   # no 0/o, 1/l/i: easy to read and type
 

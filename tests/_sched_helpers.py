@@ -26,7 +26,7 @@ class S:
     """The Schedules API, called synchronously through a SyncClient's loop."""
 
     def __init__(self, sc):
-        from nbflow.schedules import Schedules
+        from nbflow.schedules.api import Schedules
 
         self.sc, self.api = sc, Schedules(sc.aclient)
         self.L, self.js = sc.aclient.L, sc.aclient.js
@@ -43,7 +43,7 @@ class S:
 
     def starts(self, prefix: str) -> list:
         """RunStarted events in history whose schedule field starts with ``prefix``."""
-        from nbflow.schedules import _run_starts
+        from nbflow.schedules.api import _run_starts
 
         async def go():
             return [ev async for ev in _run_starts(self.sc.aclient)

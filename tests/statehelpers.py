@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from nbflow.compiler.graph import Edge, Node, Workflow
-from nbflow.engine.events import Command, Event, make
-from nbflow.engine.state import RunState, apply
+from nbflow.core.ir import Edge, Node, Workflow
+from nbflow.core.events import Command, Event, make
+from nbflow.core.state import RunState, apply
 
 WF_HASH = "wfhash0000000000"
 

@@ -16,9 +16,9 @@ from IPython.core.error import UsageError
 from support import DATA, check_replay, finish, wait_for, ipython_shell
 from nbhelpers import write_notebook
 
-from nbflow.cli import main as cli
+from nbflow.cli.main import main as cli
 from nbflow.client import AlreadyDecided, NbflowError
-from nbflow.compiler.graph import WorkflowError
+from nbflow.core.ir import WorkflowError
 
 NS = "itest"
 

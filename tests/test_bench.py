@@ -34,8 +34,8 @@ def test_noop_worker_completes_tasks_in_process():
     async def go(env):
         import nats
 
-        from nbflow.engine import infra
-        from nbflow.engine.layout import MSG_ID
+        from nbflow.nats import infra
+        from nbflow.nats.layout import MSG_ID
         from nbflow.worker.noop import NoopWorker
 
         nc = await nats.connect(env.url)

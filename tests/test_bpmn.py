@@ -8,7 +8,7 @@ import pytest
 from lxml import etree
 
 from nbflow.compiler.bpmn import (BPMN_NS, from_bpmn, iso_duration, parse_duration, to_bpmn)
-from nbflow.compiler.graph import Edge, Node, Workflow, WorkflowError
+from nbflow.core.ir import Edge, Node, Workflow, WorkflowError
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "bpmn"
@@ -415,7 +415,7 @@ def test_compiled_notebooks_round_trip(check, name):
 def test_cli_compile_writes_valid_bpmn_and_reads_it_back(shared, schema, tmp_path):
     from click.testing import CliRunner
 
-    from nbflow.cli import main
+    from nbflow.cli.main import main
 
     compiler = pytest.importorskip("nbflow.compiler")
     if not hasattr(compiler, "compile_file"):

@@ -15,8 +15,8 @@ from support import check_replay, success_counts
 from nbhelpers import write_notebook
 
 from nbflow.client import SyncClient
-from nbflow.engine import infra
-from nbflow.engine.layout import Layout
+from nbflow.nats import infra
+from nbflow.nats.layout import Layout
 from nbflow.stack import NatsServer, Supervisor, free_port
 
 FAST = {"NBFLOW_TASK_ACK_WAIT": "3", "NBFLOW_ENGINE_ACK_WAIT": "3"}
@@ -128,12 +128,12 @@ def test_worker_and_client_ensure_keep_replicas_3(cluster):
 # ensure() used to lower replicas (see the test above); workers and engines of the
 # kill test still start through this shim (every ensure() asks for 3); it can go.
 _R3_SHIM = (
-    "import sys, nbflow.engine.infra as i\n"
+    "import sys, nbflow.nats.infra as i\n"
     "_ensure = i.ensure\n"
     "async def ensure(js, layout, replicas=1):\n"
     "    return await _ensure(js, layout, max(replicas, 3))\n"
     "i.ensure = ensure\n"
-    "from nbflow.cli import main\n"
+    "from nbflow.cli.main import main\n"
     "sys.argv[0] = 'nbflow'\n"
     "main()\n")
 

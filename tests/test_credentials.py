@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from support import check_replay
 from nbhelpers import write_notebook
 
-from nbflow.cli import main as cli
+from nbflow.cli.main import main as cli
 from nbflow.client import SyncClient
-from nbflow.engine import infra
+from nbflow.nats import infra
 from nbflow.stack import NatsServer, Supervisor
 
 FAST = {"NBFLOW_TASK_ACK_WAIT": "3", "NBFLOW_ENGINE_ACK_WAIT": "3"}

@@ -102,7 +102,7 @@ def test_task_cell_runs_without_load_ext(kc):
     r = run_cell(kc, "%%task extract\nsales = [1, 2, 3]\nprint('ran', sum(sales))")
     assert r["ok"] and not r["error"], r
     assert "ran 6" in r["stdout"]
-    r = run_cell(kc, "from nbflow.magics import registered_tasks\n"
+    r = run_cell(kc, "from nbflow.magics.core import registered_tasks\n"
                      "print(sorted(registered_tasks(get_ipython())))")
     assert "['extract']" in r["stdout"]
 

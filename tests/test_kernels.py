@@ -12,8 +12,8 @@ import papermill
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from nbflow.worker import kernels
-from nbflow.worker.kernels import KernelPool, RunControl
+from nbflow.worker.kernels import pool as kernels
+from nbflow.worker.kernels.pool import KernelPool, RunControl
 
 
 def notebook(*sources: str, setup: str = "import os") -> nbformat.NotebookNode:
@@ -180,7 +180,7 @@ def test_process_global_pool_configured_by_env_and_configure(tmp_path, monkeypat
 
 
 def test_importing_the_engine_module_first_still_registers_it():
-    code = ("import nbflow.worker.kernels as k\nfrom papermill.engines import papermill_engines\n"
+    code = ("import nbflow.worker.kernels.pool as k\nfrom papermill.engines import papermill_engines\n"
             "print(papermill_engines.get_engine('nbflow') is k.WarmEngine)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -9,8 +9,8 @@ from IPython.core.error import UsageError
 
 from support import ipython_shell
 
-from nbflow import magics
-from nbflow.magics import FLOW_COMMANDS, flow_command, registered_tasks
+from nbflow.magics import core as magics
+from nbflow.magics.core import FLOW_COMMANDS, flow_command, registered_tasks
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nbflow.compiler import render
-from nbflow.compiler.graph import Edge, Node, Workflow, WorkflowError
+from nbflow.core.ir import Edge, Node, Workflow, WorkflowError
 from nbflow.compiler.render import STATE_COLOURS, DotMissing, legend_items, to_dot, to_svg
 
 
@@ -179,7 +179,7 @@ def _compile_file_or_skip():
 def test_cli_show_writes_svg_from_workflow_json(tmp_path):
     from click.testing import CliRunner
 
-    from nbflow.cli import main
+    from nbflow.cli.main import main
 
     _compile_file_or_skip()
     src = tmp_path / "daily.json"
@@ -197,7 +197,7 @@ def test_cli_show_writes_svg_from_workflow_json(tmp_path):
 def test_cli_show_draws_a_notebook_and_a_bpmn_file(tmp_path):
     from click.testing import CliRunner
 
-    from nbflow.cli import main
+    from nbflow.cli.main import main
 
     _compile_file_or_skip()
     nb = Path(__file__).resolve().parent / "data" / "diamond.ipynb"

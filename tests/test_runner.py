@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from nbflow.worker import kernels
+from nbflow.worker.kernels import pool as kernels
 from nbflow.worker.runner import notebook_logs, run_task, strip_ansi
 
 PROJ = Path(__file__).parent / "data" / "runner" / "proj"

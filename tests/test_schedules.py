@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from _sched_helpers import SCHED, fires, private_stack, until
-from nbflow.engine.timers import parse_iso, parse_spec, schedule_run_id
+from nbflow.schedules.scheduler import parse_iso, parse_spec, schedule_run_id
 
 TICK = str(SCHED / "tick.ipynb")
 
@@ -188,7 +188,7 @@ def test_backfill_bounded_and_idempotent(nats_server, tmp_path):
 
 
 def _cli(*args):
-    from nbflow.cli import main
+    from nbflow.cli.main import main
 
     return CliRunner().invoke(main, list(args), catch_exceptions=True)
 
@@ -282,9 +282,9 @@ def test_at_task_end_to_end(client, tmp_path):
 
 
 def test_flow_schedule_magics(nats_server, monkeypatch):
-    from nbflow.compiler.graph import WorkflowError
-    from nbflow.magics import FLOW_COMMANDS
-    from nbflow import schedule_magics  # noqa: F401 - registers %flow schedule(s)
+    from nbflow.core.ir import WorkflowError
+    from nbflow.magics.core import FLOW_COMMANDS
+    from nbflow.magics import schedules as schedule_magics  # noqa: F401 - registers %flow schedule(s)
 
     monkeypatch.setenv("NBFLOW_NATS_URL", nats_server.url)
     monkeypatch.setenv("NBFLOW_NAMESPACE", "sched-magic")

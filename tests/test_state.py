@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
-from nbflow.engine.events import make
-from nbflow.engine.state import RunState, apply, replay, states_by_node
+from nbflow.core.events import make
+from nbflow.core.state import RunState, apply, replay, states_by_node
 from statehelpers import (WF_HASH, Sim, build, chain, diamond, essence, fanout_params,
                           fanout_upstream, gate, norm, ref, task)
 
@@ -114,7 +114,7 @@ def test_parallel_roots_start_together_and_end_waits_for_all():
 def test_parallel_and_exclusive_gateways_are_instant():
     nodes = [task("a"), task("b")]
     wf = build(nodes)
-    from nbflow.compiler.graph import Edge, Node
+    from nbflow.core.ir import Edge, Node
     wf.nodes[1:1] = [Node("fork", "parallel")]
     wf.nodes.insert(-1, Node("xor", "exclusive"))
     wf.edges = [Edge("start", "fork"), Edge("fork", "a"), Edge("fork", "b"), Edge("a", "xor"),

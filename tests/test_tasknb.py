@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 from nbflow.compiler import WorkflowError, compile_notebook
-from nbflow.compiler.graph import Node
+from nbflow.core.ir import Node
 from nbflow.compiler.tasknb import task_notebook
 
 DATA = os.path.join(os.path.dirname(__file__), "data")

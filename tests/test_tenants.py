@@ -15,8 +15,8 @@ from support import check_replay, wait_for
 from nbhelpers import write_notebook
 
 from nbflow.client import AlreadyDecided, NbflowError, SyncClient
-from nbflow.engine.events import make
-from nbflow.engine.layout import MSG_ID
+from nbflow.core.events import make
+from nbflow.nats.layout import MSG_ID
 from nbflow.stack import NatsServer, Supervisor
 
 FAST = {"NBFLOW_TASK_ACK_WAIT": "3", "NBFLOW_ENGINE_ACK_WAIT": "3"}

@@ -8,7 +8,7 @@ import uuid
 from click.testing import CliRunner
 
 from _sched_helpers import SCHED, private_stack, until
-from nbflow.engine.timers import trigger_run_id
+from nbflow.schedules.scheduler import trigger_run_id
 
 EVENT = str(SCHED / "event.ipynb")
 
@@ -77,7 +77,7 @@ def test_validation_hook_refuses_before_a_run(nats_server, tmp_path):
 
 
 def test_trigger_cli_and_refusals(nats_server):
-    from nbflow.cli import main
+    from nbflow.cli.main import main
 
     ns = ["--nats", nats_server.url, "--namespace", "trig-cli"]
     subject = f"cli.{uuid.uuid4().hex[:6]}.events"

@@ -11,8 +11,8 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from nbflow.compiler import compile_notebook
 from nbflow.compiler.render import STATE_COLOURS
-from nbflow.engine.events import make
-from nbflow.engine.state import apply
+from nbflow.core.events import make
+from nbflow.core.state import apply
 from nbflow.widgets.model import RunModel, human_duration, runs_rows
 
 from support import finish, wait_for

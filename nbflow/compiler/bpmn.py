@@ -19,7 +19,7 @@ the IR keeps as task options. Reading left to right, a task node exports as::
 * a pure gate (no code, no approval, only a signal and/or timer wait) is just its catch event(s).
 
 The main element carries ``<nbflow:node>`` (namespace :data:`NBFLOW_NS`) in its
-``extensionElements``: every :class:`~nbflow.compiler.graph.Node` field that differs from its
+``extensionElements``: every :class:`~nbflow.core.ir.Node` field that differs from its
 default (code in ``<nbflow:code>``). Parts carry ``<nbflow:part node=".." role=".."/>``. The process
 carries ``<nbflow:workflow>`` (name, params, params_source, setup, source, version); flows carry
 ``<nbflow:flow>`` with the data names (also shown as the flow's ``name``). For files nbflow wrote,
@@ -56,7 +56,7 @@ Ignored rather than refused (they do not change what runs): diagrams, documentat
 user tasks), other tools' extension elements, collaboration/participant (pools), laneSet/lane,
 textAnnotation/association/group, data objects/stores and their associations, ioSpecification,
 properties, message/signal/error/item definitions, and empty processes (black-box pools).
-Everything else is refused with one :class:`~nbflow.compiler.graph.WorkflowError` naming each
+Everything else is refused with one :class:`~nbflow.core.ir.WorkflowError` naming each
 unsupported element by type and id. Parsing never resolves entities, never loads DTDs or touches
 the network, and refuses DOCTYPEs (no XXE, no billion laughs).
 """
@@ -75,7 +75,7 @@ from urllib.parse import quote
 
 from lxml import etree
 
-from nbflow.compiler.graph import Edge, Node, Workflow, WorkflowError
+from nbflow.core.ir import Edge, Node, Workflow, WorkflowError
 
 BPMN_NS = "http://www.omg.org/spec/BPMN/20100524/MODEL"
 BPMNDI_NS = "http://www.omg.org/spec/BPMN/20100524/DI"

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from nbflow.compiler.graph import TASK_NAME_RE, WorkflowError
+from nbflow.core.ir import TASK_NAME_RE, WorkflowError
 
 # --- durations --------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import html
 import os
 from pathlib import Path
 
-from nbflow.compiler.graph import Node, Workflow, WorkflowError
+from nbflow.core.ir import Node, Workflow, WorkflowError
 
 # Fill colours per run state. Okabe-Ito hues (safe for the common colour-vision deficiencies)
 # or light tints of them; black text stays readable on all (contrast >= 4.5:1). Shape styles

@@ -26,11 +26,11 @@ from typing import Any
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.errors import APIError
 
-from nbflow.compiler.graph import Workflow
-from nbflow.engine import infra
-from nbflow.engine.events import BadMessage, Command, Event, decode, make
-from nbflow.engine.layout import MSG_ID, SCHEDULE, SCHEDULE_TARGET, Layout
-from nbflow.engine.state import RunState, apply
+from nbflow.core.ir import Workflow
+from nbflow.nats import infra
+from nbflow.core.events import BadMessage, Command, Event, decode, make
+from nbflow.nats.layout import MSG_ID, SCHEDULE, SCHEDULE_TARGET, Layout
+from nbflow.core.state import RunState, apply
 
 log = logging.getLogger("nbflow.engine")
 
@@ -95,7 +95,7 @@ class Engine:
             stream=self.L.timers_stream,
             config=infra.consumer_config(self.L.timers_consumer, self.L.timer_fire_subject(">"),
                                          ACK_WAIT_S, 10_000))
-        from nbflow.engine.timers import Scheduler  # schedules & triggers (engine/timers.py)
+        from nbflow.schedules.scheduler import Scheduler  # schedules & triggers (engine/timers.py)
         self.scheduler = Scheduler(self.nc, self.L, self._stop)
         await self.scheduler.start()
 

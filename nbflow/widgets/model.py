@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from traitlets import Dict, Float, HasTraits, Int, List, Unicode
 
-from nbflow.compiler.graph import Workflow
-from nbflow.engine.state import NODE_FINAL, TASK_FINAL, RunState, states_by_node
+from nbflow.core.ir import Workflow
+from nbflow.core.state import NODE_FINAL, TASK_FINAL, RunState, states_by_node
 
 BOOKKEEPING = ("start", "end")
 

@@ -20,7 +20,7 @@ import ipywidgets as widgets
 
 from nbflow.client import AlreadyDecided, NbflowError, SyncClient, whoami
 from nbflow.compiler import render
-from nbflow.engine.state import RunState
+from nbflow.core.state import RunState
 from nbflow.widgets.model import RunModel, decision_text
 
 _CLIENTS: dict[tuple[str | None, str | None], SyncClient] = {}

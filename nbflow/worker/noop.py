@@ -24,9 +24,9 @@ import os
 import socket
 import time
 
-from nbflow.engine import infra
-from nbflow.engine.events import make
-from nbflow.engine.layout import MSG_ID, Layout
+from nbflow.nats import infra
+from nbflow.core.events import make
+from nbflow.nats.layout import MSG_ID, Layout
 
 log = logging.getLogger("nbflow.worker.noop")
 

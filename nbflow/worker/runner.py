@@ -20,7 +20,7 @@ import papermill
 from papermill.exceptions import PapermillExecutionError
 
 from nbflow import io as nbio
-from nbflow.worker import kernels
+from nbflow.worker.kernels import pool as kernels
 
 log = logging.getLogger("nbflow.worker.runner")
 
@@ -58,7 +58,7 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
              pool: kernels.KernelPool | None = None, scope: str | None = None) -> TaskResult:
     """Run a task notebook; never raises for the task's own failures.
 
-    ``engine``: ``"nbflow"`` (warm kernel pool, :mod:`nbflow.worker.kernels`) or ``"papermill"``
+    ``engine``: ``"nbflow"`` (warm kernel pool, :mod:`nbflow.worker.kernels.pool`) or ``"papermill"``
     (papermill's own nbclient engine: a new kernel per task; the benchmark baseline).
     ``isolation``: ``"fresh"``/``"reuse"`` for the nbflow engine (None: the pool's default).
     ``save_every_cell``: let papermill rewrite the executed notebook at each cell's start and end

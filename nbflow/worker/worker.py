@@ -19,10 +19,10 @@ import threading
 import time
 from typing import Any
 
-from nbflow.compiler.graph import Workflow
-from nbflow.engine import infra
-from nbflow.engine.events import BadMessage, make
-from nbflow.engine.layout import MSG_ID, Layout
+from nbflow.core.ir import Workflow
+from nbflow.nats import infra
+from nbflow.core.events import BadMessage, make
+from nbflow.nats.layout import MSG_ID, Layout
 from nbflow.worker.artifacts import Artifacts, notebook_key, output_key
 
 log = logging.getLogger("nbflow.worker")
@@ -53,7 +53,7 @@ class Worker:
         self.done = 0
 
     async def start(self) -> None:
-        from nbflow.worker import kernels
+        from nbflow.worker.kernels import pool as kernels
 
         kernels.configure(concurrency=self.concurrency)   # warm kernels: one per slot + a spare
         await infra.ensure(self.js, self.L)
@@ -325,7 +325,7 @@ async def serve(url: str, namespace: str = "", queue: str = "default", concurren
     try:
         await infra.run_service(nc, w, ready)
     finally:
-        from nbflow.worker import kernels
+        from nbflow.worker.kernels import pool as kernels
 
         kernels.shutdown_pool()
 

@@ -97,7 +97,7 @@ import zmq  # noqa: E402
 from jupyter_client import KernelManager  # noqa: E402
 from papermill.engines import Engine, papermill_engines  # noqa: E402
 
-log = logging.getLogger("nbflow.worker.kernels")
+log = logging.getLogger("nbflow.worker.kernels.pool")
 
 ISOLATIONS = ("run", "fresh", "reuse")
 REUSING = ("run", "reuse")    # isolations whose kernels are reset and kept after a task

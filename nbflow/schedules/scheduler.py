@@ -29,8 +29,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from nbflow.engine import infra
-from nbflow.engine.layout import (DUPLICATE_WINDOW_S, MSG_ID, SCHEDULE, SCHEDULE_NEXT,
+from nbflow.nats import infra
+from nbflow.nats.layout import (DUPLICATE_WINDOW_S, MSG_ID, SCHEDULE, SCHEDULE_NEXT,
                                   SCHEDULE_TARGET, SCHEDULE_TZ, Layout)
 
 log = logging.getLogger("nbflow.scheduler")
@@ -377,7 +377,7 @@ class Starter:
         runs = await self.client.kv(self.client.L.runs_bucket)
         try:
             e = await runs.get(run)
-            from nbflow.engine.state import RunState
+            from nbflow.core.state import RunState
 
             return not RunState.from_dict(json.loads(e.value)).is_final
         except Exception:  # noqa: BLE001 - no snapshot yet: running if it has a history

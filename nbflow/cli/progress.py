@@ -6,8 +6,8 @@ import sys
 
 from tqdm import tqdm
 
-from nbflow.compiler.graph import Workflow
-from nbflow.engine.state import NODE_FINAL, RunState
+from nbflow.core.ir import Workflow
+from nbflow.core.state import NODE_FINAL, RunState
 
 _ICON = {"succeeded": "✔", "failed": "✘", "skipped": "–", "rejected": "⊘", "cancelled": "⊘",
          "running": "▶", "awaiting_approval": "?", "waiting_signal": "…", "sleeping": "⏱",

@@ -11,8 +11,8 @@ import html
 import shlex
 from typing import Any
 
-from nbflow.compiler.graph import WorkflowError
-from nbflow.magics import current_notebook_path, flow_command
+from nbflow.core.ir import WorkflowError
+from nbflow.magics.core import current_notebook_path, flow_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +35,7 @@ def _parser() -> _Parser:
 
 def _call(fn):
     from nbflow.client import NbflowError, SyncClient
-    from nbflow.schedules import Schedules
+    from nbflow.schedules.api import Schedules
 
     sc = SyncClient()
     try:
@@ -58,7 +58,7 @@ def _schedule(shell: Any, args: str) -> dict:
     path = ns.notebook or current_notebook_path(shell, "schedule")
     d = _call(lambda s: s.add(path, ns.cron, tz=ns.tz, params=pairs, name=ns.name,
                               catchup=ns.catchup, overlap=ns.overlap, replace=ns.replace))
-    from nbflow.engine.timers import parse_spec, utcnow
+    from nbflow.schedules.scheduler import parse_spec, utcnow
 
     nxt = parse_spec(d["cron"], d["tz"]).next_after(utcnow()).astimezone()
     print(f"schedule {d['name']}: {d['workflow']} {d['cron']!r} ({d['tz']}), "

@@ -6,11 +6,11 @@ import time
 
 import click
 
-from nbflow.cli import UserError, _local, _st, nats_options
+from nbflow.cli.main import UserError, _local, _st, nats_options
 
 
 def _call(nats_url, namespace, fn):
-    from nbflow.schedules import run_sync
+    from nbflow.schedules.api import run_sync
 
     return run_sync(fn, nats_url, namespace)
 
@@ -22,7 +22,7 @@ def _ts(dt) -> str:
 def _iso_local(s: str | None) -> str:
     if not s:
         return ""
-    from nbflow.engine.timers import parse_iso
+    from nbflow.schedules.scheduler import parse_iso
 
     return _local(parse_iso(s).timestamp())
 
@@ -58,7 +58,7 @@ def schedule():
 def add(notebook, cron, tz, params, name, catchup, overlap, replace, nats_url, namespace):
     """Schedule NOTEBOOK. Each fire starts one run; a notebook parameter `scheduled_for`
     receives the fire time (ISO-8601 UTC)."""
-    from nbflow.engine.timers import ScheduleError, parse_spec
+    from nbflow.schedules.scheduler import ScheduleError, parse_spec
 
     try:
         parse_spec(cron, tz)                # refuse before connecting
@@ -68,7 +68,7 @@ def add(notebook, cron, tz, params, name, catchup, overlap, replace, nats_url, n
         notebook, cron, tz=tz, params=list(params), name=name, catchup=catchup,
         overlap=overlap, replace=replace))
     spec = parse_spec(d["cron"], d["tz"])
-    from nbflow.engine.timers import utcnow
+    from nbflow.schedules.scheduler import utcnow
 
     click.echo(f"schedule {click.style(d['name'], bold=True)}: {d['workflow']} {d['cron']!r}"
                f" ({d['tz']}), next run {_ts(spec.next_after(utcnow()))}")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from nbflow.compiler.graph import WorkflowError
+from nbflow.core.ir import WorkflowError
 
 
 class NbflowGroup(click.Group):
@@ -23,7 +23,7 @@ class NbflowGroup(click.Group):
             sys.exit(e.code)
         except Exception as e:  # noqa: BLE001 - known user-facing errors from deeper layers
             from nbflow.client import NbflowError
-            from nbflow.engine.infra import ConnectError
+            from nbflow.nats.infra import ConnectError
             from nbflow.stack import StackError
 
             if isinstance(e, (NbflowError, ConnectError, StackError)):
@@ -198,7 +198,7 @@ def run(notebook, params, no_wait, nats_url, namespace):
             return 0
         click.echo(f"run {click.style(run_id, bold=True)} of {wf.name} started "
                    f"({len(wf.tasks)} tasks)", err=True)
-        from nbflow.progress import follow
+        from nbflow.cli.progress import follow
 
         try:
             st = await follow(c, run_id, wf)
@@ -453,7 +453,7 @@ def retry(run_id, no_wait, nats_url, namespace):
             click.echo(new)
             return 0
         click.echo(f"run {new} retries {run_id}", err=True)
-        from nbflow.progress import follow
+        from nbflow.cli.progress import follow
 
         st = await c.status(run_id)
         wf = await c.workflow(st.wf)
@@ -489,7 +489,7 @@ def signal_cmd(run_id, name, value, nats_url, namespace):
     click.echo(f"sent {name} to run {run_id}", err=True)
 
 
-from nbflow.cli_schedule import backfill, schedule, trigger  # noqa: E402
+from nbflow.cli.schedule import backfill, schedule, trigger  # noqa: E402
 
 main.add_command(schedule)
 main.add_command(backfill)

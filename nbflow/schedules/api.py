@@ -17,7 +17,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from nbflow.client import Client, NbflowError, parse_param, whoami
-from nbflow.engine.timers import (CATCHUP, OVERLAP, ScheduleError, Starter, Store, check_name,
+from nbflow.schedules.scheduler import (CATCHUP, OVERLAP, ScheduleError, Starter, Store, check_name,
                                   default_name, ensure_triggers_stream, iso, parse_spec,
                                   schedule_run_id, unknown_params, utcnow)
 
@@ -244,7 +244,7 @@ class Schedules:
         wf = _compile(notebook)
         params = _params(wf, params)
         if param:
-            from nbflow.engine.timers import declares
+            from nbflow.schedules.scheduler import declares
 
             if not declares(wf, param):
                 raise NbflowError(f"{wf.name} has no parameter {param!r} to receive the message "
@@ -323,7 +323,7 @@ def _instant(v, tz, end: bool) -> datetime:
 
 async def _run_starts(c: Client):
     """Every RunStarted in the history stream (a full scan: for tests and small histories)."""
-    from nbflow.engine.events import decode
+    from nbflow.core.events import decode
 
     try:
         info = await c.js.stream_info(c.L.history_stream)

@@ -24,8 +24,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
-from nbflow.compiler.graph import Node, Workflow
-from nbflow.engine.events import Command, Event, split_key, task_key
+from nbflow.core.ir import Node, Workflow
+from nbflow.core.events import Command, Event, split_key, task_key
 
 RUN_FINAL = ("succeeded", "failed", "rejected", "cancelled")
 NODE_FINAL = ("succeeded", "failed", "skipped", "rejected", "cancelled")

@@ -21,7 +21,7 @@ from nats.js.api import (ConsumerConfig, DiscardPolicy, KeyValueConfig, ObjectSt
                          RetentionPolicy, StorageType, StreamConfig)
 from nats.js.errors import BadRequestError, NotFoundError
 
-from nbflow.engine.layout import DUPLICATE_WINDOW_S, Layout
+from nbflow.nats.layout import DUPLICATE_WINDOW_S, Layout
 
 
 class ConnectError(ConnectionError):

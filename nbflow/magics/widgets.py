@@ -13,7 +13,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from nbflow.client import AlreadyDecided, NbflowError, parse_param
-from nbflow.magics import compile_current, flow_command
+from nbflow.magics.core import compile_current, flow_command
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,7 +5,7 @@ notebook and the compiled workflow can never disagree about what ``%%task`` mean
 
 ``%flow`` subcommands live in ``FLOW_COMMANDS``; other modules add theirs with::
 
-    from nbflow.magics import flow_command, compile_current
+    from nbflow.magics.core import flow_command, compile_current
 
     @flow_command("run", "submit this notebook: %flow run [name=value ...]")
     def _run(shell, args): ...
@@ -26,7 +26,7 @@ from nbflow.compiler.cells import (
     parse_task_line,
     task_magic_arguments,
 )
-from nbflow.compiler.graph import Workflow, WorkflowError, suggest
+from nbflow.core.ir import Workflow, WorkflowError, suggest
 
 FlowCommand = Callable[[Any, str], Any]
 
@@ -184,4 +184,4 @@ def _show(shell: Any, args: str) -> None:
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext nbflow``: register ``%%task`` and ``%flow``."""
     ipython.register_magics(NbflowMagics)
-    import nbflow.widgets_magics  # noqa: F401  - registers %flow run/watch/runs/approve/signal/cancel
+    import nbflow.magics.widgets  # noqa: F401  - registers %flow run/watch/runs/approve/signal/cancel

@@ -1,0 +1,1 @@
+"""The `nbflow` command line."""

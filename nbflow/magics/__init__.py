@@ -1,0 +1,1 @@
+"""IPython magics: %%task and %flow."""

@@ -1,0 +1,1 @@
+"""The one boundary to NATS: names (layout), connecting, streams/KV/objects."""

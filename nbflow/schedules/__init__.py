@@ -1,0 +1,1 @@
+"""Schedules and triggers: cron math, the store, the engine-side scheduler, the client-side api."""

@@ -1,0 +1,1 @@
+"""Warm kernels: the pool, the cell runner, the papermill engine."""
