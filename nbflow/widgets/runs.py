@@ -33,7 +33,7 @@ class RunsList(widgets.VBox):
         for r in self.rows:
             b = widgets.Button(description=r["run"], tooltip=f"open run {r['run']}",
                                layout=widgets.Layout(width="110px"))
-            b.on_click(lambda _b, run=r["run"]: self.open(run))
+            b.on_click(lambda _b, run=r["run"]: self.open_run(run))
             text = widgets.HTML(
                 f"{_badge(r['state'])} <b>{html.escape(r['name'])}</b> "
                 f"started {html.escape(r['started'])}, {html.escape(r['duration'])} "
@@ -44,7 +44,8 @@ class RunsList(widgets.VBox):
             lines = [widgets.HTML("no runs yet: <code>%flow run</code> starts one")]
         self.list_box.children = tuple(lines)
 
-    def open(self, run: str) -> RunView:
+    # not ``open``: ipywidgets calls ``Widget.open()`` (no arguments) on every new widget
+    def open_run(self, run: str) -> RunView:
         if self.opened is not None:
             self.opened.close()
         self.opened = RunView(run, self.client, user=self.user)
