@@ -14,24 +14,15 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "bpmn"
 
 
-def _shared() -> Path:
-    # shared/ sits beside the repo (CI: <clone>/../shared); in the dev tree it is two levels up
-    for cand in (HERE.parent.parent / "shared", HERE.parent / "shared", HERE.parents[2] / "shared"):
-        if (cand / "bpmn" / "xsd" / "BPMN20.xsd").exists():
-            return cand
-    pytest.skip("shared/bpmn (the OMG XSDs and MIWG models) is not beside the repo")
+XSD = DATA / "xsd" / "BPMN20.xsd"
+MIWG = DATA / "miwg" / "reference"
 
 
 @pytest.fixture(scope="module")
-def shared() -> Path:
-    return _shared()
-
-
-@pytest.fixture(scope="module")
-def schema(shared):
+def schema():
     import xmlschema
 
-    return xmlschema.XMLSchema(str(shared / "bpmn" / "xsd" / "BPMN20.xsd"))
+    return xmlschema.XMLSchema(str(XSD))
 
 
 @pytest.fixture
@@ -250,8 +241,8 @@ def _named_types(message: str) -> set[str]:
 
 
 @pytest.mark.parametrize("model", ["A.1.0", "A.2.0", "A.2.1", "A.3.0", "A.4.0", "A.4.1"])
-def test_miwg_reference_models(shared, check, model):
-    path = shared / "bpmn" / "miwg-reference" / f"{model}.bpmn"
+def test_miwg_reference_models(check, model):
+    path = MIWG / f"{model}.bpmn"
     if model in MIWG_REFUSED:
         with pytest.raises(WorkflowError) as err:
             from_bpmn(path)
@@ -279,10 +270,10 @@ def test_miwg_reference_models(shared, check, model):
     assert again.to_dict() == wf.to_dict()
 
 
-def test_a_2_1_names_each_conditional_task_flow(shared):
+def test_a_2_1_names_each_conditional_task_flow():
     with pytest.raises(WorkflowError, match=r"sequenceFlow '_To9Z7TOCEeSknpIVFCxNIQ' \(a condition "
                        r"on a flow out of a task"):
-        from_bpmn(shared / "bpmn" / "miwg-reference" / "A.2.1.bpmn")
+        from_bpmn(MIWG / "A.2.1.bpmn")
 
 
 def test_foreign_model_with_conditions_timers_signals_and_notebooks(check):
@@ -412,7 +403,7 @@ def test_compiled_notebooks_round_trip(check, name):
     assert back.content_hash() == wf.content_hash()
 
 
-def test_cli_compile_writes_valid_bpmn_and_reads_it_back(shared, schema, tmp_path):
+def test_cli_compile_writes_valid_bpmn_and_reads_it_back(schema, tmp_path):
     from click.testing import CliRunner
 
     from nbflow.cli.main import main
@@ -429,7 +420,7 @@ def test_cli_compile_writes_valid_bpmn_and_reads_it_back(shared, schema, tmp_pat
     result = CliRunner().invoke(main, ["compile", str(out), "-o", str(back)])
     assert result.exit_code == 0, result.output
     assert Workflow.from_json(back.read_text()).content_hash() == compiler.compile_file(nb).content_hash()
-    result = CliRunner().invoke(main, ["compile", str(shared / "bpmn" / "miwg-reference" / "A.3.0.bpmn")])
+    result = CliRunner().invoke(main, ["compile", str(MIWG / "A.3.0.bpmn")])
     assert result.exit_code == 2 and "unsupported BPMN elements: subProcess" in result.output
 
 
