@@ -238,28 +238,25 @@ class Workflow:
         succ: dict[str, list[str]] = {n.id: [] for n in self.nodes}
         for e in self.edges:
             succ.setdefault(e.source, []).append(e.target)
-        color: dict[str, int] = {}
-        stack: list[str] = []
-
-        def dfs(u: str) -> list[str] | None:
-            color[u] = 1
-            stack.append(u)
-            for v in succ.get(u, []):
-                if color.get(v) == 1:
-                    return stack[stack.index(v):] + [v]
-                if v not in color:
-                    found = dfs(v)
-                    if found:
-                        return found
-            stack.pop()
-            color[u] = 2
-            return None
-
-        for n in self.nodes:
-            if n.id not in color:
-                found = dfs(n.id)
-                if found:
-                    return found
+        color: dict[str, int] = {}   # 1 = on the current path, 2 = done
+        for root in (n.id for n in self.nodes):
+            if root in color:
+                continue
+            # iterative DFS (a recursive one overflows the stack at ~1,000 chained nodes)
+            path: list[str] = [root]
+            todo: list[Any] = [iter(succ.get(root, []))]
+            color[root] = 1
+            while todo:
+                v = next(todo[-1], None)
+                if v is None:
+                    color[path.pop()] = 2
+                    todo.pop()
+                elif color.get(v) == 1:
+                    return path[path.index(v):] + [v]
+                elif v not in color:
+                    color[v] = 1
+                    path.append(v)
+                    todo.append(iter(succ.get(v, [])))
         return None
 
     def ancestors(self, node_id: str) -> set[str]:
