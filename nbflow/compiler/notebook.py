@@ -36,9 +36,8 @@ NO_TASKS = "no %%task cells found — mark a cell with `%%task NAME`"
 
 
 def load_notebook(path: str | os.PathLike) -> Any:
-    """Read an .ipynb file as an nbformat v4 NotebookNode; WorkflowError if it is not one."""
-    import nbformat
-
+    """Read an .ipynb file as a v4 notebook (attribute access like nbformat's NotebookNode);
+    WorkflowError if it is not one."""
     p = os.fspath(path)
     try:
         with open(p, "rb") as f:
@@ -59,6 +58,12 @@ def load_notebook(path: str | os.PathLike) -> Any:
         raise WorkflowError(f"{p} is not a notebook: not JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict) or "nbformat" not in data:
         raise WorkflowError(f"{p} is not a notebook: JSON without an 'nbformat' version")
+    if data.get("nbformat") == 4:
+        # the common case, without importing nbformat: its JSON-schema validator costs ~1.6 s of
+        # imports (jsonschema -> rfc3987_syntax builds a grammar) on every `nbflow run`
+        return _v4(p, data)
+    import nbformat
+
     try:
         nb = nbformat.reads(text, as_version=4)
     except Exception as e:  # nbformat raises assorted errors for malformed notebooks
@@ -66,6 +71,35 @@ def load_notebook(path: str | os.PathLike) -> Any:
     if not isinstance(nb.get("cells"), list):
         raise WorkflowError(f"{p} is not a valid notebook: no cells")
     return nb
+
+
+class _Node(dict):
+    """A dict with attribute access, like nbformat's NotebookNode (which we avoid importing)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def _v4(p: str, data: dict) -> _Node:
+    """A v4 notebook from its JSON, checked cheaply (what the compiler reads), sources joined."""
+    cells = data.get("cells")
+    if not isinstance(cells, list):
+        raise WorkflowError(f"{p} is not a valid notebook: no cells")
+    out = []
+    for i, c in enumerate(cells, 1):
+        if not isinstance(c, dict) or not isinstance(c.get("cell_type"), str):
+            raise WorkflowError(f"{p} is not a valid notebook: cell {i} has no cell_type")
+        src = c.get("source", "")
+        if isinstance(src, list) and all(isinstance(x, str) for x in src):
+            src = "".join(src)
+        if not isinstance(src, str):
+            raise WorkflowError(f"{p} is not a valid notebook: cell {i}'s source is not text")
+        meta = c.get("metadata")
+        out.append(_Node(c, source=src, metadata=_Node(meta if isinstance(meta, dict) else {})))
+    return _Node(data, cells=out, metadata=_Node(data.get("metadata") or {}))
 
 
 def _cells_of(source: Any) -> tuple[list[Any], str, str | None]:
