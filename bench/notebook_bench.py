@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import time
 
@@ -222,8 +223,9 @@ def _ploomber(n: int, workdir: str) -> float | None:
     with open(os.path.join(d, "pipeline.yaml"), "w") as f:
         f.write("tasks:\n" + "".join(tasks))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ploomber.cli.cli", "build", "--force"], cwd=d,
-                   check=True, capture_output=True)
+    # `ploomber build` (the console script; `python -m ploomber.cli.cli` is gone in 0.23)
+    exe = shutil.which("ploomber") or os.path.join(os.path.dirname(sys.executable), "ploomber")
+    subprocess.run([exe, "build", "--force"], cwd=d, check=True, capture_output=True)
     return time.perf_counter() - t0
 
 

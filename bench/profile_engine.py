@@ -82,10 +82,10 @@ def instrument(eng, t: Timings, engine_cls=None) -> None:
                              setattr(em.RunState, "to_dict", orig)))
     t.n["RunState.to_dict"] = 0
 
-    def to_dict(self):
+    def to_dict(self, *args, **kwargs):   # forwards compact= (dropping it made every event fail)
         t0 = time.perf_counter()
         try:
-            return orig(self)
+            return orig(self, *args, **kwargs)
         finally:
             t.n["RunState.to_dict"] += 1
             t.s["RunState.to_dict"] += time.perf_counter() - t0
