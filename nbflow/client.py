@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, AsyncIterator
 
+from nbflow.core.fingerprint import fingerprints, reusable_across_runs
 from nbflow.core.ir import Workflow, WorkflowError
 from nbflow.nats import infra
 from nbflow.core.events import Event, decode, make, task_key
@@ -140,8 +141,12 @@ class Client:
     async def submit(self, workflow: Workflow | str, params: dict[str, Any] | None = None, *,
                      by: str | None = None, run_id: str | None = None, msg_id: str | None = None,
                      schedule: str | None = None, retry_of: str | None = None,
-                     reuse: dict | None = None) -> str:
-        """Start a run; returns its id. ``workflow`` is an IR or a notebook/BPMN/JSON path."""
+                     reuse: dict | None = None, reuse_outputs: bool = False) -> str:
+        """Start a run; returns its id. ``workflow`` is an IR or a notebook/BPMN/JSON path.
+
+        ``reuse_outputs`` (``nbflow run --reuse``): each task whose fingerprint matches the
+        latest succeeded execution of any earlier run in this namespace reuses its outputs
+        instead of running."""
         if isinstance(workflow, str):
             from nbflow.compiler import compile_file
 
@@ -158,14 +163,34 @@ class Client:
             raise NbflowError(f"parameters must be JSON values: {e}") from None
         h = await self.put_workflow(workflow)
         run = run_id or new_run_id()
+        fps = fingerprints(workflow, {**workflow.params, **params})
+        if reuse_outputs:
+            reuse = {**(await self._indexed(workflow, fps)), **(reuse or {})}
         ev = make("RunStarted", run, wf=h, params=params, by=by or whoami(),
                   source=workflow.source, name=workflow.name, schedule=schedule,
-                  retry_of=retry_of, reuse=reuse)
+                  retry_of=retry_of, reuse=reuse or None,
+                  fps={k: v for k, v in fps.items() if v and k in _task_ids(workflow)})
         ack = await self.js.publish(self.L.history_subject(run), ev.encode(),
                                     headers={MSG_ID: msg_id or f"start.{run}"})
         if ack.duplicate and msg_id:
             return run          # this start was already recorded (idempotent trigger)
         return run
+
+    async def _indexed(self, wf: Workflow, fps: dict[str, str | None]) -> dict[str, Any]:
+        """node -> reuse entry, for each task the fingerprint index has a success of."""
+        index = await self.kv(self.L.fps_bucket)
+        out: dict[str, Any] = {}
+        for node in wf.tasks:
+            fp = fps.get(node.id)
+            if not fp or not reusable_across_runs(node):
+                continue
+            try:
+                rec = json.loads((await index.get(fp)).value)
+            except Exception:  # noqa: BLE001 - never executed with this fingerprint
+                continue
+            out[node.id] = _reuse_entry(node.id, rec.get("count"), rec.get("tasks") or {},
+                                        rec.get("run", ""))
+        return out
 
     # --- reading ------------------------------------------------------------------------------
     async def workflow(self, wf_hash: str) -> Workflow:
@@ -385,21 +410,63 @@ class Client:
         await self.js.publish(self.L.history_subject(st.run), ev.encode(),
                               headers={MSG_ID: f"signal.{st.run}.{name}"})
 
-    async def retry(self, run: str, by: str | None = None) -> str:
-        """A new run of a failed/rejected/cancelled run that reuses what succeeded."""
+    async def retry(self, run: str, by: str | None = None, same_code: bool = False) -> str:
+        """A new run of a failed/rejected/cancelled run, with the same parameters.
+
+        By default the notebook is compiled again from the file the run was submitted from (so
+        the fix runs); a task that succeeded in ``run`` and whose fingerprint is unchanged is not
+        executed again, its outputs are reused. ``same_code``: rerun the stored version and
+        reuse everything that succeeded."""
         st = await self.status(run)
         if st.state == "running":
             raise NbflowError(f"run {st.run} is still running; cancel it first or wait")
         if st.state == "succeeded":
             raise NbflowError(f"run {st.run} succeeded; nothing to retry "
                               f"(start a new one with `nbflow run`)")
-        reuse: dict[str, Any] = {}
-        for node_id, ns in st.nodes.items():
-            if ns.state == "succeeded" and node_id not in ("start", "end"):
-                tasks = {t.key: {**t.__dict__} for t in st.tasks.values() if t.node == node_id}
-                reuse[node_id] = {"state": "succeeded", "count": ns.count, "tasks": tasks}
-        wf = await self.workflow(st.wf)
-        return await self.submit(wf, st.params, by=by, retry_of=st.run, reuse=reuse)
+        old = await self.workflow(st.wf)
+        given = await self._given_params(st)
+        if same_code:
+            reuse = {nid: _reuse_entry(nid, ns.count, _node_task_dicts(st, nid), st.run)
+                     for nid, ns in st.nodes.items()
+                     if ns.state == "succeeded" and nid in _task_ids(old)}
+            return await self.submit(old, given, by=by, retry_of=st.run, reuse=reuse)
+        wf = self._recompile(st)
+        params = {k: v for k, v in given.items() if k in wf.param_names()}
+        old_fps = fingerprints(old, {**old.params, **given}, across_runs=False)
+        new_fps = fingerprints(wf, {**wf.params, **params}, across_runs=False)
+        reuse = {}
+        for node in wf.tasks:
+            ns = st.nodes.get(node.id)
+            if ns is not None and ns.state == "succeeded" and new_fps.get(node.id) and \
+                    new_fps[node.id] == old_fps.get(node.id):
+                reuse[node.id] = _reuse_entry(node.id, ns.count, _node_task_dicts(st, node.id),
+                                              st.run)
+        return await self.submit(wf, params, by=by, retry_of=st.run, reuse=reuse)
+
+    def _recompile(self, st: RunState) -> Workflow:
+        from nbflow.compiler import compile_file
+
+        src = st.source
+        hint = f"`nbflow retry {st.run} --same-code` reruns the code run {st.run} ran"
+        if not src:
+            raise NbflowError(f"run {st.run} was not submitted from a file; {hint}")
+        if not os.path.isfile(src):
+            raise NbflowError(f"run {st.run} was submitted from {src}, which is gone; {hint}")
+        try:
+            return compile_file(src)
+        except WorkflowError as e:
+            raise NbflowError(f"{src} no longer compiles: {e}\n{hint}") from None
+
+    async def _given_params(self, st: RunState) -> dict[str, Any]:
+        """The parameters the run was started with (not the defaults merged in)."""
+        events = self._events(st.run, follow=False)
+        try:
+            async for ev in events:
+                if ev.type == "RunStarted":
+                    return dict(ev.get("params") or {})
+        finally:
+            await events.aclose()
+        return dict(st.params)
 
     # --- artifacts ----------------------------------------------------------------------------
     def _task_keys(self, st: RunState, task: str | None) -> list[str]:
@@ -460,6 +527,26 @@ class Client:
         if isinstance(ref, list):
             return [pickle.loads(await art.get_bytes(r)) if r else None for r in ref]
         return pickle.loads(await art.get_bytes(ref))
+
+
+def _task_ids(wf: Workflow) -> set[str]:
+    return {n.id for n in wf.tasks}
+
+
+def _node_task_dicts(st: RunState, node_id: str) -> dict[str, dict[str, Any]]:
+    return {t.key: dict(t.__dict__) for t in st.tasks.values() if t.node == node_id}
+
+
+def _reuse_entry(node_id: str, count: int | None, tasks: dict[str, dict[str, Any]],
+                 origin: str) -> dict[str, Any]:
+    """What RunStarted.reuse holds for one node: its task results re-keyed to ``node_id`` (a
+    task may have been renamed since), and the run that executed them."""
+    out = {}
+    for t in tasks.values():
+        key = task_key(node_id, t.get("instance"))
+        out[key] = {**t, "key": key, "node": node_id,
+                    "reused_from": t.get("reused_from") or origin}
+    return {"state": "succeeded", "count": count, "tasks": out, "from": origin}
 
 
 def _decided_msg(run: str, task: str, rec: dict[str, Any]) -> str:

@@ -99,7 +99,7 @@ def test_states_colour_nodes_and_legend():
     items = legend_items()
     assert [s for s, _ in items] == [
         "pending", "queued", "running", "awaiting_approval", "waiting_signal", "sleeping",
-        "retry_wait", "succeeded", "failed", "skipped", "rejected", "cancelled"]
+        "retry_wait", "succeeded", "reused", "failed", "skipped", "rejected", "cancelled"]
     assert len({c for _, c in items}) == len(items)  # every state tells itself apart
     for state, colour in items:
         assert f'BGCOLOR="{colour}"' in dot

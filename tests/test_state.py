@@ -1005,3 +1005,70 @@ def test_compact_snapshot_restores_the_same_state():
     compact = json.loads(json.dumps(st.to_dict(compact=True)))
     assert RunState.from_dict(compact).to_dict() == st.to_dict()
     assert len(json.dumps(compact)) < len(json.dumps(st.to_dict()))
+
+
+# --- fingerprints: the index a success writes, reuse from another run ------------------------
+
+def test_a_task_that_executed_and_succeeded_is_remembered_by_fingerprint():
+    from nbflow.core.fingerprint import fingerprints
+
+    wf = chain(2)
+    fps = fingerprints(wf, {})
+    sim = Sim(wf)
+    sim.start(fps={k: v for k, v in fps.items() if k in ("t0", "t1")})
+    cmds = sim.succeed("t0", outputs={"v0": ref("t0", "v0")})
+    rem = Sim.of(cmds, "remember")
+    assert [(c["fp"], c["node"], c["run"]) for c in rem] == [(fps["t0"], "t0", "r1")]
+    assert rem[0]["tasks"]["t0"]["outputs"] == {"v0": ref("t0", "v0")}
+
+
+def test_a_reused_task_is_shown_reused_from_its_run_and_not_remembered_again():
+    from nbflow.core.fingerprint import fingerprints
+    from nbflow.core.state import reused_from, shown_state, states_by_node
+
+    wf = chain(2)
+    fps = {k: v for k, v in fingerprints(wf, {}).items() if k in ("t0", "t1")}
+    first = Sim(wf, run="old1")
+    first.start(fps=fps)
+    first.run_workers()
+    entry = reuse_from(first.st)["t0"]
+    entry["from"] = "old1"
+    sim = Sim(wf, run="r2")
+    cmds = sim.start(fps=fps, reuse={"t0": entry})
+    assert sim.keys(cmds) == ["t1"] and not Sim.of(cmds, "remember")
+    assert shown_state(sim.st, "t0") == "reused" and reused_from(sim.st, "t0") == "old1"
+    assert states_by_node(sim.st)["t0"] == "reused"
+    assert sim.st.tasks["t0"].reused_from == "old1"
+    cmds = sim.succeed("t1")
+    assert [c["node"] for c in Sim.of(cmds, "remember")] == ["t1"]
+    assert sim.st.state == "succeeded" and shown_state(sim.st, "t1") == "succeeded"
+
+
+def test_everything_reused_finishes_at_start_with_no_dispatch():
+    wf = chain(3)
+    first = Sim(wf)
+    first.start()
+    first.run_workers()
+    sim = Sim(wf, run="r2")
+    cmds = sim.start(reuse=reuse_from(first.st))
+    assert sim.dispatches(cmds) == [] and sim.st.state == "succeeded"
+    assert sim.finished() == ["succeeded"]
+
+
+def test_fingerprints_change_with_code_params_read_options_and_upstream():
+    from nbflow.core.fingerprint import fingerprints
+
+    def wf_(code1="v1 = v0 + 1", when=None, params=None):
+        return build([task("t0", "v0 = n"), task("t1", code1, sources={"v0": "t0"}, when=when),
+                      task("t2", "v2 = title", sources={})], params=params or {"n": 1, "title": "a"})
+    base = fingerprints(wf_(), {"n": 1, "title": "a"})
+    assert base == fingerprints(wf_(), {"n": 1, "title": "a"})
+    edited = fingerprints(wf_("v1 = v0 + 2"), {"n": 1, "title": "a"})
+    assert edited["t0"] == base["t0"] and edited["t1"] != base["t1"]
+    n2 = fingerprints(wf_(), {"n": 2, "title": "a"})
+    assert n2["t0"] != base["t0"] and n2["t1"] != base["t1"] and n2["t2"] == base["t2"]
+    assert fingerprints(wf_(when="v0 > 0"), {"n": 1, "title": "a"})["t1"] != base["t1"]
+    # a signal value is not known before the run: never reused across runs, nor what follows
+    sig = build([task("a", "x = 1", wait_signal="bank"), task("b", "y = x", sources={"x": "a"})])
+    assert fingerprints(sig, {})["b"] is None
+    assert fingerprints(sig, {}, across_runs=False)["b"] is not None

@@ -160,7 +160,8 @@ def _local(ts) -> str:
 
 
 _STATE_COLOUR = {"succeeded": "green", "failed": "red", "rejected": "magenta",
-                 "cancelled": "yellow", "running": "cyan", "skipped": "bright_black"}
+                 "cancelled": "yellow", "running": "cyan", "skipped": "bright_black",
+                 "reused": "blue"}
 
 
 def _st(state: str) -> str:
@@ -181,18 +182,23 @@ def _parse_params(pairs, wf=None) -> dict:
 @click.option("-p", "--param", "params", nargs=2, multiple=True, metavar="NAME VALUE",
               help="Set a parameter (repeatable). Values parse as JSON when they can.")
 @click.option("--no-wait", is_flag=True, help="Print only the run id and return at once.")
+@click.option("--reuse", is_flag=True,
+              help="Reuse the outputs of each task whose fingerprint (its code, setup cells, "
+                   "parameters it reads, options and upstream tasks) matches an earlier "
+                   "successful execution; run only what changed.")
 @nats_options
-def run(notebook, params, no_wait, nats_url, namespace):
+def run(notebook, params, no_wait, reuse, nats_url, namespace):
     """Compile NOTEBOOK, start a run and follow it to the end.
 
     Exit code 0 only when the run succeeded. Ctrl-C detaches: the run goes on.
+    Without --reuse every task executes (a scheduled pipeline reads fresh data).
     """
     from nbflow.compiler import compile_file
 
     wf = compile_file(notebook)            # refuse a bad notebook before anything is submitted
 
     async def go(c):
-        run_id = await c.submit(wf, _parse_params(params, wf))
+        run_id = await c.submit(wf, _parse_params(params, wf), reuse_outputs=reuse)
         if no_wait:
             click.echo(run_id)
             return 0
@@ -229,6 +235,8 @@ def _detached(run_id: str) -> None:
 
 def _summary(st, wf) -> None:
     click.echo(f"\nrun {st.run}: {_st(st.state)} in {_dur((st.finished or 0) - st.started)}")
+    from nbflow.core.state import reused_from, shown_state
+
     rows = [("task", "state", "attempts", "duration", "executed notebook")]
     for node in wf.tasks:
         ns = st.nodes.get(node.id)
@@ -240,7 +248,10 @@ def _summary(st, wf) -> None:
         where = f"nbflow output {st.run} {node.id} -o {node.id}.ipynb" if any(
             t.notebook for t in tasks) else ""
         label = node.id if ns.count is None else f"{node.id} ×{ns.count}"
-        rows.append((label, ns.state, str(attempts or ""), _dur(dur), where))
+        shown = shown_state(st, node.id)
+        if shown == "reused":
+            where, attempts, dur = f"from run {reused_from(st, node.id)}", 0, None
+        rows.append((label, shown, str(attempts or ""), _dur(dur), where))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for i, r in enumerate(rows):
         cells = [r[j].ljust(widths[j]) for j in range(4)]
@@ -370,13 +381,16 @@ def status(run_id, as_json, nats_url, namespace):
     if as_json:
         click.echo(_json.dumps(st.to_dict(), indent=2, default=str))
         return
+    from nbflow.core.state import reused_from, shown_state
+
     click.echo(f"run {st.run} · {st.name} · {_st(st.state)} · started {_local(st.started)}"
                + (f" · took {_dur(st.finished - st.started)}" if st.finished else ""))
     for node in wf.tasks:
         ns = st.nodes.get(node.id)
         if ns is None:
             continue
-        extra = ""
+        shown = shown_state(st, node.id)
+        extra = f" from run {reused_from(st, node.id)}" if shown == "reused" else ""
         if ns.count is not None:
             done = sum(1 for t in st.tasks.values() if t.node == node.id and
                        t.state in ("succeeded", "skipped"))
@@ -385,7 +399,7 @@ def status(run_id, as_json, nats_url, namespace):
             extra += f"  ← nbflow approve {st.run} {node.id}"
         if ns.state == "waiting_signal":
             extra += f"  ← nbflow signal {st.run} {node.wait_signal} VALUE"
-        click.echo(f"  {node.id:<24} {_st(ns.state)}{extra}")
+        click.echo(f"  {node.id:<24} {_st(shown)}{extra}")
     if st.error:
         click.secho(f"error in {st.error.get('key')}: {st.error.get('error')}", fg="red")
 
@@ -407,6 +421,9 @@ def history(run_id, as_json, nats_url, namespace):
                           if k in ("key", "attempt", "node", "name", "by", "approved", "error",
                                    "kind", "worker", "reason"))
         click.echo(f"{_local(ev.ts)}  #{ev.seq:<6} {ev.type:<16} {detail}")
+        for node, saved in sorted((ev.get("reuse") or {}).items()):
+            origin = saved.get("from") or ev.get("retry_of", "")
+            click.echo(f"{'':<19}  {'':<7} {'':<16} {node} reused from run {origin}")
 
 
 @main.command()
@@ -444,18 +461,23 @@ def cancel(run_id, nats_url, namespace):
 @main.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--no-wait", is_flag=True, help="Print only the new run id.")
+@click.option("--same-code", is_flag=True,
+              help="Rerun the code RUN ran (its stored version), not the notebook file as it "
+                   "is now.")
 @nats_options
-def retry(run_id, no_wait, nats_url, namespace):
-    """Start a new run of a failed run, reusing the outputs of tasks that succeeded."""
+def retry(run_id, no_wait, same_code, nats_url, namespace):
+    """Start a new run of a failed run: the notebook is compiled again from its file (so your
+    fix runs), with the same parameters; tasks that succeeded and did not change are not
+    executed again (their outputs are reused)."""
     async def go(c):
-        new = await c.retry(run_id)
+        new = await c.retry(run_id, same_code=same_code)
         if no_wait:
             click.echo(new)
             return 0
         click.echo(f"run {new} retries {run_id}", err=True)
         from nbflow.cli.progress import follow
 
-        st = await c.status(run_id)
+        st = await c.status(new)
         wf = await c.workflow(st.wf)
         st = await follow(c, new, wf)
         _summary(st, wf)

@@ -7,11 +7,11 @@ import sys
 from tqdm import tqdm
 
 from nbflow.core.ir import Workflow
-from nbflow.core.state import NODE_FINAL, RunState
+from nbflow.core.state import NODE_FINAL, RunState, reused_from, shown_state
 
 _ICON = {"succeeded": "✔", "failed": "✘", "skipped": "–", "rejected": "⊘", "cancelled": "⊘",
          "running": "▶", "awaiting_approval": "?", "waiting_signal": "…", "sleeping": "⏱",
-         "pending": " "}
+         "pending": " ", "reused": "↺"}
 
 
 def _done(st: RunState, node_id: str) -> tuple[int, int]:
@@ -30,6 +30,8 @@ def _label(st: RunState, node_id: str) -> str:
     attempt = max((t.attempt for t in tasks), default=1)
     if attempt > 1:
         extra = f" (attempt {attempt})"
+    if shown_state(st, node_id) == "reused":
+        return f"{_ICON['reused']} reused from run {reused_from(st, node_id)}"
     if ns.state == "awaiting_approval":
         extra = f" → nbflow approve {st.run} {node_id}"
     elif ns.state == "waiting_signal":

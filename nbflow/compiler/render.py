@@ -28,6 +28,7 @@ STATE_COLOURS: dict[str, str] = {
     "sleeping": "#C9C3E6",
     "retry_wait": "#E69F00",
     "succeeded": "#009E73",
+    "reused": "#9ECAE1",          # succeeded in an earlier run; its outputs stand in (retry, --reuse)
     "failed": "#D55E00",
     "skipped": "#FFFFFF",
     "rejected": "#CC79A7",

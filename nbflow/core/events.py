@@ -25,11 +25,12 @@ class BadMessage(ValueError):
 _ANY = object
 _SPEC: dict[str, dict[str, tuple[Any, bool]]] = {
     # a run begins. wf = workflow content hash (in the defs KV); reuse = succeeded task results
-    # carried over from a failed run by `retry` ({key: TaskSucceeded fields})
+    # carried over from an earlier run by `retry` or `run --reuse` ({node: {state, count, tasks,
+    # from}}); fps = node -> fingerprint (core/fingerprint), indexed when a task succeeds
     "RunStarted": {
         "wf": (str, True), "params": (dict, True), "by": (str, False), "source": (str, False),
         "retry_of": (str, False), "reuse": (dict, False), "schedule": (str, False),
-        "name": (str, False),
+        "name": (str, False), "fps": (dict, False),
     },
     "TaskStarted": {"key": (str, True), "attempt": (int, True), "worker": (str, False)},
     "TaskSucceeded": {
@@ -133,7 +134,8 @@ def decode(raw: bytes, seq: int | None = None) -> Event:
 
 @dataclass
 class Command:
-    kind: str            # "dispatch" | "timer" | "approval" | "cancel_tasks" | "finished"
+    kind: str    # "dispatch" | "timer" | "approval" | "approval_closed" | "cancel_tasks" |
+                 # "remember" (index a success by fingerprint) | "finished"
     data: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, k: str) -> Any:

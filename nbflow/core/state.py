@@ -24,6 +24,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
+from nbflow.core.fingerprint import reusable_across_runs
 from nbflow.core.ir import Node, Workflow
 from nbflow.core.events import Command, Event, split_key, task_key
 
@@ -56,6 +57,7 @@ class TaskState:
     reason: str = ""
     exec_s: float | None = None
     reused: bool = False
+    reused_from: str = ""                                    # the run that executed it
 
 
 @dataclass
@@ -88,7 +90,8 @@ class RunState:
     tasks: dict[str, TaskState] = field(default_factory=dict)
     signals: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None   # the failure that ended the run: key, error, traceback
-    reuse: dict[str, Any] = field(default_factory=dict)   # node -> carried-over results (retry)
+    reuse: dict[str, Any] = field(default_factory=dict)   # node -> results reused (retry, --reuse)
+    fps: dict[str, Any] = field(default_factory=dict)     # node -> fingerprint (core/fingerprint)
 
     # --- (de)serialisation --------------------------------------------------------------------
     def to_dict(self, compact: bool = False) -> dict[str, Any]:
@@ -191,6 +194,8 @@ class _Step:
             ns.started = self.ev.ts
         if state == "failed":
             return                      # downstream stays pending: the run fails when idle
+        if state == "succeeded":
+            self.remember(node_id)
         for s in self.succ(node_id):
             self.consider(s)
 
@@ -228,11 +233,30 @@ class _Step:
         saved = self.st.reuse[node_id]
         ns = self.st.nodes[node_id]
         ns.count = saved.get("count")
+        origin = saved.get("from") or self.st.retry_of
         for key, t in saved.get("tasks", {}).items():
             ts = TaskState(**t)
             ts.reused = True
+            ts.reused_from = ts.reused_from or origin
             self.st.tasks[key] = ts
-        self.resolve(node_id, saved.get("state", "succeeded"), "reused from " + self.st.retry_of)
+        self.resolve(node_id, saved.get("state", "succeeded"), "reused from " + origin)
+
+    def remember(self, node_id: str) -> None:
+        """A task executed and succeeded: tell the engine to index its outputs under its
+        fingerprint, so later runs with ``--reuse`` can stand them in."""
+        fp = self.st.fps.get(node_id)
+        if not fp or node_id in self.st.reuse:
+            return
+        node = self.wf.node(node_id)
+        if not reusable_across_runs(node):
+            return
+        tasks = {t.key: {k: v for k, v in t.__dict__.items()}
+                 for t in self.st.node_tasks(node_id)}
+        if any(t.get("reused") for t in tasks.values()):
+            return
+        self.cmds.append(Command("remember", {
+            "fp": fp, "node": node_id, "run": self.st.run, "at": self.ev.ts,
+            "count": self.st.nodes[node_id].count, "tasks": tasks}))
 
     # Gates, in order: timer (--sleep/--at) -> signal -> approval -> run.
     def gate(self, node: Node, after: str) -> None:
@@ -557,7 +581,7 @@ def new_state(ev: Event, wf: Workflow) -> RunState:
         params={**wf.params, **(ev.get("params") or {})}, started=ev.ts,
         by=ev.get("by", ""), source=ev.get("source") or (wf.source or ""),
         retry_of=ev.get("retry_of", ""), schedule=ev.get("schedule", ""),
-        reuse=dict(ev.get("reuse") or {}),
+        reuse=dict(ev.get("reuse") or {}), fps=dict(ev.get("fps") or {}),
     )
 
 
@@ -591,6 +615,23 @@ def replay(events, wf: Workflow) -> RunState | None:
     return st
 
 
+def shown_state(st: RunState, node_id: str) -> str:
+    """The state a person sees: ``reused`` for a task whose outputs came from an earlier run."""
+    ns = st.nodes[node_id]
+    if ns.state == "succeeded" and node_id in st.reuse:
+        return "reused"
+    return ns.state
+
+
+def reused_from(st: RunState, node_id: str) -> str:
+    """The run whose execution a reused task stands in for ("" when it ran here)."""
+    saved = st.reuse.get(node_id) or {}
+    for t in (saved.get("tasks") or {}).values():
+        if t.get("reused_from"):
+            return t["reused_from"]
+    return saved.get("from") or (st.retry_of if node_id in st.reuse else "")
+
+
 def states_by_node(st: RunState) -> dict[str, str]:
-    """Node id -> state, for pictures (render.to_dot colours)."""
-    return {k: v.state for k, v in st.nodes.items()}
+    """Node id -> state as shown, for pictures (render.to_dot colours)."""
+    return {k: shown_state(st, k) for k in st.nodes}

@@ -85,6 +85,7 @@ class Engine:
         self.runs_kv = await self.js.key_value(self.L.runs_bucket)
         self.defs_kv = await self.js.key_value(self.L.defs_bucket)
         self.approvals_kv = await self.js.key_value(self.L.approvals_bucket)
+        self.fps_kv = await self.js.key_value(self.L.fps_bucket)
         self.history_sub = await self.js.pull_subscribe(
             self.L.history_wildcard, durable=self.L.engine_consumer,
             stream=self.L.history_stream,
@@ -306,6 +307,10 @@ class Engine:
                                            subject=self.L.task_subject("*", st.run))
                 await self.nc.publish(self.L.cancel_subject(st.run),
                                       json.dumps({"keys": c["keys"]}).encode())
+            elif c.kind == "remember":
+                # the index `run --reuse` reads: the latest success of each fingerprint wins
+                await self.fps_kv.put(c["fp"], json.dumps(c.data, separators=(",", ":"),
+                                                          default=str).encode())
             elif c.kind == "finished":
                 log.info("run %s %s", st.run, c["state"])
         for f in futs:

@@ -188,6 +188,7 @@ async def ensure(js, layout: Layout, replicas: int | None = None) -> None:
     await kv(L.signals_bucket, history=5, desc="nbflow signals sent to runs")
     await kv(L.workers_bucket, ttl=30, desc="nbflow workers seen (TTL heartbeats)")
     await kv(L.schedules_bucket, history=20, desc="nbflow schedules and triggers (with history)")
+    await kv(L.fps_bucket, desc="nbflow task fingerprint -> outputs of its latest success")
     try:
         await js.object_store(L.artifacts_store)
     except Exception:  # noqa: BLE001 - nats-py raises NotFoundError or a generic API error

@@ -94,6 +94,11 @@ class Layout:
         return f"nbflow_schedules{self._sfx}"
 
     @property
+    def fps_bucket(self) -> str:
+        """Fingerprint -> outputs of the latest succeeded execution (``run --reuse``)."""
+        return f"nbflow_fps{self._sfx}"
+
+    @property
     def artifacts_store(self) -> str:
         return f"nbflow_artifacts{self._sfx}"
 

@@ -13,7 +13,14 @@ from typing import Any, Callable
 from traitlets import Dict, Float, HasTraits, Int, List, Unicode
 
 from nbflow.core.ir import Workflow
-from nbflow.core.state import NODE_FINAL, TASK_FINAL, RunState, states_by_node
+from nbflow.core.state import (
+    NODE_FINAL,
+    TASK_FINAL,
+    RunState,
+    reused_from,
+    shown_state,
+    states_by_node,
+)
 
 BOOKKEEPING = ("start", "end")
 
@@ -91,6 +98,9 @@ def table_rows(st: RunState, wf: Workflow, now: float | None = None) -> list[dic
             row["state"] = ns.state if ns.state in NODE_FINAL or t.state in TASK_FINAL \
                 else t.state
             rows.append(row)
+    for row in rows:
+        if shown_state(st, row["node"]) == "reused":
+            row.update(state="reused", duration="", worker=f"from run {reused_from(st, row['node'])}")
     return rows
 
 

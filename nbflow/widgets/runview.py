@@ -429,9 +429,11 @@ class RunView(widgets.VBox):
         self._set_status("cancel requested")
         return True
 
-    def retry(self) -> "RunView | None":
+    def retry(self, same_code: bool = False) -> "RunView | None":
+        """A new run with the notebook file as it is now (the fix), reusing unchanged tasks;
+        ``same_code``: rerun the code this run ran."""
         try:
-            new = self.client.retry(self.run, by=self.user)
+            new = self.client.retry(self.run, by=self.user, same_code=same_code)
         except NbflowError as e:
             self._set_status(str(e), error=True)
             return None
