@@ -323,6 +323,46 @@ class Client:
         out.sort(key=lambda s: s.started, reverse=True)
         return out[:limit]
 
+    async def watch_runs(self) -> AsyncIterator[tuple[str, RunState | None]]:
+        """Every run's snapshot, then each change as the engine records it, live. Yields
+        ``("", None)`` once the snapshots that existed at the start are all delivered, and
+        ``(run, None)`` when a snapshot is deleted. A console keeps an index from this
+        instead of reading thousands of keys per page."""
+        runs = await self.kv(self.L.runs_bucket)
+        w = await runs.watchall()
+        try:
+            async for e in w:
+                if e is None:
+                    yield "", None
+                elif e.operation in ("DEL", "PURGE"):
+                    yield e.key, None
+                else:
+                    try:
+                        yield e.key, RunState.from_dict(json.loads(e.value))
+                    except (ValueError, TypeError):
+                        continue            # a snapshot from another version: skip it
+        finally:
+            await w.stop()
+
+    async def watch_workers(self) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+        """Worker heartbeats (name, queue, concurrency, pid, ts, ...): those in the bucket,
+        then each new one, live. ``("", None)`` marks the end of the initial ones."""
+        kv = await self.kv(self.L.workers_bucket)
+        w = await kv.watchall()
+        try:
+            async for e in w:
+                if e is None:
+                    yield "", None
+                elif e.operation in ("DEL", "PURGE"):
+                    yield e.key, None
+                else:
+                    try:
+                        yield e.key, json.loads(e.value)
+                    except ValueError:
+                        continue
+        finally:
+            await w.stop()
+
     # --- steering -----------------------------------------------------------------------------
     async def _running(self, run: str, what: str) -> RunState:
         st = await self.status(run)

@@ -520,3 +520,8 @@ main.add_command(trigger)
 from nbflow.kernelspec import kernel  # noqa: E402
 
 main.add_command(kernel)
+
+from nbflow.cli.console import stats, ui  # noqa: E402
+
+main.add_command(ui)
+main.add_command(stats)
