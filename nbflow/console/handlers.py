@@ -74,8 +74,9 @@ class ConsoleMixin:
         if self.get_argument("fragment", ""):
             self.finish(body)
             return
-        live = self.request.uri
-        live += ("&" if "?" in live else "?") + "fragment=1"
+        u = urlparse(self.request.uri)
+        qs = [(k, v) for k, v in parse_qsl(u.query) if k not in ("token", "flash", "fk")]
+        live = u.path + "?" + urlencode(qs + [("fragment", "1")])
         self.finish(views.page(self.ctx(), current, title, body, live=live, topic=topic))
 
     def back(self, message: str, kind: str = "ok", to: str | None = None) -> None:
