@@ -58,9 +58,9 @@ def test_dot_has_every_task_with_its_shape_and_markers():
     assert "shape=doublecircle" in node_line(dot, "end")
     assert "retries 3 · timeout 10m" in node_line(dot, "extract")
     assert "≡ for region in regions" in node_line(dot, "by_region")
-    assert "👤 approval: Publish the report?" in node_line(dot, "publish")
+    assert "✍ approval: Publish the report?" in node_line(dot, "publish")
     assert "△ signal go" in node_line(dot, "wait_go")
-    assert "⏱ sleep 2h" in node_line(dot, "nap")
+    assert "◷ sleep 2h" in node_line(dot, "nap")
 
 
 def test_when_is_drawn_as_an_exclusive_gateway_before_the_task():
@@ -211,3 +211,22 @@ def test_cli_show_draws_a_notebook_and_a_bpmn_file(tmp_path):
     result = CliRunner().invoke(main, ["show", str(bpmn), "-o", str(tmp_path / "again.dot")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "again.dot").read_text().startswith("digraph")
+
+
+def test_label_symbols_exist_in_debians_default_font():
+    """An emoji (e.g. the person U+1F464 we used for approvals) is an empty box in Debian's
+    Chromium and graphviz: every symbol must be in DejaVu Sans."""
+    import shutil
+    import subprocess
+
+    from nbflow.compiler.render import GLYPHS
+
+    if not shutil.which("fc-list") or "DejaVu Sans" not in subprocess.run(
+            ["fc-list"], capture_output=True, text=True).stdout:
+        pytest.skip("fontconfig with DejaVu Sans is not installed here")
+    for what, ch in GLYPHS.items():
+        fonts = subprocess.run(["fc-list", f":charset={ord(ch):x}", "family"],
+                               capture_output=True, text=True).stdout
+        assert "DejaVu Sans" in fonts, f"{what} symbol {ch!r} (U+{ord(ch):04X}) is not in DejaVu Sans"
+    dot = to_dot(daily_report())
+    assert all(ord(c) < 0x1F000 for c in dot), "an emoji crept into a label"

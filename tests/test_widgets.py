@@ -210,6 +210,7 @@ def test_runview_live_approval_race_and_outputs(client, approval_nb):
     assert f"approved by {winners[0]}" in box.children[0].value
     assert view.progress.value == view.progress.max == 2
     assert view.cancel_button.disabled
+    assert view.cancel_button.button_style == ""      # grey on a finished run, not orange
     view.task_select.value = "publish"
     wait_for(lambda: "published" in view.logs.value, what="the task's logs")
     assert any("published" in (o.get("text") or "") for o in view.outputs.outputs)

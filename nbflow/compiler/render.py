@@ -1,7 +1,7 @@
 """Pictures of a workflow: DOT text, and SVG/PNG/PDF through graphviz, coloured by run state.
 
 A view of the IR, nothing more: it never changes the workflow. BPMN looks are borrowed where they
-help a reader (rounded service tasks, a person on approvals, a clock on timers, ``+``/``×``
+help a reader (rounded service tasks, a writing hand on approvals, a clock on timers, ``+``/``×``
 gateways, three bars on multi-instance tasks); a task's ``--when`` is drawn as a small exclusive
 gateway in front of it, which the IR does not have.
 
@@ -41,6 +41,10 @@ DOT_MISSING = ("graphviz's `dot` program is not installed (apt-get install graph
                "brew install graphviz / conda install graphviz); here is the DOT text instead")
 
 FORMATS = {".dot": None, ".gv": None, ".svg": "svg", ".png": "png", ".pdf": "pdf"}
+
+# symbols in node labels: each is in DejaVu Sans (Debian's default font, which Chromium and
+# graphviz fall back to); emoji such as U+1F464 render as empty boxes there
+GLYPHS = {"approval": "✍", "signal": "△", "timer": "◷", "map": "≡", "notebook": "▤"}
 
 _MAX_EDGE_LABEL = 32
 _MAX_TEXT = 48
@@ -114,17 +118,17 @@ def _data_label(names: list[str]) -> str:
 def _task_label(n: Node) -> str:
     small: list[str] = []
     if n.approval is not None:
-        small.append("👤 approval" + (f": {_short(n.approval, 36)}" if n.approval else ""))
+        small.append(GLYPHS["approval"] + " approval" + (f": {_short(n.approval, 36)}" if n.approval else ""))
     if n.wait_signal:
-        small.append(f"△ signal {n.wait_signal}")
+        small.append(f"{GLYPHS['signal']} signal {n.wait_signal}")
     if n.sleep is not None:
-        small.append(f"⏱ sleep {_duration(n.sleep)}")
+        small.append(f"{GLYPHS['timer']} sleep {_duration(n.sleep)}")
     if n.at:
-        small.append(f"⏱ at {n.at}")
+        small.append(f"{GLYPHS['timer']} at {n.at}")
     if n.map_var:
-        small.append(f"≡ for {n.map_var} in {n.map_over or '?'}")
+        small.append(f"{GLYPHS['map']} for {n.map_var} in {n.map_over or '?'}")
     if n.notebook:
-        small.append("📓 " + n.notebook + (f" : {n.notebook_task}" if n.notebook_task else ""))
+        small.append(GLYPHS["notebook"] + " " + n.notebook + (f" : {n.notebook_task}" if n.notebook_task else ""))
     opts = []
     if n.retries:
         opts.append(f"retries {n.retries}")

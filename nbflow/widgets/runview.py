@@ -267,7 +267,11 @@ class RunView(widgets.VBox):
         if self.svg.value != m.svg:
             self.svg.value = m.svg
         self.table.value = table_html(m.rows)
+        # a finished run cannot be cancelled: grey, not a faded orange that still looks live
         self.cancel_button.disabled = m.run_state in FINAL
+        self.cancel_button.button_style = "" if m.run_state in FINAL else "warning"
+        self.cancel_button.tooltip = (f"the run is {m.run_state}" if m.run_state in FINAL
+                                      else "cancel this run")
         self.retry_button.disabled = m.run_state in ("running", "succeeded")
         opts = list(m.task_keys)
         if list(self.task_select.options) != opts:
