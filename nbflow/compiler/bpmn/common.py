@@ -22,9 +22,11 @@ CAMUNDA_NS = "http://camunda.org/schema/1.0/bpmn"
 NSMAP = {"bpmn": BPMN_NS, "bpmndi": BPMNDI_NS, "dc": DC_NS, "di": DI_NS, "xsi": XSI_NS,
          "nbflow": NBFLOW_NS}
 PYTHON = "python"
+# the expressionLanguage / language URI of nbflow's conditions (Python expressions)
+PYTHON_LANGUAGE = "https://nbflow.dev/bpmn/python"
 
-SUPPORTED = ("nbflow imports start/end events, tasks, exclusive/parallel gateways, sequence flows, "
-             "timer/signal catch events, multi-instance")
+SUPPORTED = ("nbflow imports start/end events, tasks, exclusive/inclusive/parallel gateways, "
+             "sequence flows with Python conditions, timer/signal catch events, multi-instance")
 
 
 def _b(tag: str) -> str:

@@ -36,7 +36,7 @@ from urllib.parse import quote
 from lxml import etree
 
 from nbflow.compiler.bpmn.common import (
-    BPMNDI_NS, DC_NS, DI_NS, NSMAP, PYTHON, XSI_NS, _ILLEGAL, _b, _display, _n, _node_ext,
+    BPMNDI_NS, DC_NS, DI_NS, NSMAP, PYTHON_LANGUAGE, XSI_NS, _ILLEGAL, _b, _display, _n, _node_ext,
     _set_text, iso_duration)
 from nbflow.core.ir import Node, Workflow, WorkflowError
 
@@ -195,7 +195,7 @@ def to_bpmn(wf: Workflow) -> str:
             for name in e.data:
                 etree.SubElement(fx, _n("data"), name=name)
         if f["condition"]:
-            ce = etree.SubElement(sf, _b("conditionExpression"), language=PYTHON)
+            ce = etree.SubElement(sf, _b("conditionExpression"), language=PYTHON_LANGUAGE)
             ce.set(f"{{{XSI_NS}}}type", "bpmn:tFormalExpression")
             _set_text(ce, f["condition"])
     _write_diagram(defs, proc, elements, flows, ids)

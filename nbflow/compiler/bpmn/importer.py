@@ -1,56 +1,71 @@
-"""BPMN 2.0 XML into the workflow IR.
+"""BPMN 2.0 XML into the workflow IR: nbflow's own files exactly, other tools' models when their
+meaning survives, else one error that names every element it refuses (grouped by element type).
 
-Import (:func:`from_bpmn`)
---------------------------
-Reads one process made of: ``startEvent`` / ``endEvent`` (no event definitions), ``task`` /
-``serviceTask`` / ``userTask``, ``exclusiveGateway`` / ``parallelGateway``, ``sequenceFlow`` (with a
-``conditionExpression`` only out of an exclusive gateway, Python), ``intermediateCatchEvent`` with
-a timer (``timeDuration`` without years/months, or ``timeDate``) or a signal, and
-``multiInstanceLoopCharacteristics`` that name a collection (``nbflow:map`` or Camunda's
-``collection``/``elementVariable``). Elements written by nbflow fold back into exactly the IR they
-came from (``from_bpmn(to_bpmn(wf)).to_dict() == wf.to_dict()``).
+What imports, what runs and what is refused, element by element: ``docs/bpmn.md``.
 
-Models from other tools:
+Files nbflow wrote
+------------------
+Their ``<nbflow:node>`` / ``<nbflow:part>`` / ``<nbflow:workflow>`` extensions are authoritative
+and fold back into exactly the IR they came from (``from_bpmn(to_bpmn(wf)).to_dict() ==
+wf.to_dict()``).
 
+Models from other tools
+-----------------------
 * node ids are the BPMN ids, sanitized to ``[A-Za-z_][A-Za-z0-9_-]*`` (made unique with ``_2``…),
   names are the BPMN names (whitespace collapsed);
 * ``task``/``serviceTask`` become task nodes with empty ``code``: a modelled step with nothing to
-  run, which the engine passes as an instant gate. A ``serviceTask`` can point at a notebook to run
-  with ``nbflow:notebook``/``nbflow:task`` attributes (``<serviceTask nbflow:notebook="etl.ipynb"
-  nbflow:task="load">``) or ``implementation="etl.ipynb#load"``; relative notebook paths resolve
-  against ``base_dir`` (default: the BPMN file's folder; XML text without ``base_dir`` keeps them);
-* ``userTask`` → an approval gate (prompt: its documentation, else "Approve <name>?");
-* timer / signal catch events → pure timer / signal gates (signal names made identifiers);
-* gateways stay gateway nodes (kind ``exclusive``/``parallel``); a condition is kept on
-  ``Edge.condition`` (the gateway's ``default`` flow on ``Edge.default``) *and*, when the flow is
-  the only way into a task, copied to that task's ``when`` (the default flow's task gets
-  ``not (c1 or c2 …)``), since conditions are evaluated in the target task's kernel;
-* several end events become one ``end`` node; a process without start/end events gets them.
+  run. A ``serviceTask`` can point at a notebook with ``nbflow:notebook``/``nbflow:task``
+  attributes or ``implementation="etl.ipynb#load"`` (relative paths resolve against ``base_dir``,
+  default the BPMN file's folder); ``userTask`` → an approval gate; timer / signal catch events →
+  timer / signal gates; several end events become one ``end`` node;
+* **conditions keep their meaning.** The engine evaluates a condition as the ``when`` of a task
+  (in that task's kernel), so each conditional flow becomes a ``when``: on its target when that is
+  a task the flow alone enters, else on a *guard* node (a task without code, id ``<flow id>``)
+  put on the flow. An exclusive gateway takes the *first* true flow in its ``outgoing`` order, so
+  flow *i* gets ``c_i and not (c_1 or … c_{i-1})`` and the default flow ``not (c_1 or … c_n)``;
+  without a default, a node ``<gateway>__no_branch`` fails the run when no condition holds (BPMN
+  raises an error there). Inclusive gateways and activities take every true flow;
+* **only Python conditions.** The language is the condition's ``language``, else the model's
+  ``definitions/@expressionLanguage``, else XPath (BPMN's default). nbflow's language URI is
+  :data:`PYTHON_LANGUAGE` (``python``, ``text/x-python`` and ``application/x-python`` are accepted
+  too); every condition is parsed when the model is imported;
+* **Camunda / Zeebe expressions** (``${…}``, ``#{…}``, FEEL ``=…``) are translated by one rule: an
+  expression that is a single name (``${items}``, ``=items``) becomes that name; anything else is
+  refused. Timer values must be ISO-8601 (``timeDuration`` ``PT2H``, ``timeDate``
+  ``2026-11-20T12:00:00Z``);
+* **tokens are checked**, on every combination of branch choices: a node that BPMN would run more
+  than once (an uncontrolled merge after a parallel split) and a parallel join that some paths
+  reach only partly (BPMN would wait forever) are refused, since the engine runs each node once
+  and joins by "all predecessors resolved". An uncontrolled merge of flows of which at most one
+  can carry a token is accepted: it means what BPMN says.
 
 Ignored rather than refused (they do not change what runs): diagrams, documentation (except on
-user tasks), other tools' extension elements, collaboration/participant (pools), laneSet/lane,
-textAnnotation/association/group, data objects/stores and their associations, ioSpecification,
-properties, message/signal/error/item definitions, and empty processes (black-box pools).
-Everything else is refused with one :class:`~nbflow.core.ir.WorkflowError` naming each
-unsupported element by type and id. Parsing never resolves entities, never loads DTDs or touches
-the network, and refuses DOCTYPEs (no XXE, no billion laughs).
+user tasks), other tools' extension elements and attributes not listed above,
+collaboration/participant (pools), laneSet/lane, textAnnotation/association/group, data
+objects/stores and their associations, ioSpecification, properties, message/signal/error/item
+definitions, and empty processes (black-box pools). Parsing never resolves entities, never loads
+DTDs or touches the network, and refuses DOCTYPEs (no XXE, no billion laughs).
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
+import textwrap
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 
 from lxml import etree
 
 from nbflow.compiler.bpmn.common import (
-    BPMN_NS, CAMUNDA_NS, NBFLOW_NS, SUPPORTED, _b, _get_text, _local, _n, _node_from_ext,
-    parse_duration)
+    BPMN_NS, CAMUNDA_NS, NBFLOW_NS, PYTHON_LANGUAGE, SUPPORTED, _b, _get_text, _local, _n,
+    _node_from_ext, parse_duration)
 from nbflow.core.ir import Edge, Node, Workflow, WorkflowError
 
-# --- import ----------------------------------------------------------------------------------
+ZEEBE_NS = "http://camunda.org/schema/zeebe/1.0"
+XPATH = "http://www.w3.org/1999/XPath"
 
 _IGNORED = {
     "documentation", "extensionElements", "laneSet", "textAnnotation", "association", "group",
@@ -61,14 +76,142 @@ _IGNORED = {
 _ACTIVITY_IGNORED = _IGNORED | {
     "incoming", "outgoing", "dataInputAssociation", "dataOutputAssociation", "rendering",
 }
-_TASKS = {"task", "serviceTask", "userTask"}
-_GATEWAYS = {"exclusiveGateway": "exclusive", "parallelGateway": "parallel"}
+_TASKS = {"task", "serviceTask", "userTask", "manualTask"}
+_GATEWAYS = {"exclusiveGateway": "exclusive", "parallelGateway": "parallel",
+             "inclusiveGateway": "parallel"}
+_EVENTS = {"startEvent", "endEvent", "intermediateCatchEvent"}
 _EVENT_DEFS = {"timerEventDefinition", "signalEventDefinition", "messageEventDefinition",
                "errorEventDefinition", "escalationEventDefinition", "conditionalEventDefinition",
                "compensateEventDefinition", "linkEventDefinition", "terminateEventDefinition",
                "cancelEventDefinition"}
-_PYTHON_LANGS = {"", "python", "text/x-python", "application/x-python", "py",
-                 "https://www.python.org/", "http://www.python.org/", "https://python.org"}
+_PYTHON_LANGS = {PYTHON_LANGUAGE, "python", "text/x-python", "application/x-python"}
+# why an element is refused, when there is more to say than "not supported"
+_HINTS = {
+    "subProcess": "embedded sub-processes are not imported yet",
+    "adHocSubProcess": "ad-hoc sub-processes have no order to run in",
+    "transaction": "transactions (compensation, cancel) are not supported",
+    "callActivity": "call activities are not imported yet",
+    "boundaryEvent": "boundary events are not imported yet",
+    "scriptTask": "a script in the modeller's language; nbflow runs notebooks (point a "
+                  "serviceTask at one with nbflow:notebook)",
+    "businessRuleTask": "business rules (DMN) are not supported",
+    "sendTask": "messages are not supported", "receiveTask": "messages are not supported",
+    "eventBasedGateway": "event-based gateways (a race between events) are not supported",
+    "complexGateway": "complex gateways are not supported",
+    "intermediateThrowEvent": "throw events (messages, signals, escalations) are not supported",
+    "messageFlow": "messages between pools are not supported",
+    "subChoreography": "choreographies are not supported",
+}
+MAX_PATHS = 20000            # branch combinations the token check explores before giving up
+
+
+class _Problems:
+    """Every reason to refuse the model, collected; raised once, grouped by element type."""
+
+    def __init__(self):
+        self.items: dict[str, dict[str, list[str]]] = {}
+
+    def add(self, kind: str, eid: str | None, why: str = "") -> None:
+        whys = self.items.setdefault(kind, {}).setdefault(eid or "?", [])
+        if why not in whys:
+            whys.append(why)
+
+    def refuse(self, el, why: str = "") -> None:
+        self.add(_local(el), el.get("id"), why or _HINTS.get(_local(el), "not supported"))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        count = sum(len(ids) for ids in self.items.values())
+        lines = [f"cannot import this BPMN model without changing what it means "
+                 f"({count} element{'s' if count != 1 else ''}):"]
+        for kind in sorted(self.items):
+            for eid, whys in self.items[kind].items():
+                whys = [w for w in whys if w]
+                why = whys[0] if len(whys) == 1 else "".join(f"\n    - {w}" for w in whys)
+                head = f"  {kind} {eid!r}" + (f": {why}" if why else "")
+                lines += [textwrap.fill(part, 100, subsequent_indent="      ",
+                                        break_long_words=False, break_on_hyphens=False)
+                          for part in head.split("\n")]
+        lines.append(SUPPORTED + " (see docs/bpmn.md)")
+        raise WorkflowError("\n".join(lines))
+
+
+def _text(el) -> str:
+    return "".join(el.itertext()).strip() if el is not None else ""
+
+
+_EXPR = re.compile(r"^\s*(?:\$\{(?P<juel>.*)\}|#\{(?P<juel2>.*)\}|=(?P<feel>.*))\s*$", re.S)
+
+
+def vendor_name(value: str) -> str | None:
+    """The documented translation of a Camunda/Zeebe expression: ``${items}``, ``#{items}``,
+    ``=items`` and ``items`` mean the name ``items``; None for anything else."""
+    m = _EXPR.match(value or "")
+    inner = next((g for g in m.groups() if g is not None), "") if m else (value or "")
+    inner = inner.strip()
+    return inner if inner.isidentifier() else None
+
+
+def _is_vendor_expression(value: str) -> bool:
+    return bool(_EXPR.match(value or ""))
+
+
+def parse_date(text: str) -> datetime | None:
+    """An ISO-8601 date or date-time (``2026-11-20``, ``2026-11-20T12:00:00Z``); None if not one."""
+    t = text.strip()
+    if not re.match(r"^\d{4}-\d{2}-\d{2}", t):
+        return None
+    try:
+        return datetime.fromisoformat(t.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _condition(sf, root, problems: _Problems) -> str | None:
+    """The Python text of a flow's condition; None if it has none (or after refusing it)."""
+    ce = sf.find(_b("conditionExpression"))
+    if ce is None:
+        return None
+    fid = sf.get("id")
+    text = _get_text(ce) if ce.get(_n("json")) == "true" else "".join(ce.itertext())
+    if not text.strip():
+        problems.add("sequenceFlow", fid, "its conditionExpression is empty; write a Python "
+                     "condition or remove the element")
+        return None
+    lang = (ce.get("language") or root.get("expressionLanguage") or XPATH).strip()
+    if lang.lower().rstrip("/") not in {x.rstrip("/") for x in _PYTHON_LANGS}:
+        where = ("its language attribute" if ce.get("language") else
+                 "definitions/@expressionLanguage" if root.get("expressionLanguage") else
+                 "BPMN's default, since neither the condition nor the model names a language")
+        problems.add("sequenceFlow", fid,
+                     f"condition {_short(text)} is in {lang!r} ({where}); nbflow evaluates "
+                     f"Python: set language=\"{PYTHON_LANGUAGE}\"")
+        return None
+    try:
+        ast.parse(text.strip(), mode="eval")
+    except SyntaxError as e:
+        hint = (" (a Camunda/JUEL or FEEL expression: write the Python inside it)"
+                if _is_vendor_expression(text) else "")
+        problems.add("sequenceFlow", fid, f"condition {_short(text)} is not a Python expression"
+                     f"{hint}: {e.msg}")
+        return None
+    return text.strip()
+
+
+def _listing(items: list[str]) -> str:
+    """Ids for a message: inline when one or two, else one per line."""
+    if len(items) <= 2:
+        return " " + ", ".join(repr(i) for i in items)
+    return "".join(f"\n      - {i!r}" for i in items)
+
+
+def _short(text: str, n: int = 60) -> str:
+    t = " ".join(text.split())
+    return repr(t if len(t) <= n else t[:n - 1] + "…")
 
 
 def _parse(source: str | bytes | os.PathLike) -> tuple[etree._Element, Path | None]:
@@ -120,18 +263,29 @@ def _ext(el, tag: str):
     return ext.find(_n(tag)) if ext is not None else None
 
 
+class _Flow:
+    __slots__ = ("id", "s", "t", "cond", "has_ce", "default", "name", "guard", "el")
+
+    def __init__(self, el, s, t, cond, default):
+        self.id, self.s, self.t, self.cond, self.default = el.get("id") or "?", s, t, cond, default
+        self.has_ce = el.find(_b("conditionExpression")) is not None
+        self.name = " ".join((el.get("name") or "").split())
+        self.guard: str | None = None
+        self.el = el
+
+
+def _any(conds: list[str]) -> str:
+    return " or ".join(f"({c})" for c in conds)
+
+
 def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | None = None
               ) -> Workflow:
     """Read a BPMN 2.0 model (a path, or the XML text) into the workflow IR (see module doc)."""
     root, path = _parse(source)
     if base_dir is None and path is not None:
         base_dir = path.resolve().parent
-    unsupported: list[str] = []
-
-    def refuse(el, why: str = "") -> None:
-        item = f"{_local(el)} {el.get('id') or '?'!r}" + (f" ({why})" if why else "")
-        if item not in unsupported:
-            unsupported.append(item)
+    problems = _Problems()
+    refuse = problems.refuse
 
     processes = [p for p in root.iter(_b("process"))
                  if any(_local(c) not in _IGNORED for c in p if isinstance(c.tag, str))]
@@ -141,8 +295,8 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
         refuse(extra, "a second pool with its own flow; nbflow imports one process")
         for el in extra:  # name what else it holds, so one error message says it all
             if isinstance(el.tag, str) and el.tag.startswith(f"{{{BPMN_NS}}}") \
-                    and _local(el) not in _IGNORED | _TASKS | set(_GATEWAYS) | {
-                        "sequenceFlow", "startEvent", "endEvent", "intermediateCatchEvent"}:
+                    and _local(el) not in _IGNORED | _TASKS | set(_GATEWAYS) | _EVENTS | {
+                        "sequenceFlow"}:
                 refuse(el)
     for mf in root.iter(_b("messageFlow")):
         refuse(mf)
@@ -152,29 +306,28 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
     # 1. classify the process's elements
     flow_nodes: list = []
     seq_flows: list = []
-    all_ids = {el.get("id") for el in proc.iter() if isinstance(el.tag, str)}
+    kinds: dict[str, str] = {}        # BPMN id -> element type, for every flow node (refused too)
     for el in proc:
-        if not isinstance(el.tag, str):
-            continue
-        kind = _local(el)
-        if el.tag.startswith(f"{{{BPMN_NS}}}") and kind in _IGNORED:
-            continue
-        if not el.tag.startswith(f"{{{BPMN_NS}}}"):
+        if not isinstance(el.tag, str) or not el.tag.startswith(f"{{{BPMN_NS}}}"):
             continue  # another vendor's element outside extensionElements: not ours to judge
+        kind = _local(el)
+        if kind in _IGNORED:
+            continue
         if kind == "sequenceFlow":
             seq_flows.append(el)
-        elif kind in ("startEvent", "endEvent", "intermediateCatchEvent") or kind in _TASKS \
-                or kind in _GATEWAYS:
+            continue
+        kinds[el.get("id") or "?"] = kind
+        if kind in _EVENTS or kind in _TASKS or kind in _GATEWAYS:
             flow_nodes.append(el)
         else:
             refuse(el)
+    all_ids = {el.get("id") for el in proc.iter() if isinstance(el.tag, str)}
 
-    # 2. flow nodes -> IR nodes (or parts folded into one)
+    # 2. flow nodes -> IR nodes (nbflow's own main elements first: their ids are reserved)
     owner: dict[str, str] = {}        # BPMN id -> IR node id
     nodes: list[Node] = []
-    foreign: set[str] = set()         # IR ids of nodes that were not written by nbflow
+    foreign: set[str] = set()         # BPMN ids of flow nodes not written by nbflow
     used_ids: set[str] = set()
-    start_ids, end_ids = [], []
 
     def new_id(raw: str) -> str:
         base, cand, i = _sanitize_id(raw), _sanitize_id(raw), 2
@@ -183,7 +336,7 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
         used_ids.add(cand)
         return cand
 
-    for el in flow_nodes:  # nbflow's own main elements first: their ids are reserved
+    for el in flow_nodes:
         ext = _ext(el, "node")
         if ext is not None:
             node = _node_from_ext(ext)
@@ -201,72 +354,145 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
         if part is not None:
             parts.append((el, part.get("node")))
             continue
-        node = _foreign_node(el, kind, new_id(bid or kind), signal_names, refuse)
+        foreign.add(bid)
+        node = _foreign_node(el, kind, new_id(bid or kind), signal_names, problems)
         if node is None:
             continue
         owner[bid] = node.id
-        foreign.add(node.id)
         nodes.append(node)
     for el, node_id in parts:
         if node_id not in used_ids:
             raise WorkflowError(f"{_local(el)} {el.get('id')!r} is part of nbflow node "
                                 f"{node_id!r}, which the file does not have")
         owner[el.get("id")] = node_id
-    for n in nodes:
-        if n.kind == "start":
-            start_ids.append(n.id)
-        elif n.kind == "end":
-            end_ids.append(n.id)
+    start_ids = [n.id for n in nodes if n.kind == "start"]
+    end_ids = [n.id for n in nodes if n.kind == "end"]
     for extra in start_ids[1:]:
         el = next(e for e in flow_nodes if owner.get(e.get("id")) == extra)
         refuse(el, "a second start event; nbflow workflows have one")
 
-    # 3. sequence flows -> edges
+    # 3. sequence flows: well-formed, their conditions Python and where BPMN allows them
+    defaults = {el.get("default") for el in flow_nodes if el.get("default")}
+    flows: list[_Flow] = []
+    for sf in seq_flows:
+        fid, ok = sf.get("id"), True
+        for attr in ("sourceRef", "targetRef"):
+            ref = sf.get(attr)
+            if not ref:
+                problems.add("sequenceFlow", fid, f"it has no {attr}")
+                ok = False
+            elif ref not in all_ids:
+                problems.add("sequenceFlow", fid, f"its {attr} {ref!r} is not a flow node of "
+                                                  "the process")
+                ok = False
+        cond = _condition(sf, root, problems)
+        if not ok:
+            continue
+        fx = _ext(sf, "flow")
+        default = (fx is not None and fx.get("default") == "true") or fid in defaults
+        f = _Flow(sf, sf.get("sourceRef"), sf.get("targetRef"), cond, default)
+        skind = kinds.get(f.s, "")
+        if f.has_ce and f.s in foreign:
+            if skind in _EVENTS:
+                problems.add("sequenceFlow", fid, f"a condition on a flow out of a {skind}; BPMN "
+                             "allows conditions only out of gateways and activities")
+            elif skind == "parallelGateway":
+                problems.add("sequenceFlow", fid, "a condition on a flow out of a "
+                             "parallelGateway, which takes every flow; use an inclusiveGateway")
+        flows.append(f)
+
+    out_flows: dict[str, list[_Flow]] = defaultdict(list)
+    in_count: dict[str, int] = defaultdict(int)
+    for f in flows:
+        out_flows[f.s].append(f)
+        in_count[f.t] += 1
+
+    # 4. conditions -> guards (the `when` that carries each conditional flow's meaning)
+    no_branch: list[tuple[str, str]] = []   # (gateway BPMN id, "no flow is taken" condition)
+    by_bid = {el.get("id"): el for el in flow_nodes}
+    for bid, outs in out_flows.items():
+        kind = kinds.get(bid, "")
+        if bid not in foreign or kind in ("parallelGateway",) or kind in _EVENTS:
+            continue
+        if kind == "exclusiveGateway" and (len(outs) > 1 or any(f.has_ce for f in outs)):
+            order = [_text(o) for o in by_bid[bid].findall(_b("outgoing"))]
+            outs = sorted(outs, key=lambda f: order.index(f.id) if f.id in order else len(order))
+            bare = [f.id for f in outs if not f.default and not f.has_ce]
+            if bare:
+                problems.add(kind, bid, "an exclusive gateway takes exactly one flow, so "
+                             "each flow out of it but the default needs a Python condition; "
+                             "these have none:" + _listing(bare))
+                continue
+            prev: list[str] = []
+            for f in outs:
+                if f.default or not f.cond:
+                    continue
+                f.guard = f"({f.cond}) and not ({_any(prev)})" if prev else f.cond
+                prev.append(f.cond)
+            for f in outs:
+                if f.default:
+                    f.guard = f"not ({_any(prev)})" if prev else None
+            if prev and not any(f.default for f in outs):
+                no_branch.append((bid, f"not ({_any(prev)})"))
+        elif kind == "inclusiveGateway" or (any(f.has_ce for f in outs)
+                                            and kind in _TASKS | {"callActivity", "subProcess"}):
+            conds = [f.cond for f in outs if f.cond and not f.default]
+            for f in outs:
+                if f.default:
+                    f.guard = f"not ({_any(conds)})" if conds else None
+                elif f.cond:
+                    f.guard = f.cond
+            if kind == "inclusiveGateway" and conds and all(f.has_ce for f in outs):
+                no_branch.append((bid, f"not ({_any(conds)})"))
+
+    # 5. tokens: refuse what the engine's "run once, join on all resolved" cannot mean
+    # (on a graph with refused elements the check would guess; those are named already)
+    if foreign and all(b in owner for b in kinds):
+        _check_tokens(kinds, [f for f in flows if f.s in foreign or f.t in foreign], problems)
+    problems.raise_if_any()
+
+    # 6. edges, with guard nodes where a condition cannot sit on the target itself
+    by_id = {n.id: n for n in nodes}
     edges: list[Edge] = []
     by_pair: dict[tuple[str, str], Edge] = {}
-    kinds_by_bid = {el.get("id"): _local(el) for el in flow_nodes}
-    defaults = {el.get("default") for el in flow_nodes if el.get("default")}
-    cond_of: dict[str, str | None] = {}
-    for sf in seq_flows:
-        fid, s_bid, t_bid = sf.get("id"), sf.get("sourceRef"), sf.get("targetRef")
-        for ref in (s_bid, t_bid):
-            if ref not in all_ids:
-                raise WorkflowError(f"sequenceFlow {fid!r} points at {ref!r}, "
-                                    "which is not a flow node of the process")
-        ce = sf.find(_b("conditionExpression"))
-        condition = None
-        if ce is not None and "".join(ce.itertext()).strip():
-            lang = ce.get("language") or ""
-            if kinds_by_bid.get(s_bid) != "exclusiveGateway":
-                refuse(sf, f"a condition on a flow out of a {kinds_by_bid.get(s_bid)}; "
-                           "conditions are only supported out of an exclusive gateway")
-            elif lang.lower().rstrip("/") not in {x.rstrip("/") for x in _PYTHON_LANGS}:
-                refuse(sf, f"condition language {lang!r}; nbflow evaluates Python")
-            condition = _get_text(ce) if ce.get(_n("json")) == "true" else "".join(ce.itertext())
-        if s_bid not in owner or t_bid not in owner:
-            continue  # an element we refused; the error is on its way
-        s, t = owner[s_bid], owner[t_bid]
+
+    def connect(s: str, t: str, data=(), condition=None, default=False) -> None:
+        if (s, t) in by_pair:  # two flows between the same pair: one edge carries both
+            e = by_pair[(s, t)]
+            e.data += [d for d in data if d not in e.data]
+            return
+        e = by_pair[(s, t)] = Edge(s, t, data=list(data), condition=condition, default=default)
+        edges.append(e)
+
+    for f in flows:
+        if f.s not in owner or f.t not in owner:
+            continue
+        s, t = owner[f.s], owner[f.t]
         if s == t:
             continue  # inside one nbflow node (its when/signal/timer/join/fork parts)
-        fx = _ext(sf, "flow")
+        fx = _ext(f.el, "flow")
         data = [d.get("name") for d in fx.findall(_n("data"))] if fx is not None else []
-        default = (fx is not None and fx.get("default") == "true") or fid in defaults
-        key = (s, t)
-        if key in by_pair:  # two flows between the same pair: one edge carries both
-            e = by_pair[key]
-            e.data += [d for d in data if d not in e.data]
+        on_edge = f.cond if kinds.get(f.s) == "exclusiveGateway" else None
+        if f.s not in foreign:
+            on_edge = f.cond
+        if not f.guard:
+            connect(s, t, data, on_edge, f.default)
             continue
-        e = Edge(s, t, data=data, condition=condition, default=default)
-        by_pair[key] = e
-        edges.append(e)
-        cond_of[fid] = condition
+        target = by_id[t]
+        if (f.t in foreign and target.kind == "task" and in_count[f.t] == 1 and not target.when
+                and target.approval is None and not target.wait_signal
+                and target.sleep is None and not target.at):
+            target.when = f.guard
+            connect(s, t, data, on_edge, f.default)
+        else:  # a guard node on the flow: a task without code whose `when` is the condition
+            g = Node(new_id(f.id), "task", name=f.name or f"if {_short(f.guard, 40)[1:-1]}",
+                     when=f.guard)
+            nodes.append(g)
+            by_id[g.id] = g
+            connect(s, g.id, data, on_edge, f.default)
+            connect(g.id, t, data)
 
-    if unsupported:
-        raise WorkflowError("unsupported BPMN elements: " + ", ".join(unsupported) + " — "
-                            + SUPPORTED)
-
-    # 4. one start, one end; foreign conditions also become the target task's `when`
-    ids = {n.id for n in nodes}
+    # 7. one start, one end
     if len(end_ids) > 1:
         keep = end_ids[0]
         nodes = [n for n in nodes if n.kind != "end" or n.id == keep]
@@ -279,7 +505,6 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
                 seen_pairs.add((e.source, e.target))
                 merged.append(e)
         edges = merged
-        ids = {n.id for n in nodes}
     has_in = {e.target for e in edges}
     has_out = {e.source for e in edges}
     if not start_ids:
@@ -292,9 +517,15 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
         tails = [n.id for n in nodes if n.id not in has_out and n.kind != "start"]
         nodes.append(Node(eid, "end"))
         edges += [Edge(t, eid) for t in tails]
-    _fold_conditions(nodes, edges, foreign)
+        end_ids = [eid]
+    for gw, cond in no_branch:  # BPMN raises when an exclusive choice has no way out: so do we
+        label = by_id[owner[gw]].label
+        msg = f"no condition out of gateway {label!r} is true and it has no default flow"
+        n = Node(new_id(f"{owner[gw]}__no_branch"), "task", name=f"no branch of {label}",
+                 when=cond, code=f"raise RuntimeError({msg!r})")
+        nodes.append(n)
+        edges += [Edge(owner[gw], n.id), Edge(n.id, end_ids[0])]
     _check_acyclic(nodes, edges)
-    del ids
 
     wf_ext = _ext(proc, "workflow")
     if wf_ext is not None:
@@ -322,14 +553,107 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
     return wf.validate()
 
 
-def _foreign_node(el, kind: str, node_id: str, signal_names, refuse) -> Node | None:
-    """A flow node drawn by another tool -> IR node; None (after refuse()) if outside the subset."""
+def _check_tokens(kinds: dict[str, str], flows: list[_Flow], problems: _Problems) -> None:
+    """Play BPMN's token game on every combination of branch choices. The engine runs each node
+    at most once and starts it when all its predecessors are resolved (skipped or done), which
+    is what BPMN means exactly when no node other than an end event gets two tokens and no
+    parallel join gets tokens on only some of its flows; anything else is refused."""
+    from itertools import combinations
+
+    inc: dict[str, list[_Flow]] = defaultdict(list)
+    out: dict[str, list[_Flow]] = defaultdict(list)
+    for f in flows:
+        inc[f.t].append(f)
+        out[f.s].append(f)
+    ids = [b for b in kinds if b in inc or b in out]
+    indeg = {b: len(inc[b]) for b in ids}
+    order, ready = [], [b for b in ids if not indeg[b]]
+    while ready:
+        b = ready.pop(0)
+        order.append(b)
+        for f in out[b]:
+            indeg[f.t] -= 1
+            if not indeg[f.t]:
+                ready.append(f.t)
+    if len(order) < len(ids):
+        return  # a loop: refused with the cycle named, after the IR is built
+
+    def options(b: str) -> list[tuple[_Flow, ...]]:
+        o, kind = out[b], kinds[b]
+        conditional = [f for f in o if f.has_ce and not f.default]
+        dflt = [f for f in o if f.default and (conditional or kind == "exclusiveGateway")]
+        plain = [f for f in o if f not in conditional and f not in dflt]
+        if kind == "exclusiveGateway" and (len(o) > 1 or conditional):
+            return [(f,) for f in o]
+        if not conditional:
+            return [tuple(o)]
+        res = [tuple(plain) + c for r in range(1, len(conditional) + 1)
+               for c in combinations(conditional, r)]
+        if dflt or plain:
+            res.append(tuple(plain) + tuple(dflt))
+        return res
+
+    tokens: dict[str, int] = defaultdict(int)
+    paths = [0]
+
+    def fires(b: str) -> int:
+        """How many times BPMN fires b (tokens it passes on); refuses what nbflow cannot mean."""
+        ins = [tokens[f.id] for f in inc[b]]
+        kind = kinds[b]
+        if not ins:  # one start event starts a run (several are alternatives); boundary
+            # events fire on what happens to their activity; other sources start with the run
+            return int(b == start[0] if kind == "startEvent" else kind != "boundaryEvent")
+        if kind == "parallelGateway" and len(ins) > 1:
+            if min(ins) != max(ins):
+                problems.add(kind, b, f"it waits for a token on each of its {len(ins)} incoming "
+                             "flows, but on some paths only some get one (they follow an "
+                             "exclusive or conditional choice), so BPMN would wait forever: "
+                             "merge them with an exclusiveGateway or inclusiveGateway")
+            return max(ins)
+        n = max(ins) if kind == "inclusiveGateway" else sum(ins)
+        if n > 1 and kind not in ("endEvent", "exclusiveGateway", "inclusiveGateway"):
+            problems.add(kind, b, f"up to {n} tokens reach it in one run (no join gateway in "
+                         "front; they come from a parallel split or from flows that are not "
+                         "exclusive), so BPMN would run it once per token; nbflow runs each step "
+                         "once: join the flows with a parallelGateway, or make them exclusive")
+        return n
+
+    def walk(i: int) -> None:
+        if paths[0] > MAX_PATHS:
+            return
+        if i == len(order):
+            paths[0] += 1
+            return
+        b = order[i]
+        n = fires(b)
+        if not n or not out[b]:
+            return walk(i + 1)
+        for opt in options(b):   # n > 1 tokens: all take the same choice (enough to see repeats)
+            for f in opt:
+                tokens[f.id] += n
+            walk(i + 1)
+            for f in opt:
+                tokens[f.id] -= n
+
+    starts = [b for b in order if kinds[b] == "startEvent" and not inc[b]] or [None]
+    start: list[str | None] = [None]
+    for start[0] in starts:
+        walk(0)
+    if paths[0] > MAX_PATHS:
+        problems.add("process", "?", f"more than {MAX_PATHS} combinations of branch choices to "
+                     "check; nbflow cannot prove it runs as drawn")
+
+
+def _foreign_node(el, kind: str, node_id: str, signal_names, problems: _Problems) -> Node | None:
+    """A flow node drawn by another tool -> IR node; None (after refusing it) if outside the
+    subset."""
+    refuse = problems.refuse
     name = " ".join((el.get("name") or "").split())
     defs = [c for c in el if isinstance(c.tag, str) and _local(c) in _EVENT_DEFS]
     defs += [c for c in el if isinstance(c.tag, str) and _local(c) == "eventDefinitionRef"]
     if kind in ("startEvent", "endEvent"):
         if defs:
-            refuse(el, f"{_local(defs[0])}; nbflow supports plain start/end events")
+            refuse(el, f"a {_local(defs[0])}; nbflow supports plain start/end events")
             return None
         return Node(node_id, "start" if kind == "startEvent" else "end", name=name)
     if kind in _GATEWAYS:
@@ -344,38 +668,27 @@ def _foreign_node(el, kind: str, node_id: str, signal_names, refuse) -> Node | N
             ref = (d.get("signalRef") or "").split(":")[-1]
             signal = signal_names.get(ref) or ref or name
             return Node(node_id, "task", name=name, wait_signal=_identifier(signal))
-        dur, date = d.find(_b("timeDuration")), d.find(_b("timeDate"))
-        if dur is not None:
-            text = "".join(dur.itertext()).strip()
-            secs = parse_duration(text)
-            if secs is None:
-                refuse(el, f"timeDuration {text!r}; use days/hours/minutes/seconds like PT2H")
-                return None
-            return Node(node_id, "task", name=name, sleep=secs)
-        if date is not None:
-            return Node(node_id, "task", name=name, at="".join(date.itertext()).strip())
-        refuse(el, "timeCycle or an empty timer; nbflow waits for a duration or a date")
-        return None
-    # task / serviceTask / userTask
+        timer = _timer(el, d, problems)
+        if timer is None:
+            return None
+        what, value = timer
+        return Node(node_id, "task", name=name, **{what: value})
+    # task / serviceTask / userTask / manualTask
     node = Node(node_id, "task", name=name)
     for child in el:
         if not isinstance(child.tag, str) or not child.tag.startswith(f"{{{BPMN_NS}}}"):
             continue
         c = _local(child)
         if c == "multiInstanceLoopCharacteristics":
-            m = _ext(child, "map")
-            var = m.get("var") if m is not None else child.get(f"{{{CAMUNDA_NS}}}elementVariable")
-            over = m.get("over") if m is not None else child.get(f"{{{CAMUNDA_NS}}}collection")
-            if not var or not over:
-                refuse(el, "multi-instance without a collection; name one with <nbflow:map "
-                           "var=.. over=..> or camunda:collection/elementVariable")
+            mapping = _multi_instance(el, child, problems)
+            if mapping is None:
                 return None
-            node.map_var, node.map_over = var, over
+            node.map_var, node.map_over = mapping
         elif c == "standardLoopCharacteristics":
             refuse(el, "a loop; nbflow workflows are acyclic")
             return None
         elif c not in _ACTIVITY_IGNORED:
-            refuse(child)
+            problems.add(_local(child), child.get("id") or f"in {el.get('id')}", "not supported")
     nb = el.get(f"{{{NBFLOW_NS}}}notebook")
     nb_task = el.get(f"{{{NBFLOW_NS}}}task")
     impl = el.get("implementation") or ""
@@ -389,26 +702,64 @@ def _foreign_node(el, kind: str, node_id: str, signal_names, refuse) -> Node | N
     return node
 
 
-def _fold_conditions(nodes: list[Node], edges: list[Edge], foreign: set[str]) -> None:
-    """Copy a foreign gateway's conditions to the `when` of tasks that only that flow reaches."""
-    by_id = {n.id: n for n in nodes}
-    incoming: dict[str, list[Edge]] = defaultdict(list)
-    outgoing: dict[str, list[Edge]] = defaultdict(list)
-    for e in edges:
-        incoming[e.target].append(e)
-        outgoing[e.source].append(e)
-    for e in edges:
-        src, tgt = by_id[e.source], by_id[e.target]
-        if src.kind != "exclusive" or src.id not in foreign or tgt.id not in foreign:
-            continue
-        if tgt.kind != "task" or len(incoming[tgt.id]) != 1 or tgt.when:
-            continue
-        if e.condition:
-            tgt.when = e.condition
-        elif e.default:
-            others = [o.condition for o in outgoing[src.id] if o is not e]
-            if others and all(others):
-                tgt.when = "not (" + " or ".join(f"({c})" for c in others) + ")"
+def _timer(el, d, problems: _Problems) -> tuple[str, float | str] | None:
+    """("sleep", seconds) or ("at", ISO text) of a timerEventDefinition; None after refusing."""
+    dur, date = d.find(_b("timeDuration")), d.find(_b("timeDate"))
+    if dur is not None:
+        text = _text(dur)
+        secs = parse_duration(text)
+        if secs is None:
+            problems.refuse(el, f"timeDuration {text!r} is not an ISO-8601 duration in weeks, "
+                                "days, hours, minutes, seconds (like PT2H or P1DT12H)")
+            return None
+        return "sleep", secs
+    if date is not None:
+        text = _text(date)
+        if parse_date(text) is None:
+            problems.refuse(el, f"timeDate {text!r} is not an ISO-8601 date-time (like "
+                                "2026-11-20T12:00:00Z)")
+            return None
+        return "at", text
+    problems.refuse(el, "a timeCycle or an empty timer; nbflow waits for a duration or a date")
+    return None
+
+
+def _multi_instance(el, mi, problems: _Problems) -> tuple[str, str] | None:
+    """(var, collection) of a parallel multi-instance, from nbflow's extension, Camunda's or
+    Zeebe's attributes, or BPMN's loopDataInputRef/inputDataItem; None after refusing."""
+    if mi.get("isSequential") == "true":
+        problems.refuse(el, "a sequential multi-instance; nbflow runs the instances in parallel")
+        return None
+    m = _ext(mi, "map")
+    if m is not None:
+        return m.get("var") or "", m.get("over") or ""
+    for what in ("loopCardinality", "completionCondition"):
+        if mi.find(_b(what)) is not None:
+            problems.refuse(el, f"a multi-instance with {what}; nbflow runs one instance per "
+                                "element of a collection, all of them")
+            return None
+    ext = mi.find(_b("extensionElements"))
+    zeebe = ext.find(f"{{{ZEEBE_NS}}}loopCharacteristics") if ext is not None else None
+    item = mi.find(_b("inputDataItem"))
+    raw_over = (mi.get(f"{{{CAMUNDA_NS}}}collection")
+                or (zeebe.get("inputCollection") if zeebe is not None else None)
+                or _text(mi.find(_b("loopDataInputRef"))) or None)
+    raw_var = (mi.get(f"{{{CAMUNDA_NS}}}elementVariable")
+               or (zeebe.get("inputElement") if zeebe is not None else None)
+               or (item.get("id") or item.get("name") if item is not None else None))
+    if not raw_over or not raw_var:
+        problems.refuse(el, "a multi-instance without a collection; name one with <nbflow:map "
+                            "var=.. over=..>, camunda:collection/elementVariable or "
+                            "loopDataInputRef/inputDataItem")
+        return None
+    over, var = vendor_name(raw_over), vendor_name(raw_var)
+    for raw, got, what in ((raw_over, over, "collection"), (raw_var, var, "element variable")):
+        if got is None:
+            problems.refuse(el, f"multi-instance {what} {raw!r} is an expression; nbflow takes "
+                                "a single name (${items}, #{items} and =items mean items)")
+    if over is None or var is None:
+        return None
+    return var, over
 
 
 def _check_acyclic(nodes: list[Node], edges: list[Edge]) -> None:
