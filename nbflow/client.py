@@ -48,6 +48,10 @@ class NbflowError(Exception):
     """An error meant for the user (unknown run, task not awaiting approval, ...)."""
 
 
+class BundleWarning(UserWarning):
+    """Files of the notebook's folder left out of its bundle (over the per-file limit)."""
+
+
 class AlreadyDecided(NbflowError):
     def __init__(self, message: str, decision: dict[str, Any]):
         super().__init__(message)
@@ -116,7 +120,10 @@ class Client:
         return self._kv[bucket]
 
     # --- submit -------------------------------------------------------------------------------
-    async def put_workflow(self, wf: Workflow) -> str:
+    async def put_workflow(self, wf: Workflow, *, bundle: bool | None = None) -> str:
+        """Store the definition (immutable, by content hash); with ``bundle`` (default:
+        NBFLOW_BUNDLE, on) the notebook's folder travels with it (see :meth:`with_bundle`)."""
+        wf = await self.with_bundle(wf, bundle)
         h = wf.content_hash()
         body = wf.to_json().encode()
         limit = self.nc.max_payload
@@ -138,15 +145,48 @@ class Client:
         self._defs[h] = wf
         return h
 
+    async def with_bundle(self, wf: Workflow, bundle: bool | None = None) -> Workflow:
+        """A copy of ``wf`` recording the submitter's module versions and, unless bundling is
+        off, the hash of its notebook's folder packed and uploaded (once) to the object store."""
+        import dataclasses
+        import warnings
+
+        from nbflow.compiler import bundle as packing
+        from nbflow.worker import bundles
+
+        folder = os.path.dirname(wf.source) if wf.source else ""
+        changes: dict[str, Any] = {}
+        if not wf.requires:
+            mods = {m for m in packing.workflow_modules(wf)
+                    if not (folder and packing.local_module(folder, m))}
+            changes["requires"] = packing.module_versions(mods)
+        if wf.bundle is None and folder and os.path.isdir(folder) and bundles.enabled(bundle):
+            from nbflow.worker.artifacts import Artifacts
+
+            try:
+                b = await asyncio.get_running_loop().run_in_executor(
+                    None, packing.pack, folder, (os.path.basename(wf.source),))
+            except packing.BundleError as e:
+                raise NbflowError(str(e)) from None
+            if b.skipped_big:
+                warnings.warn(packing.big_files_warning(folder, b), BundleWarning, stacklevel=2)
+            await bundles.upload(Artifacts(self.js, self.L.artifacts_store), b)
+            changes["bundle"] = b.hash
+        return dataclasses.replace(wf, **changes) if changes else wf
+
     async def submit(self, workflow: Workflow | str, params: dict[str, Any] | None = None, *,
                      by: str | None = None, run_id: str | None = None, msg_id: str | None = None,
                      schedule: str | None = None, retry_of: str | None = None,
-                     reuse: dict | None = None, reuse_outputs: bool = False) -> str:
+                     reuse: dict | None = None, reuse_outputs: bool = False,
+                     bundle: bool | None = None) -> str:
         """Start a run; returns its id. ``workflow`` is an IR or a notebook/BPMN/JSON path.
 
         ``reuse_outputs`` (``nbflow run --reuse``): each task whose fingerprint matches the
         latest succeeded execution of any earlier run in this namespace reuses its outputs
-        instead of running."""
+        instead of running.
+
+        ``bundle=False`` (or NBFLOW_BUNDLE=0): workers use the notebook's folder in place (a
+        shared filesystem) instead of a bundle of it."""
         if isinstance(workflow, str):
             from nbflow.compiler import compile_file
 
@@ -161,7 +201,8 @@ class Client:
             json.dumps(params)
         except TypeError as e:
             raise NbflowError(f"parameters must be JSON values: {e}") from None
-        h = await self.put_workflow(workflow)
+        workflow = await self.with_bundle(workflow, bundle)   # fingerprints cover the folder
+        h = await self.put_workflow(workflow, bundle=False)
         run = run_id or new_run_id()
         fps = fingerprints(workflow, {**workflow.params, **params})
         if reuse_outputs:
@@ -464,13 +505,15 @@ class Client:
             raise NbflowError(f"run {st.run} succeeded; nothing to retry "
                               f"(start a new one with `nbflow run`)")
         old = await self.workflow(st.wf)
+        keep = None if old.bundle else False        # a --no-bundle run is retried without one
         given = await self._given_params(st)
         if same_code:
             reuse = {nid: _reuse_entry(nid, ns.count, _node_task_dicts(st, nid), st.run)
                      for nid, ns in st.nodes.items()
                      if ns.state == "succeeded" and nid in _task_ids(old)}
-            return await self.submit(old, given, by=by, retry_of=st.run, reuse=reuse)
-        wf = self._recompile(st)
+            return await self.submit(old, given, by=by, retry_of=st.run, reuse=reuse,
+                                     bundle=keep)
+        wf = await self.with_bundle(self._recompile(st), keep)
         params = {k: v for k, v in given.items() if k in wf.param_names()}
         old_fps = fingerprints(old, {**old.params, **given}, across_runs=False)
         new_fps = fingerprints(wf, {**wf.params, **params}, across_runs=False)
@@ -481,7 +524,7 @@ class Client:
                     new_fps[node.id] == old_fps.get(node.id):
                 reuse[node.id] = _reuse_entry(node.id, ns.count, _node_task_dicts(st, node.id),
                                               st.run)
-        return await self.submit(wf, params, by=by, retry_of=st.run, reuse=reuse)
+        return await self.submit(wf, params, by=by, retry_of=st.run, reuse=reuse, bundle=keep)
 
     def _recompile(self, st: RunState) -> Workflow:
         from nbflow.compiler import compile_file

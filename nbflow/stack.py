@@ -240,7 +240,10 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
         raise StackError(f"an nbflow stack is already running on {d} "
                          f"(pid {info.get('pid', '?')}, {info.get('url', '?')}); "
                          f"stop it with `nbflow down`") from None
-    workers = workers or max(1, os.cpu_count() or 1)
+    if workers is None:                  # 0 is a hub: nats-server and the engine only
+        workers = max(1, os.cpu_count() or 1)
+    if workers < 0:
+        raise StackError(f"--workers must be 0 or more, not {workers}")
     try:
         server = NatsServer(d, port=port or _default_port()).start()
     except StackError:                   # the port was taken meanwhile

@@ -186,8 +186,11 @@ def _parse_params(pairs, wf=None) -> dict:
               help="Reuse the outputs of each task whose fingerprint (its code, setup cells, "
                    "parameters it reads, options and upstream tasks) matches an earlier "
                    "successful execution; run only what changed.")
+@click.option("--no-bundle", is_flag=True,
+              help="Workers use the notebook's folder in place (a shared filesystem) instead "
+                   "of a bundle of it (also NBFLOW_BUNDLE=0).")
 @nats_options
-def run(notebook, params, no_wait, reuse, nats_url, namespace):
+def run(notebook, params, no_wait, reuse, no_bundle, nats_url, namespace):
     """Compile NOTEBOOK, start a run and follow it to the end.
 
     Exit code 0 only when the run succeeded. Ctrl-C detaches: the run goes on.
@@ -198,7 +201,8 @@ def run(notebook, params, no_wait, reuse, nats_url, namespace):
     wf = compile_file(notebook)            # refuse a bad notebook before anything is submitted
 
     async def go(c):
-        run_id = await c.submit(wf, _parse_params(params, wf), reuse_outputs=reuse)
+        run_id = await c.submit(wf, _parse_params(params, wf), reuse_outputs=reuse,
+                                bundle=False if no_bundle else None)
         if no_wait:
             click.echo(run_id)
             return 0
@@ -270,7 +274,7 @@ def _summary(st, wf) -> None:
 
 
 @main.command()
-@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count).")
+@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count; 0: nats-server and engine only).")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Data dir (default: NBFLOW_HOME or ~/.local/share/nbflow).")
 @click.option("--port", type=int, default=0, help="nats-server port (default: 4222 if free).")
@@ -322,7 +326,9 @@ def engine(nats_url, namespace, replicas):
 @nats_options
 @click.option("--queue", default="default", help="Task queue to serve (%%task --queue).")
 @click.option("--concurrency", type=int, default=1, help="Tasks run at once by this worker.")
-def worker(nats_url, namespace, queue, concurrency):
+@click.option("--name", default=None, help="How this worker is named in runs and `nbflow "
+              "workers` (default: HOST-PID).")
+def worker(nats_url, namespace, queue, concurrency, name):
     """Run a worker: pulls tasks and executes them with papermill."""
     import logging
 
@@ -331,7 +337,7 @@ def worker(nats_url, namespace, queue, concurrency):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     try:
-        _arun(serve(resolve_url(nats_url), namespace, queue, concurrency))
+        _arun(serve(resolve_url(nats_url), namespace, queue, concurrency, name=name))
     except KeyboardInterrupt:
         pass
 

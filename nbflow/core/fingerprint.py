@@ -87,6 +87,8 @@ def fingerprints(wf: Workflow, params: dict[str, Any], *, across_runs: bool = Tr
                         inputs=sorted(node.sources), notebook=[node.notebook, node.notebook_task],
                         signal=node.wait_signal)
             volatile = volatile or bool(node.wait_signal)
+            if wf.bundle:                     # the notebook's folder: local modules, data files
+                body["bundle"] = wf.bundle
         if across_runs and (poisoned or volatile):
             fps[node_id] = None
         else:

@@ -106,6 +106,8 @@ class Workflow:
     params_source: str = ""                  # the parameters cell as written
     setup: list[str] = field(default_factory=list)        # setup cell sources, notebook order
     source: str | None = None                # absolute path of the notebook it came from
+    bundle: str | None = None                # hash of the notebook's folder in the object store
+    requires: dict[str, str] = field(default_factory=dict)  # module -> submitter's version ("": ?)
     version: int = IR_VERSION
 
     # --- access -----------------------------------------------------------------------------

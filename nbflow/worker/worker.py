@@ -23,6 +23,8 @@ from nbflow.core.ir import Workflow
 from nbflow.nats import infra
 from nbflow.core.events import BadMessage, make
 from nbflow.nats.layout import MSG_ID, Layout
+from nbflow.compiler.bundle import BundleError
+from nbflow.worker import bundles, environment
 from nbflow.worker.artifacts import Artifacts, notebook_key, output_key
 
 log = logging.getLogger("nbflow.worker")
@@ -44,6 +46,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.engine = engine or os.environ.get("NBFLOW_PAPERMILL_ENGINE", "nbflow")
         self.art = Artifacts(self.js, self.L.artifacts_store)
+        self.bundles = bundles.BundleCache(self.art)
         self._defs: dict[str, Workflow] = {}
         self._nbs: dict[tuple[str, str], Any] = {}
         self._slots = asyncio.Semaphore(self.concurrency)
@@ -56,6 +59,7 @@ class Worker:
         from nbflow.worker.kernels import pool as kernels
 
         kernels.configure(concurrency=self.concurrency)   # warm kernels: one per slot + a spare
+        self.bundles.sweep()
         await infra.ensure(self.js, self.L)
         durable = self.L.worker_consumer(self.queue)
         subject = self.L.task_subject(self.queue)
@@ -260,8 +264,16 @@ class Worker:
                 inputs[name] = rel
         io = {"task": node_id, "key": key, "run": run, "dir": workdir, "inputs": inputs,
               "map": task.get("map"), "signal": task.get("signal"), "outputs": node.outputs}
-        src = wf.source
-        cwd = os.path.dirname(src) if src and os.path.isdir(os.path.dirname(src)) else None
+        try:
+            cwd = await self._task_cwd(wf, workdir)
+        except BundleError as e:
+            return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
+                        error=f"{type(e).__name__}: {e}")
+        missing, warnings = environment.check(wf, node_id, cwd)
+        if missing:
+            return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
+                        error=environment.missing_error(missing, node_id, self.name, wf))
+        nb = environment.with_warnings(nb, warnings)
         loop = asyncio.get_running_loop()
         res = await loop.run_in_executor(None, lambda: run_task(
             nb, params=task.get("params") or {}, io=io, cwd=cwd, timeout=task.get("timeout"),
@@ -305,6 +317,23 @@ class Worker:
                     traceback=res.traceback, cell=res.cell, notebook=nb_key, reason=reason,
                     duration=res.duration)
 
+    async def _task_cwd(self, wf: Workflow, workdir: str) -> str | None:
+        """The task's cwd: its own copy of the run's bundle; without a bundle the notebook's
+        folder in place (a shared filesystem); None (its work dir) for a workflow without one."""
+        if wf.bundle:
+            unpacked = await self.bundles.get(wf.bundle)
+            return await asyncio.get_running_loop().run_in_executor(
+                None, bundles.task_folder, unpacked, workdir)
+        if not wf.source:
+            return None
+        if not os.path.isfile(wf.source):
+            raise BundleError(
+                f"the notebook {wf.source} is not on worker {self.name}'s filesystem: the run "
+                f"was submitted without a bundle (--no-bundle / NBFLOW_BUNDLE=0), which needs "
+                f"the notebook's folder on a filesystem the workers share; submit with bundles "
+                f"(the default) instead")
+        return os.path.dirname(wf.source)
+
     async def _dead_letter(self, msg, why: str) -> None:
         log.warning("dead letter on %s: %s", msg.subject, why)
         record = {"where": msg.subject, "why": why, "ts": time.time(),
@@ -316,11 +345,11 @@ class Worker:
 
 
 async def serve(url: str, namespace: str = "", queue: str = "default", concurrency: int = 1,
-                ready: asyncio.Event | None = None) -> None:
+                ready: asyncio.Event | None = None, *, name: str | None = None) -> None:
     """`nbflow worker`: connect and serve until cancelled."""
     logging.getLogger("papermill").setLevel(logging.WARNING)   # its per-notebook INFO lines
     nc = await infra.connect(url, name="nbflow-worker")
-    w = Worker(nc, Layout(namespace), queue=queue, concurrency=concurrency)
+    w = Worker(nc, Layout(namespace), queue=queue, concurrency=concurrency, name=name)
     await w.start()
     try:
         await infra.run_service(nc, w, ready)

@@ -1,0 +1,215 @@
+"""The notebook's folder travels with the run: a worker whose filesystem lacks that folder still
+imports the module next to the notebook and reads relative data files (from the bundle), an edit
+to the module reaches the next run, and a task importing a module the worker lacks fails at once
+naming both."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+
+from nbhelpers import write_notebook
+from support import finish, success_counts
+
+from nbflow.compiler import bundle as packing
+from nbflow.stack import Supervisor
+
+
+# --- packing (pure) ------------------------------------------------------------------------
+
+def _tree(root, files: dict[str, str | bytes]):
+    for rel, body in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(body if isinstance(body, bytes) else body.encode())
+    return root
+
+
+def test_identical_folders_hash_identically_whatever_their_mtimes(tmp_path):
+    files = {"nb.ipynb": "{}", "util.py": "X = 1\n", "data/a.csv": "a,b\n1,2\n"}
+    a = _tree(tmp_path / "a", files)
+    b = _tree(tmp_path / "b", files)
+    os.utime(b / "util.py", (1, 1))
+    pa, pb = packing.pack(str(a)), packing.pack(str(b))
+    assert pa.hash == pb.hash and pa.data == pb.data
+    assert pa.files == ["data/a.csv", "nb.ipynb", "util.py"]
+    (b / "util.py").write_text("X = 2\n")
+    assert packing.pack(str(b)).hash != pa.hash
+
+
+def test_defaults_and_nbflowignore(tmp_path):
+    root = _tree(tmp_path / "p", {
+        "nb.ipynb": "{}", "util.py": "", ".git/HEAD": "ref", "__pycache__/util.pyc": "x",
+        ".ipynb_checkpoints/nb-checkpoint.ipynb": "{}", "node_modules/x/index.js": "",
+        "venv/pyvenv.cfg": "home = /usr", "venv/lib/site.py": "", "stray.pyc": "",
+        "data/raw/big.parquet": "x", "data/raw/keep.parquet": "x", "data/small.csv": "",
+        "logs/run.log": "", "sub/logs/other.log": "", "out/a.txt": "", "docs/out/b.txt": "",
+        "notes.tmp": "", "deep/er/notes.tmp": "",
+    })
+    (root / ".nbflowignore").write_text(
+        "# comment\n*.tmp\ndata/raw/*\n!data/raw/keep.parquet\nlogs/\n/out/\n**/er/**\n")
+    got = packing.pack(str(root)).files
+    assert got == [".nbflowignore", "data/raw/keep.parquet", "data/small.csv", "docs/out/b.txt",
+                   "nb.ipynb", "util.py"]
+
+
+def test_big_files_are_left_out_with_a_warning_and_the_total_limit_is_an_error(tmp_path,
+                                                                                monkeypatch):
+    root = _tree(tmp_path / "p", {"nb.ipynb": "{}", "data/huge.bin": b"x" * 3 * 2**20,
+                                  "data/mid.bin": b"y" * 2**19})
+    monkeypatch.setenv("NBFLOW_BUNDLE_MAX_FILE_MB", "1")
+    b = packing.pack(str(root))
+    assert b.files == ["data/mid.bin", "nb.ipynb"]
+    msg = packing.big_files_warning(str(root), b)
+    assert "data/huge.bin (3.0 MB)" in msg and "NBFLOW_BUNDLE_MAX_FILE_MB" in msg
+    monkeypatch.setenv("NBFLOW_BUNDLE_MAX_MB", "0.25")
+    with pytest.raises(packing.BundleError) as e:
+        packing.pack(str(root))
+    text = str(e.value)
+    assert "data/mid.bin" in text and ".nbflowignore" in text and "NBFLOW_BUNDLE_MAX_MB" in text
+    assert "--no-bundle" in text
+
+
+def test_imported_modules_tolerates_magics():
+    code = "%load_ext nbflow\nimport os, numpy.linalg as la\nfrom salesutil import load\n" \
+           "from . import rel\n!pip list\n"
+    assert packing.imported_modules(code) == {"os", "numpy", "salesutil"}
+    assert packing.third_party({"os", "numpy", "nbflow", "salesutil"}) == {"numpy", "salesutil"}
+
+
+# --- end to end: a worker that cannot see the notebook's folder -----------------------------
+
+NS = "bundles"
+
+
+def _project(root, effects, version: str):
+    """An analyst's folder: a notebook, a module next to it, a data file read relatively."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "salesutil.py").write_text(
+        f"VERSION = {version!r}\n"
+        "def load(path):\n"
+        "    with open(path) as f:\n"
+        "        return [int(x) for x in f.read().split()]\n")
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data" / "sales.txt").write_text("1 2 3 4\n")
+    return write_notebook(root / "report.ipynb", [
+        "import os\nfrom salesutil import load, VERSION",
+        f"%%task extract\nsales = load('data/sales.txt')\n"
+        f"seen_folder = os.path.exists({str(root / 'salesutil.py')!r})\n"
+        f"open({str(effects)!r}, 'a').write('extract ' + VERSION + chr(10))",
+        f"%%task total\nresult = (VERSION, sum(sales), seen_folder)\n"
+        f"open({str(effects)!r}, 'a').write('total %s %s %s' % result + chr(10))\n"
+        f"open('scratch.txt', 'w').write('written relative to the cwd')",
+    ])
+
+
+@pytest.fixture(scope="module")
+def hidden_worker(nats_server, tmp_path_factory):
+    """An engine, and a worker in its own mount namespace where the project folder is an empty
+    tmpfs (as on another host), with its own bundle cache."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) for a mount namespace")
+    tmp_path = tmp_path_factory.mktemp("hidden")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    cache = tmp_path / "cache"
+    log = tmp_path / "stack.log"
+    sup = Supervisor(nats_server.url, workers=0, namespace=NS, log_file=log).start()
+    env = {**os.environ, "NBFLOW_NAMESPACE": NS, "NBFLOW_BUNDLE_CACHE": str(cache),
+           "PYTHONUNBUFFERED": "1"}
+    cmd = (f"mount -t tmpfs none {proj} && cd / && exec {sys.executable} -m nbflow worker "
+           f"--nats {nats_server.url} --name hidden-worker")
+    with open(log, "ab") as out:
+        worker = subprocess.Popen(["unshare", "-m", "sh", "-c", cmd], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    yield proj, cache, log, nats_server.url
+    worker.terminate()
+    try:
+        worker.wait(15)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+    sup.stop()
+
+
+def test_a_worker_without_the_notebooks_folder_runs_it_from_the_bundle(hidden_worker, tmp_path):
+    from nbflow.client import SyncClient
+
+    hidden, cache, log, url = hidden_worker
+    proj = hidden / "report"
+    effects = tmp_path / "effects.txt"
+    nb = _project(proj, effects, "v1")
+    with SyncClient(url, namespace=NS) as c:
+        run1 = c.submit(str(nb))
+        st = finish(c, run1)
+        assert st.state == "succeeded", (st.to_dict(), log.read_text()[-3000:])
+        assert success_counts(c, run1) == {"extract": 1, "total": 1}
+        # the worker is blind to the folder (False), yet imported the module and read the data
+        assert effects.read_text().splitlines() == ["extract v1", "total v1 10 False"]
+        h1 = c.workflow(st.wf).bundle
+        assert h1 and sorted(os.listdir(cache)) == [h1]
+        # the task's relative write went to its own copy, not into the shared unpacked bundle
+        assert not (cache / h1 / "scratch.txt").exists()
+
+        run2 = c.submit(str(nb))                      # same folder: same bundle, no new unpack
+        assert finish(c, run2).state == "succeeded"
+        assert c.workflow(c.status(run2).wf).bundle == h1
+        assert sorted(os.listdir(cache)) == [h1]
+
+        (proj / "salesutil.py").write_text((proj / "salesutil.py").read_text()
+                                           .replace("'v1'", "'v2'"))
+        run3 = c.submit(str(nb))
+        st3 = finish(c, run3)
+        assert st3.state == "succeeded"
+        h3 = c.workflow(st3.wf).bundle
+        assert h3 != h1
+        assert sorted(os.listdir(cache)) == sorted([h1, h3])
+        assert effects.read_text().splitlines() == ["extract v1", "total v1 10 False"] * 2 + \
+            ["extract v2", "total v2 10 False"]
+
+
+def test_without_a_bundle_a_missing_folder_is_a_clear_error(hidden_worker, tmp_path):
+    from nbflow.client import SyncClient
+
+    hidden, cache, log, url = hidden_worker
+    effects = tmp_path / "effects.txt"
+    nb = _project(hidden / "shared_fs", effects, "v1")
+    with SyncClient(url, namespace=NS) as c:
+        run = c.submit(str(nb), bundle=False)
+        st = finish(c, run)
+        assert st.state == "failed"
+        err = st.tasks["extract"].error
+        assert "is not on worker hidden-worker's filesystem" in err and "--no-bundle" in err, err
+        assert st.tasks["extract"].attempt == 1            # a config error: not retried
+        assert not effects.exists()
+
+
+def test_a_module_the_worker_lacks_fails_at_once_naming_it_and_the_worker(hidden_worker,
+                                                                          tmp_path):
+    from nbflow.client import SyncClient
+
+    hidden, cache, log, url = hidden_worker
+    effects = tmp_path / "effects.txt"
+    nb = write_notebook(hidden / "needs" / "needs.ipynb", [
+        "import os",
+        f"%%task a\nimport nbflow_no_such_module_xyz\nopen({str(effects)!r}, 'a').write('a')",
+        f"%%task b\nimport papermill\nv = papermill.__version__",
+    ])
+    with SyncClient(url, namespace=NS) as c:
+        run = c.submit(str(nb))
+        st = finish(c, run)
+        err = st.tasks["a"].error
+        assert err.startswith("ModuleNotFoundError") and "nbflow_no_such_module_xyz" in err
+        assert "hidden-worker" in err and st.tasks["a"].attempt == 1
+        assert st.tasks["b"].state == "succeeded"
+        assert not effects.exists()
+        wf = c.workflow(st.wf)
+        import papermill
+        assert wf.requires.get("papermill") == papermill.__version__
+        assert wf.requires.get("nbflow_no_such_module_xyz") == ""
+
