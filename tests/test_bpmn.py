@@ -427,3 +427,109 @@ def test_any_workflow_round_trips_and_validates(schema, wf):
     text = to_bpmn(wf)
     schema.validate(text)
     assert from_bpmn(text).to_dict() == wf.to_dict()
+
+
+# --- the diagram: Graphviz routes every edge around the shapes ---------------------------------
+
+def _segment_hits_box(p, q, box, shrink=1.0) -> bool:
+    """Does segment p-q pass through the inside of box (x, y, w, h), shrunk by `shrink`?"""
+    x0, y0 = box[0] + shrink, box[1] + shrink
+    x1, y1 = box[0] + box[2] - shrink, box[1] + box[3] - shrink
+    if x0 >= x1 or y0 >= y1:
+        return False
+    (px, py), (qx, qy) = p, q
+    t0, t1 = 0.0, 1.0            # Liang-Barsky clipping of the segment against the box
+    dx, dy = qx - px, qy - py
+    for pk, qk in ((-dx, px - x0), (dx, x1 - px), (-dy, py - y0), (dy, y1 - py)):
+        if pk == 0:
+            if qk < 0:
+                return False
+        else:
+            t = qk / pk
+            if pk < 0:
+                t0 = max(t0, t)
+            else:
+                t1 = min(t1, t)
+            if t0 > t1:
+                return False
+    return t1 - t0 > 1e-6
+
+
+def _boxes_overlap(a, b, shrink=1.0) -> bool:
+    return (a[0] + shrink < b[0] + b[2] - shrink and b[0] + shrink < a[0] + a[2] - shrink
+            and a[1] + shrink < b[1] + b[3] - shrink and b[1] + shrink < a[1] + a[3] - shrink)
+
+
+def diagram_crossings(text: str) -> list[str]:
+    """Every edge segment that passes through a shape (other than the shapes it joins, at its
+    ends) and every label that sits on a shape, in the BPMN DI of `text`."""
+    root = bpmn_tree(text)
+    DI, DC = "http://www.omg.org/spec/BPMN/20100524/DI", "http://www.omg.org/spec/DD/20100524/DC"
+    flows = {f.get("id"): (f.get("sourceRef"), f.get("targetRef"))
+             for f in root.iter(f"{{{BPMN_NS}}}sequenceFlow")}
+
+    def box(el):
+        b = el.find(f"{{{DC}}}Bounds")
+        return tuple(float(b.get(k)) for k in ("x", "y", "width", "height"))
+
+    shapes, labels = {}, []
+    for s in root.iter(f"{{{DI}}}BPMNShape"):
+        shapes[s.get("bpmnElement")] = box(s)
+        lab = s.find(f"{{{DI}}}BPMNLabel")
+        if lab is not None:
+            labels.append((s.get("bpmnElement"), box(lab)))
+    bad = []
+    for e in root.iter(f"{{{DI}}}BPMNEdge"):
+        src, tgt = flows[e.get("bpmnElement")]
+        pts = [(float(w.get("x")), float(w.get("y")))
+               for w in e.findall("{http://www.omg.org/spec/DD/20100524/DI}waypoint")]
+        segs = list(zip(pts, pts[1:]))
+        for i, (p, q) in enumerate(segs):
+            for sid, b in shapes.items():
+                if (sid == src and i == 0) or (sid == tgt and i == len(segs) - 1):
+                    continue
+                if _segment_hits_box(p, q, b):
+                    bad.append(f"edge {e.get('bpmnElement')} crosses {sid}")
+        lab = e.find(f"{{{DI}}}BPMNLabel")
+        if lab is not None:
+            labels.append((e.get("bpmnElement"), box(lab)))
+    for owner, lb in labels:
+        for sid, b in shapes.items():
+            if _boxes_overlap(lb, b):
+                bad.append(f"label of {owner} on {sid}")
+    return bad
+
+
+DIAGRAM_NOTEBOOKS = sorted(p for p in [*(HERE / "data").glob("*.ipynb"),
+                                       *(HERE.parent / "notebooks").glob("*.ipynb")]
+                           if not p.name.startswith(("bad_", "not_a_", "empty")))
+
+
+def test_crossing_detector_can_fail(check):
+    text = check(diamond())
+    root = bpmn_tree(text)
+    DI = "http://www.omg.org/spec/BPMN/20100524/DI"
+    DC = "http://www.omg.org/spec/DD/20100524/DC"
+    shape = next(s for s in root.iter(f"{{{DI}}}BPMNShape") if s.get("bpmnElement") == "b")
+    b = shape.find(f"{{{DC}}}Bounds")           # move b onto the middle of the a -> c edge
+    edge = next(e for e in root.iter(f"{{{DI}}}BPMNEdge") if e.get("bpmnElement").startswith("Flow_a_c"))
+    w = edge.findall("{http://www.omg.org/spec/DD/20100524/DI}waypoint")
+    mx = (float(w[0].get("x")) + float(w[-1].get("x"))) / 2
+    my = (float(w[0].get("y")) + float(w[-1].get("y"))) / 2
+    b.set("x", str(mx - 50)), b.set("y", str(my - 40))
+    assert any("crosses b" in c for c in diagram_crossings(etree.tostring(root).decode()))
+
+
+@pytest.mark.skipif(__import__("shutil").which("dot") is None, reason="Graphviz is not installed")
+@pytest.mark.parametrize("path", DIAGRAM_NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_exported_diagrams_have_no_crossings(schema, path):
+    from nbflow.compiler import compile_notebook
+
+    text = to_bpmn(compile_notebook(path))
+    schema.validate(text)
+    assert diagram_crossings(text) == []
+
+
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_sample_diagrams_have_no_crossings(check, sample):
+    assert diagram_crossings(check(SAMPLES[sample]())) == []

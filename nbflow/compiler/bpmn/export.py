@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import subprocess
 from collections import defaultdict
 from urllib.parse import quote
 
@@ -284,14 +286,104 @@ def _layout(elements: list[_El], flows: list[dict]) -> dict[str, tuple[float, fl
     return boxes
 
 
+_DOT_SHAPE = {"event": "circle", "gateway": "diamond", "activity": "box"}
+_CHAR_W, _LABEL_H = 6.5, 14.0     # label size estimate (BPMN renderers use ~11px sans-serif)
+
+
+def _label_size(text: str) -> tuple[float, float]:
+    return max(20.0, len(text) * _CHAR_W + 8), _LABEL_H
+
+
+def _graphviz_layout(elements: list[_El], flows: list[dict], names: dict[str, str]):
+    """Shapes, edge routes and label boxes from Graphviz's ``dot`` (left to right, edges routed
+    around shapes as polylines, labels placed where nothing else is); None without Graphviz."""
+    dot = shutil.which("dot")
+    if dot is None:
+        return None
+    kinds = {el.id: _KIND_OF_TAG[el.tag] for el in elements}
+    lines = ['digraph bpmn {',
+             '  graph [rankdir=LR splines=polyline nodesep=0.45 ranksep=0.55 forcelabels=true '
+             'fontsize=11 fontname="Helvetica"];',
+             '  node [fixedsize=true label="" fontsize=11 fontname="Helvetica"];',
+             '  edge [fontsize=11 fontname="Helvetica" arrowhead=none];']
+    for el in elements:
+        w, h = _SIZE[kinds[el.id]]
+        attrs = f'shape={_DOT_SHAPE[kinds[el.id]]} width={w / 72:.4f} height={h / 72:.4f}'
+        if kinds[el.id] != "activity" and names.get(el.id):
+            attrs += f" xlabel={json.dumps(names[el.id])}"   # outside the shape, as BPMN draws it
+        lines.append(f'  "{el.id}" [{attrs}];')
+    for i, f in enumerate(flows):
+        label = names.get(f["id"])
+        attrs = f'id="e{i}"' + (f" label={json.dumps(label)}" if label else "")
+        lines.append(f'  "{f["src"].id}" -> "{f["tgt"].id}" [{attrs}];')
+    lines.append("}")
+    try:
+        out = subprocess.run([dot, "-Tjson"], input="\n".join(lines), capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        g = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    top = float(g["bb"].split(",")[3])
+    pad = 40.0
+
+    def pt(text: str) -> tuple[float, float]:
+        x, y = (float(v) for v in text.split(",")[-2:])
+        return round(x + pad, 2), round(top - y + pad, 2)
+
+    boxes, label_boxes, routes, edge_labels = {}, {}, {}, {}
+    for o in g.get("objects", []):
+        if o.get("name") not in kinds:
+            continue
+        w, h = _SIZE[kinds[o["name"]]]
+        cx, cy = pt(o["pos"])
+        boxes[o["name"]] = (cx - w / 2, cy - h / 2, w, h)
+        if "xlp" in o and names.get(o["name"]):
+            lw, lh = _label_size(names[o["name"]])
+            lx, ly = pt(o["xlp"])
+            label_boxes[o["name"]] = (lx - lw / 2, ly - lh / 2, lw, lh)
+    for e in g.get("edges", []):
+        i = int(e.get("id", "e-1")[1:])
+        if i < 0 or "pos" not in e:
+            continue
+        parts = e["pos"].split()
+        start = next((pt(p[2:]) for p in parts if p.startswith("s,")), None)
+        end = next((pt(p[2:]) for p in parts if p.startswith("e,")), None)
+        pts = [pt(p) for p in parts if not p.startswith(("s,", "e,"))]
+        pts = ([start] if start else []) + pts + ([end] if end else [])
+        route = [pts[0]]
+        for p in pts[1:]:
+            if p != route[-1]:
+                route.append(p)
+        routes[i] = route
+        if "lp" in e and names.get(flows[i]["id"]):
+            lw, lh = _label_size(names[flows[i]["id"]])
+            lx, ly = pt(e["lp"])
+            edge_labels[i] = (lx - lw / 2, ly - lh / 2, lw, lh)
+    if set(boxes) != set(kinds) or len(routes) != len(flows):
+        return None
+    return boxes, routes, label_boxes, edge_labels
+
+
 def _write_diagram(defs, proc, elements, flows, ids: _Ids) -> None:
-    boxes = _layout(elements, flows)
+    names = {el.get("id"): el.get("name") for el in proc if el.get("name")}
+    laid = _graphviz_layout(elements, flows, names)
+    if laid is None:
+        boxes = _layout(elements, flows)
+        routes, label_boxes, edge_labels = {}, {}, {}
+    else:
+        boxes, routes, label_boxes, edge_labels = laid
     dia = etree.SubElement(defs, f"{{{BPMNDI_NS}}}BPMNDiagram", id=ids.fresh("Diagram"))
     plane = etree.SubElement(dia, f"{{{BPMNDI_NS}}}BPMNPlane", id=ids.fresh("Plane"),
                              bpmnElement=proc.get("id"))
 
     def num(v: float) -> str:
-        return f"{v:g}"
+        return f"{round(v, 2):g}"
+
+    def label(parent, box) -> None:
+        lab = etree.SubElement(parent, f"{{{BPMNDI_NS}}}BPMNLabel")
+        x, y, w, h = box
+        etree.SubElement(lab, f"{{{DC_NS}}}Bounds", x=num(x), y=num(y), width=num(w),
+                         height=num(h))
 
     for el in elements:
         x, y, w, h = boxes[el.id]
@@ -300,16 +392,22 @@ def _write_diagram(defs, proc, elements, flows, ids: _Ids) -> None:
         if el.tag == "exclusiveGateway":
             sh.set("isMarkerVisible", "true")
         etree.SubElement(sh, f"{{{DC_NS}}}Bounds", x=num(x), y=num(y), width=num(w), height=num(h))
-    for f in flows:
-        sx, sy, sw, sh_ = boxes[f["src"].id]
-        tx, ty, tw, th = boxes[f["tgt"].id]
-        a, b = (sx + sw, sy + sh_ / 2), (tx, ty + th / 2)
-        points = [a]
-        if not math.isclose(a[1], b[1]):
-            mid = (a[0] + b[0]) / 2
-            points += [(mid, a[1]), (mid, b[1])]
-        points.append(b)
+        if el.id in label_boxes:
+            label(sh, label_boxes[el.id])
+    for i, f in enumerate(flows):
+        points = routes.get(i)
+        if points is None:
+            sx, sy, sw, sh_ = boxes[f["src"].id]
+            tx, ty, tw, th = boxes[f["tgt"].id]
+            a, b = (sx + sw, sy + sh_ / 2), (tx, ty + th / 2)
+            points = [a]
+            if not math.isclose(a[1], b[1]):
+                mid = (a[0] + b[0]) / 2
+                points += [(mid, a[1]), (mid, b[1])]
+            points.append(b)
         edge = etree.SubElement(plane, f"{{{BPMNDI_NS}}}BPMNEdge", id=ids.fresh(f["id"] + "_di"),
                                 bpmnElement=f["id"])
         for px, py in points:
             etree.SubElement(edge, f"{{{DI_NS}}}waypoint", x=num(px), y=num(py))
+        if i in edge_labels:
+            label(edge, edge_labels[i])
