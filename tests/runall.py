@@ -51,3 +51,53 @@ def text(nb) -> str:
 def widget_views(nb) -> int:
     return sum(1 for o in outputs(nb)
                if "application/vnd.jupyter.widget-view+json" in o.get("data", {}))
+
+
+def start_kernel(cwd: Path, nats_url: str, namespace: str = "itest", notebook: Path | None = None):
+    """A real python3 ipykernel (jupyter_client) pointed at the test stack; returns (km, kc)."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    env = {**os.environ, "NBFLOW_NATS_URL": nats_url, "NBFLOW_NAMESPACE": namespace,
+           "NBFLOW_USER": "analyst"}
+    if notebook is not None:
+        env["JPY_SESSION_NAME"] = str(notebook)
+    km.start_kernel(env=env, cwd=str(cwd))
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    return km, kc
+
+
+def execute(kc, code: str, cell_id: str | None = None, timeout: float = 120) -> dict:
+    """Execute as JupyterLab does (with the cell's id in the request's metadata); returns
+    {'ok', 'stdout', 'stderr', 'error', 'data'}."""
+    import time
+
+    content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+               "allow_stdin": False, "stop_on_error": True}
+    msg = kc.session.msg("execute_request", content,
+                         metadata={"cellId": cell_id} if cell_id else {})
+    kc.shell_channel.send(msg)
+    msg_id = msg["header"]["msg_id"]
+    out = {"stdout": "", "stderr": "", "error": "", "data": []}
+    deadline = time.monotonic() + timeout
+    while True:
+        m = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if m["parent_header"].get("msg_id") != msg_id:
+            continue
+        t, c = m["msg_type"], m["content"]
+        if t == "stream":
+            out[c["name"]] += c["text"]
+        elif t == "error":
+            out["error"] = f"{c['ename']}: {c['evalue']}"
+        elif t in ("display_data", "execute_result"):
+            out["data"].append(c["data"])
+        elif t == "status" and c["execution_state"] == "idle":
+            break
+    while True:
+        reply = kc.get_shell_msg(timeout=timeout)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    out["ok"] = reply["content"]["status"] == "ok"
+    return out

@@ -105,3 +105,18 @@ def test_flow_show_displays_something(ip, capsys):
     assert res.success, res.error_in_exec
     res = ip.run_cell(f"%flow show {os.path.join(DATA, 'bad_cycle.ipynb')}")
     assert isinstance(res.error_in_exec, UsageError) and "cycle" in str(res.error_in_exec)
+
+
+def test_approval_cell_runs_only_with_here(ip, capsys):
+    res = ip.run_cell('%%task pay_m --approval "Pay?"\npaid_m = True\n')
+    assert res.success and "paid_m" not in ip.user_ns
+    assert "waits for approval in a run" in capsys.readouterr().out
+    res = ip.run_cell('%%task pay_m --approval "Pay?" --here\npaid_m = True\n')
+    assert res.success and ip.user_ns["paid_m"] is True
+
+
+def test_example_must_be_json_and_needs_wait_signal(ip):
+    res = ip.run_cell("%%task s_m --wait-signal sig_m --example '{bad'\nx_m = sig_m\n")
+    assert isinstance(res.error_in_exec, UsageError) and "is not JSON" in str(res.error_in_exec)
+    res = ip.run_cell("%%task s_m --example 1\nx_m = 1\n")
+    assert isinstance(res.error_in_exec, UsageError) and "--wait-signal" in str(res.error_in_exec)

@@ -23,3 +23,69 @@ def test_flow_runs_displays_and_opens_a_run(client, nats_server, tmp_path):
     assert not outputs(out, "error"), text(out)
     assert widget_views(out) >= 1
     assert f"opened {run}" in text(out)
+
+
+def test_run_all_of_a_gated_pipeline_acts_on_nothing_gated(nats_server, tmp_path):
+    paid = tmp_path / "paid.txt"
+    nb = write_notebook(tmp_path / "payout.ipynb", [
+        "%load_ext nbflow",
+        "%%task extract\nregions = ['north', 'south']\namounts = {'north': 3, 'south': 4}",
+        "%%task by_region --map region in regions\ntotal = amounts[region] * 10",
+        f'%%task payout --approval "Pay the totals?"\nopen({str(paid)!r}, "w").write(str(total))'
+        "\npaid_ids = [1, 2]",
+        "%%task confirm\nconfirmed = len(paid_ids)",
+        "%%task bank_in --wait-signal bank\nrate = bank['rate']",
+        "%%task bank_demo --wait-signal fx --example '{\"rate\": 1.5}'\nfx_total = fx['rate'] * 2",
+        "print('totals', total, 'fx_total', fx_total)",
+    ])
+    out = run_all(nb, nats_server.url)
+    said = text(out)
+    assert not outputs(out, "error"), said
+    assert not paid.exists()                                   # nobody approved: nobody paid
+    assert "task 'payout' waits for approval in a run" in said and "--here" in said
+    assert "task 'confirm' reads `paid_ids`, which task 'payout' produces" in said
+    assert "task 'bank_in' waits for signal 'bank' in a run" in said and "--example" in said
+    assert "totals [30, 40] fx_total 3.0" in said
+
+
+def test_flow_run_uses_the_cells_as_the_kernel_ran_them_and_says_so(nats_server, stack,
+                                                                     tmp_path):
+    import nbformat
+
+    from runall import execute, start_kernel
+
+    log = tmp_path / "ran.log"
+    path = write_notebook(tmp_path / "edit.ipynb", [
+        "%load_ext nbflow",
+        "%%task extract\nrows = [1, 2, 3]",
+        f"%%task report\nopen({str(log)!r}, 'a').write('saved version\\n')\ntotal = sum(rows)",
+    ])
+    nb = nbformat.read(str(path), as_version=4)
+    ids = [c.id for c in nb.cells]
+    km, kc = start_kernel(tmp_path, nats_server.url, notebook=path)
+    try:
+        for c in nb.cells:                                  # Run All, as JupyterLab sends it
+            assert execute(kc, c.source, c.id)["ok"]
+        assert log.read_text() == "saved version\n"
+        log.unlink()
+        # the analyst edits the report cell and re-runs it, but does not save
+        edited = (f"%%task report\nopen({str(log)!r}, 'a').write('edited version\\n')\n"
+                  "total = sum(rows) * 10")
+        assert execute(kc, edited, ids[2])["ok"]
+        log.unlink()
+        r = execute(kc, "%flow run", "new-cell-id")
+        assert r["ok"], r
+        assert "using unsaved changes of cell 3" in r["stdout"], r
+        r = execute(kc, "from nbflow.widgets import last_view\n"
+                        "st = last_view().wait(timeout=120)\nprint(st.state)")
+        assert r["stdout"].strip() == "succeeded", r
+        assert log.read_text() == "edited version\n"        # the run ran what is on screen
+        log.unlink()
+        # --saved runs the file as saved
+        execute(kc, "%flow run --saved", "another-cell")
+        r = execute(kc, "print(last_view().wait(timeout=120).state)")
+        assert r["stdout"].strip() == "succeeded", r
+        assert log.read_text() == "saved version\n"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import json
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -78,6 +79,12 @@ _TASK_ARGS = [
              help="kernel isolation: run (default: one kernel per run, reset between its "
                   "tasks), fresh (a new kernel for this task), reuse (share kernels across runs)"),
     argument("--no-run", action="store_true", help="register the task without running it (magic only)"),
+    argument("--here", action="store_true",
+             help="run the body in this kernel even if it waits for an approval or a signal "
+                  "(debugging; magic only)"),
+    argument("--example", metavar="JSON",
+             help="with --wait-signal NAME: bind NAME to this value when the cell runs in the "
+                  "notebook (magic only; a run binds the signal's value)"),
 ]
 
 
@@ -122,6 +129,8 @@ class TaskSpec:
     at: str | None = None
     isolation: str | None = None
     no_run: bool = False
+    here: bool = False                       # run a gated body in the kernel anyway (magic)
+    example: str | None = None               # JSON bound to --wait-signal NAME in the kernel
     defines: set[str] = field(default_factory=set)   # names the cell binds at top level
     reads: set[str] = field(default_factory=set)     # free names (code + --when + --map NAME)
 
@@ -157,7 +166,8 @@ def parse_task_line(argstring: str) -> dict[str, Any]:
             f"bad task name {name!r}: use letters, digits, _ and - (starting with a letter or _)")
     if name in ("start", "end"):
         raise WorkflowError(f"{name!r} is reserved: pick another task name")
-    out: dict[str, Any] = {"name": name, "after": list(ns.after or []), "no_run": ns.no_run}
+    out: dict[str, Any] = {"name": name, "after": list(ns.after or []), "no_run": ns.no_run,
+                           "here": ns.here}
     task = f"task {name!r}: "
     if ns.retries < 0:
         raise WorkflowError(task + f"--retries must be 0 or more, not {ns.retries}")
@@ -199,6 +209,16 @@ def parse_task_line(argstring: str) -> dict[str, Any]:
             raise WorkflowError(task + f"--wait-signal {ns.wait_signal!r} must be a Python identifier "
                                 "(its value is bound to that variable)")
         out["wait_signal"] = ns.wait_signal
+    if ns.example is not None:
+        if ns.wait_signal is None:
+            raise WorkflowError(task + "--example gives the value of a --wait-signal NAME; "
+                                "add --wait-signal NAME")
+        try:
+            json.loads(ns.example)
+        except ValueError as e:
+            raise WorkflowError(task + f"--example {ns.example!r} is not JSON ({e}); quote "
+                                "text as '\"text\"'") from None
+        out["example"] = ns.example
     if ns.isolation is not None:
         out["isolation"] = ns.isolation
     return out

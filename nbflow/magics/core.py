@@ -12,6 +12,7 @@ notebook and the compiled workflow can never disagree about what ``%%task`` mean
 """
 from __future__ import annotations
 
+import json
 import os
 import weakref
 from typing import Any, Callable
@@ -54,6 +55,30 @@ def registered_tasks(shell: Any) -> dict[str, TaskSpec]:
         return _REGISTRIES.setdefault(shell, {})
     except TypeError:            # not weak-referenceable: keep it on the shell
         return shell.__dict__.setdefault("_nbflow_tasks", {})
+
+
+def gated_names(shell: Any) -> dict[str, tuple[str, str]]:
+    """Names that tasks not run in this kernel (approval, signal) would assign: name ->
+    (task, why)."""
+    return shell.__dict__.setdefault("_nbflow_gated", {})
+
+
+def executed_cells(shell: Any) -> dict[str, tuple[str, str]]:
+    """The %%task cells this kernel executed, as the analyst last ran them: task name ->
+    (first line, body)."""
+    return shell.__dict__.setdefault("_nbflow_cells", {})
+
+
+def record_cell(shell: Any, name: str, first_line: str, body: str) -> None:
+    cells = executed_cells(shell)
+    cell_id = shell.__dict__.get("_nbflow_cell_id")
+    if cell_id:                 # the same cell renamed: its old name is gone from the notebook
+        by_cell = shell.__dict__.setdefault("_nbflow_task_by_cell", {})
+        old = by_cell.get(cell_id)
+        if old and old != name:
+            cells.pop(old, None)
+        by_cell[cell_id] = name
+    cells[name] = (first_line.strip(), body)
 
 
 def _notebook_file(candidate: Any) -> str | None:
@@ -109,9 +134,18 @@ class NbflowMagics(Magics):
         except WorkflowError:
             pass                       # running the cell shows Python's own SyntaxError
         registered_tasks(self.shell)[spec.name] = spec
+        record_cell(self.shell, spec.name, f"%%task {line}", body)
         if spec.no_run or not body.strip():
             return
         ns = self.shell.user_ns
+        pending = gated_names(self.shell)
+        for name in spec.defines:             # run again below: no longer waiting, or still
+            pending.pop(name, None)
+        why = self._gate(spec, ns, pending)
+        if why:
+            for name in spec.defines:
+                pending[name] = (spec.name, why)
+            return
         if spec.when:
             try:
                 ok = eval(spec.when, ns)     # the user's own kernel, as the worker would
@@ -125,6 +159,36 @@ class NbflowMagics(Magics):
             self._run_map(spec, body)
         else:
             self.shell.run_cell(body)
+
+    def _gate(self, spec: TaskSpec, ns: dict, pending: dict) -> str:
+        """Why the body must not run in the notebook ("" when it may): it waits for an
+        approval or a signal in a run, or reads what such a task would produce. Says so."""
+        if spec.here:
+            return ""
+        hint = (f"`%flow run` starts a run; `%%task {spec.name} --here ...` runs it in this "
+                "kernel for debugging")
+        if spec.approval is not None:
+            print(f"nbflow: task {spec.name!r} waits for approval in a run "
+                  f"({spec.approval!r}); its body did not run here. {hint}")
+            return "waits for approval"
+        if spec.wait_signal:
+            if spec.example is not None:
+                ns[spec.wait_signal] = json.loads(spec.example)
+                print(f"nbflow: {spec.wait_signal} = {spec.example} (the --example value; in a "
+                      f"run it is the value of signal {spec.wait_signal!r})")
+                return ""
+            print(f"nbflow: task {spec.name!r} waits for signal {spec.wait_signal!r} in a run; "
+                  f"its body did not run here. Add --example JSON to run it with a sample "
+                  f"value, or {hint}")
+            return f"waits for signal {spec.wait_signal!r}"
+        blocked = sorted(n for n in spec.reads if n in pending and n not in ns)
+        if blocked:
+            producer, why = pending[blocked[0]]
+            names = ", ".join(f"`{n}`" for n in blocked)
+            print(f"nbflow: task {spec.name!r} reads {names}, which task {producer!r} produces "
+                  f"in a run ({why}); its body did not run here")
+            return f"reads {blocked[0]} from task {producer!r}, which {why}"
+        return ""
 
     def _run_map(self, spec: TaskSpec, body: str) -> None:
         ns = self.shell.user_ns
@@ -184,4 +248,7 @@ def _show(shell: Any, args: str) -> None:
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext nbflow``: register ``%%task`` and ``%flow``."""
     ipython.register_magics(NbflowMagics)
+    from nbflow.magics import unsaved
+
+    unsaved.install(ipython)
     import nbflow.magics.widgets  # noqa: F401  - registers %flow run/watch/runs/approve/signal/cancel

@@ -70,23 +70,51 @@ def split_params(tokens: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-@flow_command("run", "submit this notebook and watch it live: %flow run [path.ipynb] "
-              "[name=value ...] [--user NAME]")
+@flow_command("run", "submit this notebook (its cells as this kernel ran them) and watch it "
+              "live: %flow run [path.ipynb] [name=value ...] [--reuse] [--saved] [--user NAME]")
 @_user_errors
 def flow_run(shell, args: str):
+    from nbflow.magics.core import current_notebook_path
+    from nbflow.magics.unsaved import compile_as_seen, describe_changes
     from nbflow.widgets.runview import RunView
 
     ns = _parse("run", args, (("--user",), {"default": None}),
+                (("--reuse",), {"action": "store_true"}),
+                (("--saved",), {"action": "store_true"}),
                 (("items",), {"nargs": "*"}))
     path = None
     items = list(ns.items)
     if items and items[0].endswith(".ipynb") and "=" not in items[0]:
         path = items.pop(0)
-    wf = compile_current(shell, path, "run")
+    note = ""
+    if ns.saved:
+        wf = compile_current(shell, path, "run")
+    else:
+        wf, changed, missing = compile_as_seen(shell, path or current_notebook_path(shell, "run"))
+        note = describe_changes(changed, missing)
     params = split_params(items, wf.params)
     c = _client()
-    run = c.submit(wf, params, by=ns.user)
-    return _show(RunView(run, c, user=ns.user))
+    run = c.submit(wf, params, by=ns.user, reuse_outputs=ns.reuse)
+    if note:
+        print(f"nbflow: run {run} is {note}")
+    view = RunView(run, c, user=ns.user)
+    if note:
+        view._set_status(note)
+    return _show(view)
+
+
+@flow_command("retry", "a new run of a failed run with the notebook file as it is now (your "
+              "fix), reusing unchanged tasks: %flow retry RUN [--same-code]")
+@_user_errors
+def flow_retry(shell, args: str):
+    from nbflow.widgets.runview import RunView
+
+    ns = _parse("retry", args, (("run",), {}), (("--same-code",), {"action": "store_true"}),
+                (("--user",), {"default": None}))
+    c = _client()
+    new = c.retry(ns.run, by=ns.user, same_code=ns.same_code)
+    print(f"run {new} retries {ns.run}")
+    return _show(RunView(new, c, user=ns.user))
 
 
 @flow_command("watch", "show a run live (catches up from its history): %flow watch RUN")
