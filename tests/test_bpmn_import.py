@@ -71,6 +71,7 @@ def test_condition_into_a_fork_is_kept():
     guard = wf.node("to_fork")                   # the guard that carries the condition
     assert guard.kind == "task" and guard.when == "amount > 1000" and not guard.code
     assert wf.node("c").when == "not ((amount > 1000))"
+    assert wf.params == {"amount": None}         # what conditions read: the run's parameters
 
 
 def test_conditions_onto_events_and_gateways_are_kept():
@@ -410,3 +411,22 @@ def test_foreign_model(name):
         assert sorted(label[i] for i in ids) == ran
     again = from_bpmn(to_bpmn(wf))                      # and it writes back out unchanged
     assert again.to_dict() == wf.to_dict()
+
+
+# --- on the real stack: a nats-server, the engine and papermill workers ----------------------
+
+def test_condition_into_a_fork_runs_on_the_stack(client, tmp_path):
+    """The issue's first reproduction, run for real: only c runs when the condition is false;
+    a and b (behind the fork the condition leads to) run when it is true."""
+    from support import finish, success_counts
+
+    path = tmp_path / "xor_fork.bpmn"
+    path.write_text(XOR_INTO_FORK)
+    low = finish(client, client.submit(str(path), {"amount": 10}))
+    high = finish(client, client.submit(str(path), {"amount": 5000}))
+    assert low.state == high.state == "succeeded"
+    assert {n: low.nodes[n].state for n in "abc"} == {"a": "skipped", "b": "skipped", "c": "succeeded"}
+    assert {n: high.nodes[n].state for n in "abc"} == {"a": "succeeded", "b": "succeeded",
+                                                       "c": "skipped"}
+    # the guard ran on a worker and its condition held; c's condition did not
+    assert success_counts(client, high.run).get("to_fork") == 1

@@ -545,12 +545,28 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
         name = (proc.get("name") or root.get("name") or (path.stem if path else "")
                 or proc.get("id") or "workflow")
         wf = Workflow(name=" ".join(name.split()), nodes=nodes, edges=edges,
+                      params={p: None for p in _free_names(nodes)},
                       source=str(path.resolve()) if path else None)
     if base_dir is not None:
         for n in wf.nodes:
             if n.notebook and not os.path.isabs(n.notebook):
                 n.notebook = str((Path(base_dir) / n.notebook).resolve())
     return wf.validate()
+
+
+def _free_names(nodes: list[Node]) -> list[str]:
+    """The names a foreign model's conditions and multi-instance collections read: they become
+    the workflow's parameters (default None), so a run can set them (``-p amount 5000``)."""
+    import builtins
+
+    names: list[str] = []
+    for n in nodes:
+        used = [n.map_over] if n.map_over else []
+        if n.when and not n.code:
+            used += [x.id for x in ast.walk(ast.parse(n.when, mode="eval"))
+                     if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Load)]
+        names += [u for u in used if u not in names and not hasattr(builtins, u)]
+    return sorted(names)
 
 
 def _check_tokens(kinds: dict[str, str], flows: list[_Flow], problems: _Problems) -> None:
