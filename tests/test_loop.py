@@ -48,8 +48,8 @@ def run_id(out: str) -> str:
 
 
 def test_fail_fix_retry_then_reuse(on_stack, tmp_path):
-    log = tmp_path / "executions.log"
-    nb = tmp_path / "daily.ipynb"
+    log = tmp_path / "executions.log"      # outside the notebook's folder (which is bundled)
+    nb = tmp_path / "project" / "daily.ipynb"
     pipeline(nb, log, "raise ValueError(f'no title yet for {cleaned}')")
 
     r = nbflow("run", str(nb), env=on_stack)
