@@ -385,6 +385,22 @@ class Client:
         finally:
             await w.stop()
 
+    async def workers(self) -> list[dict[str, Any]]:
+        """Live workers (their last heartbeat, within the bucket's TTL), by name."""
+        kv = await self.kv(self.L.workers_bucket)
+        try:
+            keys = await kv.keys()
+        except Exception:  # noqa: BLE001 - nats-py raises NoKeysError for an empty bucket
+            return []
+        out = []
+        for k in keys:
+            try:
+                e = await kv.get(k)
+                out.append(json.loads(e.value))
+            except Exception:  # noqa: BLE001 - expired between keys() and get(), or garbage
+                continue
+        return sorted(out, key=lambda w: str(w.get("name", "")))
+
     async def watch_workers(self) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
         """Worker heartbeats (name, queue, concurrency, pid, ts, ...): those in the bucket,
         then each new one, live. ``("", None)`` marks the end of the initial ones."""

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from nbhelpers import write_notebook
@@ -58,3 +59,70 @@ def test_up_with_zero_workers_is_a_hub_and_a_worker_joining_later_runs_the_tasks
             worker.wait(30)
         hub.send_signal(signal.SIGINT)
         assert hub.wait(timeout=60) == 0
+
+
+# --- workers that scale with demand, and `nbflow workers` ------------------------------------
+
+def _kernel_pids(pid: int) -> list[int]:
+    out = []
+    for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if b"ipykernel" in Path(f"/proc/{k}/cmdline").read_bytes():
+                out.append(int(k))
+        except OSError:
+            continue
+    return out
+
+
+def test_a_scaling_worker_grows_kernels_with_the_queue_and_shrinks_when_idle(nats_server,
+                                                                            tmp_path):
+    from support import wait_for
+
+    from nbflow.client import SyncClient
+    from nbflow.stack import Supervisor
+
+    ns = "autoscale"
+    sup = Supervisor(nats_server.url, workers=0, namespace=ns,
+                     log_file=tmp_path / "stack.log").start()
+    env = {**os.environ, "NBFLOW_NAMESPACE": ns, "NBFLOW_SCALE_IDLE_S": "1",
+           "NBFLOW_PRESENCE_S": "0.5", "NBFLOW_NATS_URL": nats_server.url}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "nbflow", "worker", "--name", "elastic", "--min-kernels", "1",
+         "--max-kernels", "3"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "worker.log", "wb"))
+    try:
+        wait_for(lambda: len(_kernel_pids(worker.pid)) == 1, 120, "one warm kernel at start")
+        effects = tmp_path / "effects.txt"
+        nb = write_notebook(tmp_path / "proj" / "fan.ipynb", [
+            "%%task make\nitems = list(range(12))",
+            f"%%task each --map i in items\nimport time\ntime.sleep(0.4)\n"
+            f"open({str(effects)!r}, 'a').write(f'{{i}}\\n')\ndone = i"],
+        )
+        with SyncClient(nats_server.url, namespace=ns) as c:
+            run = c.submit(str(nb))
+            peak = 0
+            while not c.status(run).is_final:
+                peak = max(peak, len(_kernel_pids(worker.pid)))
+                time.sleep(0.05)
+            st = finish(c, run)
+            assert st.state == "succeeded"
+            assert sorted(success_counts(c, run).values()) == [1] * 13      # 12 + items
+            assert sorted(map(int, effects.read_text().split())) == list(range(12))
+            assert 2 <= peak <= 3, peak
+            # idle again: back to the minimum
+            wait_for(lambda: len(_kernel_pids(worker.pid)) == 1, 120, "shrink to 1 kernel")
+
+            r = subprocess.run([sys.executable, "-m", "nbflow", "workers", "--json"], env=env,
+                               capture_output=True, text=True, timeout=60)
+            ws = [w for w in json.loads(r.stdout) if w["name"] == "elastic"]
+            assert len(ws) == 1, r.stdout
+            w = ws[0]
+            assert w["queue"] == "default" and w["min_kernels"] == 1 and w["max_kernels"] == 3
+            assert w["pid"] == worker.pid and w["done"] >= 12 and w["rss_mb"] > 0
+            table = subprocess.run([sys.executable, "-m", "nbflow", "workers"], env=env,
+                                   capture_output=True, text=True, timeout=60).stdout
+            assert "elastic" in table and "(1-3)" in table and "MB" in table, table
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        sup.stop()

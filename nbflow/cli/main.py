@@ -328,16 +328,33 @@ def engine(nats_url, namespace, replicas):
 @click.option("--concurrency", type=int, default=1, help="Tasks run at once by this worker.")
 @click.option("--name", default=None, help="How this worker is named in runs and `nbflow "
               "workers` (default: HOST-PID).")
-def worker(nats_url, namespace, queue, concurrency, name):
+@click.option("--min-kernels", type=int, default=None,
+              help="Scale warm kernels with the queue's demand, from this many ...")
+@click.option("--max-kernels", type=int, default=None,
+              help="... up to this many (tasks held at once = kernels; replaces --concurrency).")
+@click.option("--max-memory", type=float, default=None, metavar="MB",
+              help="With scaling: start no kernel that would take the worker and its kernels "
+                   "over MB of RSS (the host always keeps NBFLOW_SCALE_RESERVE_MB, 512, free).")
+def worker(nats_url, namespace, queue, concurrency, name, min_kernels, max_kernels, max_memory):
     """Run a worker: pulls tasks and executes them with papermill."""
     import logging
 
     from nbflow.client import resolve_url
     from nbflow.worker.worker import serve
 
+    scale = None
+    if min_kernels is not None or max_kernels is not None:
+        lo = 1 if min_kernels is None else min_kernels
+        hi = max(lo, 1, os.cpu_count() or 1) if max_kernels is None else max_kernels
+        if lo < 1 or lo > hi:
+            raise UserError(f"--min-kernels {lo} --max-kernels {hi}: need 1 <= min <= max")
+        scale = {"min_kernels": lo, "max_kernels": hi, "max_memory_mb": max_memory}
+    elif max_memory is not None:
+        raise UserError("--max-memory bounds scaling: give --max-kernels N too")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     try:
-        _arun(serve(resolve_url(nats_url), namespace, queue, concurrency, name=name))
+        _arun(serve(resolve_url(nats_url), namespace, queue, concurrency, name=name,
+                    scale=scale))
     except KeyboardInterrupt:
         pass
 
@@ -522,6 +539,10 @@ from nbflow.cli.schedule import backfill, schedule, trigger  # noqa: E402
 main.add_command(schedule)
 main.add_command(backfill)
 main.add_command(trigger)
+
+from nbflow.cli.workers import workers  # noqa: E402
+
+main.add_command(workers)
 
 from nbflow.kernelspec import kernel  # noqa: E402
 

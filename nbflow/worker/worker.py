@@ -33,16 +33,26 @@ log = logging.getLogger("nbflow.worker")
 ACK_WAIT_S = float(os.environ.get("NBFLOW_TASK_ACK_WAIT", "30"))
 HEARTBEAT_S = ACK_WAIT_S / 4
 MAX_DELIVER = 5
+PRESENCE_S = float(os.environ.get("NBFLOW_PRESENCE_S", "5"))   # heartbeat (the KV's TTL is 30 s)
 # An output bigger than this fails the task with a clear message instead of filling the store.
 MAX_OUTPUT_BYTES = int(float(os.environ.get("NBFLOW_MAX_OUTPUT_MB", "2048")) * 1024 * 1024)
 
 
 class Worker:
     def __init__(self, nc, layout: Layout | None = None, *, queue: str = "default",
-                 concurrency: int = 1, name: str | None = None, engine: str | None = None):
+                 concurrency: int = 1, name: str | None = None, engine: str | None = None,
+                 scale: dict | None = None):
+        """``scale``: ``{"min_kernels", "max_kernels", "max_memory_mb"}`` — kernels (and the
+        tasks held at once) follow the queue's demand (:mod:`nbflow.worker.autoscale`) instead
+        of ``concurrency``."""
         self.nc, self.js = nc, nc.jetstream()
         self.L = layout or Layout()
+        self.scale = scale
+        if scale:
+            concurrency = scale["max_kernels"]
         self.queue, self.concurrency = queue, max(1, concurrency)
+        self.scaler = None
+        self.started_at = time.time()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.engine = engine or os.environ.get("NBFLOW_PAPERMILL_ENGINE", "nbflow")
         self.art = Artifacts(self.js, self.L.artifacts_store)
@@ -58,7 +68,15 @@ class Worker:
     async def start(self) -> None:
         from nbflow.worker.kernels import pool as kernels
 
-        kernels.configure(concurrency=self.concurrency)   # warm kernels: one per slot + a spare
+        if self.scale:
+            from nbflow.worker.autoscale import Scaler
+
+            kernels.configure(size=max(1, self.scale["min_kernels"]))
+            self.scaler = Scaler(kernels.get_pool(), min_kernels=self.scale["min_kernels"],
+                                 max_kernels=self.scale["max_kernels"],
+                                 max_memory_mb=self.scale.get("max_memory_mb"))
+        else:
+            kernels.configure(concurrency=self.concurrency)  # warm kernels: one per slot + a spare
         self.bundles.sweep()
         await infra.ensure(self.js, self.L)
         durable = self.L.worker_consumer(self.queue)
@@ -76,9 +94,15 @@ class Worker:
 
     async def run(self) -> None:
         hb = asyncio.create_task(self._presence())
+        scaling = None
+        if self.scaler is not None:
+            scaling = asyncio.create_task(self.scaler.run(self._pending, lambda: len(self._running)))
         try:
             while not self._stop.is_set():
                 await self._slots.acquire()
+                while self.scaler is not None and len(self._running) >= self.scaler.capacity \
+                        and not self._stop.is_set():
+                    await asyncio.sleep(0.05)         # hold no more tasks than kernels
                 msg = None
                 while msg is None and not self._stop.is_set():
                     try:
@@ -97,20 +121,39 @@ class Worker:
                 t.add_done_callback(self._running.discard)
         finally:
             hb.cancel()
+            if scaling is not None:
+                scaling.cancel()
             for ev in self._cancels.values():
                 ev.set()
             if self._running:
                 await asyncio.gather(*self._running, return_exceptions=True)
 
+    async def _pending(self) -> int:
+        """Tasks on this worker's queue that no worker has taken yet."""
+        return (await self.sub.consumer_info()).num_pending
+
+    def presence(self) -> dict:
+        """What `nbflow workers` shows: the heartbeat record."""
+        from nbflow.worker.autoscale import tree_rss_mb
+        from nbflow.worker.kernels import pool as kernels
+
+        d = {"name": self.name, "host": socket.gethostname(), "queue": self.queue,
+             "concurrency": self.scaler.capacity if self.scaler else self.concurrency,
+             "pid": os.getpid(), "done": self.done, "in_flight": len(self._running),
+             "kernels": kernels.live_kernels(),
+             "rss_mb": round(tree_rss_mb(), 1), "started": self.started_at, "ts": time.time()}
+        if self.scale:
+            d.update(min_kernels=self.scale["min_kernels"], max_kernels=self.scale["max_kernels"])
+        return d
+
     async def _presence(self) -> None:
         while True:
             try:
-                await self.workers_kv.put(self.name.replace(".", "_"), json.dumps({
-                    "name": self.name, "queue": self.queue, "concurrency": self.concurrency,
-                    "pid": os.getpid(), "done": self.done, "ts": time.time()}).encode())
+                await self.workers_kv.put(self.name.replace(".", "_"),
+                                          json.dumps(self.presence()).encode())
             except Exception:  # noqa: BLE001 - best effort
                 pass
-            await asyncio.sleep(10)
+            await asyncio.sleep(PRESENCE_S)
 
     async def _on_cancel(self, msg) -> None:
         run = msg.subject.rsplit(".", 1)[-1]
@@ -345,11 +388,13 @@ class Worker:
 
 
 async def serve(url: str, namespace: str = "", queue: str = "default", concurrency: int = 1,
-                ready: asyncio.Event | None = None, *, name: str | None = None) -> None:
+                ready: asyncio.Event | None = None, *, name: str | None = None,
+                scale: dict | None = None) -> None:
     """`nbflow worker`: connect and serve until cancelled."""
     logging.getLogger("papermill").setLevel(logging.WARNING)   # its per-notebook INFO lines
     nc = await infra.connect(url, name="nbflow-worker")
-    w = Worker(nc, Layout(namespace), queue=queue, concurrency=concurrency, name=name)
+    w = Worker(nc, Layout(namespace), queue=queue, concurrency=concurrency, name=name,
+               scale=scale)
     await w.start()
     try:
         await infra.run_service(nc, w, ready)

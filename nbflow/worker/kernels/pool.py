@@ -477,6 +477,27 @@ class KernelPool:
         else:
             self._spawn(k.close)
 
+    def resize(self, size: int) -> None:
+        """Grow (kernels start in the background) or shrink (idle kernels over ``size`` are
+        closed; busy ones when a later resize finds them idle) to ``size`` kernels."""
+        drop = []
+        with self._cond:
+            self.size = max(1, int(size))
+            over = (len(self._idle) + len(self._busy) + self._recycling + self._starting
+                    - self.size)
+            while over > 0 and self._idle:
+                drop.append(self._idle.pop())
+                over -= 1
+            self._fill()
+        for k in drop:
+            self._spawn(k.close)
+
+    @property
+    def kernels(self) -> int:
+        """Kernels alive or starting (idle, busy, being reset)."""
+        with self._cond:
+            return len(self._idle) + len(self._busy) + self._recycling + self._starting
+
     def stats(self) -> dict:
         with self._cond:
             return {"idle": len(self._idle), "busy": len(self._busy), "starting": self._starting,
@@ -565,6 +586,13 @@ def get_pool(kernel_name: str | None = None, isolation: str | None = None) -> Ke
                 atexit.register(shutdown_pool)
                 _atexit = True
         return p
+
+
+def live_kernels() -> int:
+    """Kernels of every process-global pool (none are started by asking)."""
+    with _pools_lock:
+        ps = list(_pools.values())
+    return sum(p.kernels for p in ps if not p._closed)
 
 
 def shutdown_pool() -> None:
