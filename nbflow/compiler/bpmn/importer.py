@@ -87,7 +87,7 @@ _EVENT_DEFS = {"timerEventDefinition", "signalEventDefinition", "messageEventDef
 _PYTHON_LANGS = {PYTHON_LANGUAGE, "python", "text/x-python", "application/x-python"}
 # why an element is refused, when there is more to say than "not supported"
 _HINTS = {
-    "subProcess": "embedded sub-processes are not imported yet",
+    "subProcess": "this kind of sub-process is not imported",
     "adHocSubProcess": "ad-hoc sub-processes have no order to run in",
     "transaction": "transactions (compensation, cancel) are not supported",
     "callActivity": "call activities are not imported yet",
@@ -121,6 +121,9 @@ class _Problems:
 
     def __bool__(self) -> bool:
         return bool(self.items)
+
+    def __contains__(self, kind_id: tuple[str, str]) -> bool:
+        return kind_id[1] in self.items.get(kind_id[0], {})
 
     def raise_if_any(self) -> None:
         if not self.items:
@@ -301,6 +304,7 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
     for mf in root.iter(_b("messageFlow")):
         refuse(mf)
     proc = processes[0]
+    _flatten_subprocesses(proc, problems)
     signal_names = {s.get("id"): s.get("name") or s.get("id") for s in root.iter(_b("signal"))}
 
     # 1. classify the process's elements
@@ -319,7 +323,7 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
         kinds[el.get("id") or "?"] = kind
         if kind in _EVENTS or kind in _TASKS or kind in _GATEWAYS:
             flow_nodes.append(el)
-        else:
+        elif (kind, el.get("id") or "?") not in problems:
             refuse(el)
     all_ids = {el.get("id") for el in proc.iter() if isinstance(el.tag, str)}
 
@@ -552,6 +556,86 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
             if n.notebook and not os.path.isabs(n.notebook):
                 n.notebook = str((Path(base_dir) / n.notebook).resolve())
     return wf.validate()
+
+
+def _flatten_subprocesses(parent, problems: _Problems) -> None:
+    """Embedded sub-processes, flattened into their parent (innermost first): the sub-process
+    becomes a gateway in front (its id; an exclusive one when several flows come in, since each
+    token starts it again) and an inclusive gateway ``<id>__end`` behind it, which waits for
+    whatever inside can still arrive, as a sub-process completes when its last token ends. Its
+    start event's flows leave the front gateway, flows into its end events go to the back one.
+    Event sub-processes, loops, multi-instance, and triggered or terminate events inside are
+    refused."""
+    children = [c for c in parent if isinstance(c.tag, str)]
+    flows = [c for c in children if c.tag == _b("sequenceFlow")]
+    for sp in children:
+        if sp.tag != _b("subProcess"):
+            continue
+        _flatten_subprocesses(sp, problems)
+        sid, name = sp.get("id") or "?", sp.get("name") or ""
+        inner = [c for c in sp if isinstance(c.tag, str) and c.tag.startswith(f"{{{BPMN_NS}}}")
+                 and _local(c) not in ("incoming", "outgoing", "documentation",
+                                       "extensionElements", "ioSpecification", "property")]
+        starts = [c for c in inner if _local(c) == "startEvent"]
+        ends = [c for c in inner if _local(c) == "endEvent"]
+        why = ""
+        if sp.get("triggeredByEvent") == "true":
+            why = "an event sub-process (started by an event, not by a flow)"
+        elif any(_local(c) in ("multiInstanceLoopCharacteristics", "standardLoopCharacteristics")
+                 for c in sp if isinstance(c.tag, str)):
+            why = "a looping or multi-instance sub-process"
+        elif len(starts) > 1 or any(_local(d) in _EVENT_DEFS for e in starts + ends for d in e
+                                    if isinstance(d.tag, str)):
+            why = "a sub-process with several, triggered or terminating start/end events"
+        if why:
+            problems.refuse(sp, why)
+            continue
+        inner_flows = [c for c in inner if _local(c) == "sequenceFlow"]
+        nodes = [c for c in inner if _local(c) != "sequenceFlow" and c not in starts + ends
+                 and _local(c) not in _IGNORED and _local(c) != "boundaryEvent"]
+        into = [f for f in flows if f.get("targetRef") == sid]
+        front = etree.Element(_b("exclusiveGateway" if len(into) > 1 else "parallelGateway"),
+                              id=sid, name=name)
+        back = etree.Element(_b("inclusiveGateway"), id=f"{sid}__end", name=f"end of {name}"
+                             if name else "")
+        if sp.get("default"):
+            back.set("default", sp.get("default"))
+        firsts: list[str] = []
+        for f in inner_flows:
+            if f.get("sourceRef") in {e.get("id") for e in starts}:
+                firsts.append(f.get("targetRef"))
+                f.getparent().remove(f)
+            if f.get("targetRef") in {e.get("id") for e in ends}:
+                f.set("targetRef", back.get("id"))
+        targeted = {f.get("targetRef") for f in inner_flows}
+        sourced = {f.get("sourceRef") for f in inner_flows}
+        if not starts:
+            firsts = [n.get("id") for n in nodes if n.get("id") not in targeted]
+        lasts = [] if ends else [n.get("id") for n in nodes if n.get("id") not in sourced]
+        if not nodes:
+            firsts, lasts = [back.get("id")], []
+        entry = front
+        added = [front]
+        if len(firsts) > 1 and front.tag == _b("exclusiveGateway"):
+            entry = etree.Element(_b("parallelGateway"), id=f"{sid}__fork")
+            added.append(entry)
+            added.append(etree.Element(_b("sequenceFlow"), id=f"{sid}__fork_in",
+                                       sourceRef=sid, targetRef=entry.get("id")))
+        for i, t in enumerate(firsts):
+            added.append(etree.Element(_b("sequenceFlow"), id=f"{sid}__in{i}",
+                                       sourceRef=entry.get("id"), targetRef=t))
+        for i, t in enumerate(lasts):
+            added.append(etree.Element(_b("sequenceFlow"), id=f"{sid}__out{i}", sourceRef=t,
+                                       targetRef=back.get("id")))
+        for f in flows:
+            if f.get("sourceRef") == sid:
+                f.set("sourceRef", back.get("id"))
+        added.append(back)
+        added += [c for c in inner if c not in starts + ends and c.getparent() is sp]
+        at = parent.index(sp)
+        parent.remove(sp)
+        for j, el in enumerate(added):
+            parent.insert(at + j, el)
 
 
 def _free_names(nodes: list[Node]) -> list[str]:
