@@ -17,7 +17,7 @@ from urllib.parse import urlencode, urlparse, parse_qsl, urlunparse
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from nbflow.client import AlreadyDecided, NbflowError
+from nbflow.client import AlreadyDecided, NbflowError, whoami
 from nbflow.console import stats, views
 from nbflow.console.index import Console
 
@@ -39,6 +39,12 @@ class ConsoleMixin:
         u = self.current_user
         if u is None:
             return ""
+        ip = getattr(self, "identity_provider", None)
+        if ip is not None and type(ip).__module__ == "jupyter_server.auth.identity":
+            # Jupyter's own token/password login has one anonymous user per browser (a random
+            # id): on a personal server that is whoever started it (JupyterHub, or a custom
+            # IdentityProvider, names real users instead)
+            return whoami()
         for attr in ("username", "name"):
             v = getattr(u, attr, None)
             if v:
@@ -51,7 +57,7 @@ class ConsoleMixin:
         user = self.user_name()
         c = self.console
         return views.Ctx(self.root, user, c.may_approve(user), self.xsrf_form_html(),
-                         pending=len(c.pending_approvals()) if c.ready.is_set() else 0,
+                         pending=c.pending_count,
                          flash=self.get_argument("flash", ""),
                          flash_kind=self.get_argument("fk", "info"),
                          standalone=self.settings.get("nbflow_standalone", False),

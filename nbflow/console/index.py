@@ -50,6 +50,7 @@ class Console:
         self._tasks: list[asyncio.Task] = []
         self._connecting: asyncio.Future | None = None
         self._svg: dict[str, tuple[tuple, str]] = {}
+        self._awaiting: dict[str, int] = {}     # run -> approvals waiting (kept per change)
         self.error = ""
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -96,6 +97,12 @@ class Console:
                         self.ready.set()
                         self.publish({"kind": "ready"})
                         continue
+                    waiting = 0 if st is None or st.state != "running" else sum(
+                        1 for n in st.nodes.values() if n.state == "awaiting_approval")
+                    if waiting:
+                        self._awaiting[run] = waiting
+                    else:
+                        self._awaiting.pop(run, None)
                     if st is None:
                         self.runs.pop(run, None)
                     else:
@@ -157,8 +164,13 @@ class Console:
                                    if n.state == "awaiting_approval"),
                      decided=sum(1 for n in st.nodes.values()
                                  if n.approval and n.approval.get("state") in
-                                 ("approved", "rejected")))
+                                 ("approved", "rejected")),
+                     pending=self.pending_count)
         return d
+
+    @property
+    def pending_count(self) -> int:
+        return sum(self._awaiting.values())
 
     # --- questions pages ask ------------------------------------------------------------------
     def may_approve(self, user: str) -> bool:

@@ -105,8 +105,9 @@ def page(ctx: Ctx, current: str, title: str, body: str, live: str = "", topic: s
     nav = []
     for key, label in NAV:
         cur = ' aria-current="page"' if key == current else ""
-        extra = (f' <span class="count" aria-label="{ctx.pending} pending">{ctx.pending}</span>'
-                 if key == "inbox" and ctx.pending else "")
+        extra = (f' <span class="count nav-pending" aria-label="{ctx.pending} pending"'
+                 f'{"" if ctx.pending else " hidden"}>{ctx.pending}</span>'
+                 if key == "inbox" else "")
         nav.append(f'<a href="{e(ctx.url(key))}"{cur}>{label}{extra}</a>')
     nav.append(f'<a href="{e(ctx.url("metrics"))}">Metrics</a>')
     flash = (f'<div class="flash flash-{e(ctx.flash_kind)}" role="alert">{e(ctx.flash)}</div>'
@@ -332,7 +333,8 @@ def run_page(ctx: Ctx, st: RunState, wf, svg: str) -> str:
             n.state for n in st.nodes.values())))
         parts.append(f'<section class="dag" aria-labelledby="h-dag"><h2 id="h-dag">Workflow</h2>'
                      f'<div class="svg" role="img" aria-label="Workflow graph; node states are in '
-                     f'the task table below">{svg}</div><ul class="legend" aria-label="States shown">'
+                     f'the task table below">{svg}</div><p class="legend-title">States in this run:</p>'
+                     f'<ul class="legend" aria-label="States in this run">'
                      f'{legend}</ul></section>')
     parts.append(task_table(ctx, st, wf, now))
     decided = [(nid, ns) for nid, ns in st.nodes.items()

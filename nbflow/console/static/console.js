@@ -92,6 +92,12 @@
     es.onopen = function () { body.dataset.live_connected = "1"; };
     es.onmessage = function (ev) {
       var m; try { m = JSON.parse(ev.data); } catch (e) { return; }
+      if (typeof m.pending === "number") {
+        document.querySelectorAll(".nav-pending").forEach(function (c) {
+          c.textContent = String(m.pending); c.setAttribute("aria-label", m.pending + " pending");
+          c.hidden = m.pending === 0;
+        });
+      }
       if (matters(m)) schedule();
     };
     if (topic === "workers") setInterval(schedule, 10000);   // heartbeat ages
