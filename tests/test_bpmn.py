@@ -264,8 +264,8 @@ def test_no_start_or_end_events_are_added(tmp_path):
 
 
 @pytest.mark.parametrize("body, expected", [
-    ('<scriptTask id="s1"/><subProcess id="sub"/><boundaryEvent id="b1" attachedToRef="s1"/>',
-     ["boundaryEvent 'b1'", "scriptTask 's1'", "subProcess 'sub'"]),
+    ('<scriptTask id="s1"/><transaction id="tx"/><boundaryEvent id="b1" attachedToRef="s1"/>',
+     ["boundaryEvent 'b1'", "scriptTask 's1'", "transaction 'tx'"]),
     ('<intermediateCatchEvent id="m"><messageEventDefinition/></intermediateCatchEvent>',
      ["intermediateCatchEvent 'm': messageEventDefinition"]),
     ('<startEvent id="t"><timerEventDefinition/></startEvent>', ["startEvent 't': a timerEventDefinition"]),
@@ -378,7 +378,7 @@ def test_cli_compile_writes_valid_bpmn_and_reads_it_back(schema, tmp_path):
     assert result.exit_code == 0, result.output
     assert Workflow.from_json(back.read_text()).content_hash() == compiler.compile_file(nb).content_hash()
     result = CliRunner().invoke(main, ["compile", str(MIWG / "A.3.0.bpmn")])
-    assert result.exit_code == 2 and "subProcess '_1ae31d1b-2559-4f78-a3ec-47986a49db48'" in result.output
+    assert result.exit_code == 2 and "boundaryEvent '_428dcbf5-8e5e-48e0-9c0c-d93003fa8c82'" in result.output
 
 
 # --- property: any DAG with any options survives the trip ------------------------------------
