@@ -39,7 +39,8 @@ from typing import Any, Callable
 import nbformat
 
 from bench.harness import descendants
-from nbflow.client import AlreadyDecided, Client, NbflowError
+from nbflow.client import Client
+from nbflow.errors import AlreadyDecided, NbflowError
 from nbflow.nats import infra
 from nbflow.core.events import decode
 from nbflow.nats.layout import MSG_ID, Layout

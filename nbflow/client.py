@@ -11,52 +11,20 @@ thread, so it works inside Jupyter too).
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
-import secrets
 import threading
 import time
 from typing import Any, AsyncIterator
 
-from nbflow.core.fingerprint import fingerprints, reusable_across_runs
-from nbflow.core.ir import Workflow, WorkflowError
+from nbflow.core.ir import Workflow, WorkflowError  # noqa: F401
+from nbflow.errors import AlreadyDecided, NbflowError
+from nbflow.core.fingerprint import fingerprints
+from nbflow.runs import BundleWarning, Runs, _reuse_entry, _task_ids, new_run_id, whoami  # noqa: F401
 from nbflow.nats import infra
 from nbflow.core.events import Event, decode, make, task_key
 from nbflow.nats.layout import MSG_ID, Layout, default_namespace
 from nbflow.core.state import RUN_FINAL, RunState, apply
-
-_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"   # no 0/o, 1/l/i: easy to read and type
-
-
-def new_run_id(n: int = 8) -> str:
-    return "".join(secrets.choice(_ALPHABET) for _ in range(n))
-
-
-def whoami() -> str:
-    """Who decides: JUPYTERHUB_USER, else NBFLOW_USER, else the OS user."""
-    for var in ("NBFLOW_USER", "JUPYTERHUB_USER"):
-        if os.environ.get(var):
-            return os.environ[var]
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
-        return "unknown"
-
-
-class NbflowError(Exception):
-    """An error meant for the user (unknown run, task not awaiting approval, ...)."""
-
-
-class BundleWarning(UserWarning):
-    """Files of the notebook's folder left out of its bundle (over the per-file limit)."""
-
-
-class AlreadyDecided(NbflowError):
-    def __init__(self, message: str, decision: dict[str, Any]):
-        super().__init__(message)
-        self.decision = decision
-
 
 def parse_param(value: str, default: Any = None) -> Any:
     """A -p value from the shell: JSON when it parses (numbers, lists, true/false), else text.
@@ -83,11 +51,9 @@ def _local_time(ts: float | None) -> str:
     return "" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-class Client:
-    def __init__(self, nc, layout: Layout):
-        self.nc, self.js, self.L = nc, nc.jetstream(), layout
-        self._kv: dict[str, Any] = {}
-        self._defs: dict[str, Workflow] = {}
+class Client(Runs):
+    """Everything the faces do with runs: submit (from :class:`~nbflow.runs.Runs`), read, watch,
+    steer, fetch artifacts."""
 
     @classmethod
     async def connect(cls, url: str | None = None, namespace: str | None = None,
@@ -114,133 +80,7 @@ class Client:
     async def __aexit__(self, *exc):
         await self.close()
 
-    async def kv(self, bucket: str):
-        if bucket not in self._kv:
-            self._kv[bucket] = await self.js.key_value(bucket)
-        return self._kv[bucket]
-
-    # --- submit -------------------------------------------------------------------------------
-    async def put_workflow(self, wf: Workflow, *, bundle: bool | None = None) -> str:
-        """Store the definition (immutable, by content hash); with ``bundle`` (default:
-        NBFLOW_BUNDLE, on) the notebook's folder travels with it (see :meth:`with_bundle`)."""
-        wf = await self.with_bundle(wf, bundle)
-        h = wf.content_hash()
-        body = wf.to_json().encode()
-        limit = self.nc.max_payload
-        if len(body) > limit:
-            big = max(wf.tasks, key=lambda n: len(n.code), default=None)
-            where = (f": the largest cell is task {big.id!r} (cell {big.cell}, "
-                     f"{len(big.code.encode()) / 2**20:.1f} MB)") if big else ""
-            raise NbflowError(
-                f"workflow {wf.name} is {len(body) / 2**20:.1f} MB, over the NATS max payload "
-                f"of {limit / 2**20:.1f} MB{where}; load big data from files instead of "
-                f"writing it into cells")
-        defs = await self.kv(self.L.defs_bucket)
-        try:
-            await defs.create(h, body)
-        except Exception as e:  # noqa: BLE001 - exists: definitions are immutable by hash
-            if "wrong last sequence" not in str(e).lower() and \
-                    type(e).__name__ != "KeyWrongLastSequenceError":
-                raise
-        self._defs[h] = wf
-        return h
-
-    async def with_bundle(self, wf: Workflow, bundle: bool | None = None) -> Workflow:
-        """A copy of ``wf`` recording the submitter's module versions and, unless bundling is
-        off, the hash of its notebook's folder packed and uploaded (once) to the object store."""
-        import dataclasses
-        import warnings
-
-        from nbflow.compiler import bundle as packing
-        from nbflow.worker import bundles
-
-        folder = os.path.dirname(wf.source) if wf.source else ""
-        changes: dict[str, Any] = {}
-        if not wf.requires:
-            mods = {m for m in packing.workflow_modules(wf)
-                    if not (folder and packing.local_module(folder, m))}
-            changes["requires"] = packing.module_versions(mods)
-        if wf.bundle is None and folder and os.path.isdir(folder) and bundles.enabled(bundle):
-            from nbflow.worker.artifacts import Artifacts
-
-            try:
-                b = await asyncio.get_running_loop().run_in_executor(
-                    None, packing.pack, folder, (os.path.basename(wf.source),))
-            except packing.BundleError as e:
-                raise NbflowError(str(e)) from None
-            if b.skipped_big:
-                warnings.warn(packing.big_files_warning(folder, b), BundleWarning, stacklevel=2)
-            await bundles.upload(Artifacts(self.js, self.L.artifacts_store), b)
-            changes["bundle"] = b.hash
-        return dataclasses.replace(wf, **changes) if changes else wf
-
-    async def submit(self, workflow: Workflow | str, params: dict[str, Any] | None = None, *,
-                     by: str | None = None, run_id: str | None = None, msg_id: str | None = None,
-                     schedule: str | None = None, retry_of: str | None = None,
-                     reuse: dict | None = None, reuse_outputs: bool = False,
-                     bundle: bool | None = None) -> str:
-        """Start a run; returns its id. ``workflow`` is an IR or a notebook/BPMN/JSON path.
-
-        ``reuse_outputs`` (``nbflow run --reuse``): each task whose fingerprint matches the
-        latest succeeded execution of any earlier run in this namespace reuses its outputs
-        instead of running.
-
-        ``bundle=False`` (or NBFLOW_BUNDLE=0): workers use the notebook's folder in place (a
-        shared filesystem) instead of a bundle of it."""
-        if isinstance(workflow, str):
-            from nbflow.compiler import compile_file
-
-            workflow = compile_file(workflow)
-        params = dict(params or {})
-        unknown = sorted(set(params) - workflow.param_names())
-        if unknown:
-            known = ", ".join(sorted(workflow.params)) or "(none: add a cell tagged 'parameters')"
-            raise NbflowError(f"unknown parameter {', '.join(map(repr, unknown))} for "
-                              f"{workflow.name}; its parameters are: {known}")
-        try:
-            json.dumps(params)
-        except TypeError as e:
-            raise NbflowError(f"parameters must be JSON values: {e}") from None
-        workflow = await self.with_bundle(workflow, bundle)   # fingerprints cover the folder
-        h = await self.put_workflow(workflow, bundle=False)
-        run = run_id or new_run_id()
-        fps = fingerprints(workflow, {**workflow.params, **params})
-        if reuse_outputs:
-            reuse = {**(await self._indexed(workflow, fps)), **(reuse or {})}
-        ev = make("RunStarted", run, wf=h, params=params, by=by or whoami(),
-                  source=workflow.source, name=workflow.name, schedule=schedule,
-                  retry_of=retry_of, reuse=reuse or None,
-                  fps={k: v for k, v in fps.items() if v and k in _task_ids(workflow)})
-        ack = await self.js.publish(self.L.history_subject(run), ev.encode(),
-                                    headers={MSG_ID: msg_id or f"start.{run}"})
-        if ack.duplicate and msg_id:
-            return run          # this start was already recorded (idempotent trigger)
-        return run
-
-    async def _indexed(self, wf: Workflow, fps: dict[str, str | None]) -> dict[str, Any]:
-        """node -> reuse entry, for each task the fingerprint index has a success of."""
-        index = await self.kv(self.L.fps_bucket)
-        out: dict[str, Any] = {}
-        for node in wf.tasks:
-            fp = fps.get(node.id)
-            if not fp or not reusable_across_runs(node):
-                continue
-            try:
-                rec = json.loads((await index.get(fp)).value)
-            except Exception:  # noqa: BLE001 - never executed with this fingerprint
-                continue
-            out[node.id] = _reuse_entry(node.id, rec.get("count"), rec.get("tasks") or {},
-                                        rec.get("run", ""))
-        return out
-
     # --- reading ------------------------------------------------------------------------------
-    async def workflow(self, wf_hash: str) -> Workflow:
-        if wf_hash not in self._defs:
-            defs = await self.kv(self.L.defs_bucket)
-            e = await defs.get(wf_hash)
-            self._defs[wf_hash] = Workflow.from_json(e.value.decode())
-        return self._defs[wf_hash]
-
     async def _resolve_run(self, run: str) -> str:
         """Accept a unique prefix of a run id."""
         runs = await self.kv(self.L.runs_bucket)
@@ -261,14 +101,6 @@ class Client:
         if len(matches) > 1:
             raise NbflowError(f"run id {run!r} is ambiguous: {', '.join(sorted(matches)[:5])}")
         raise NbflowError(f"no run {run!r} (see `nbflow runs` for recent runs)")
-
-    async def has_run(self, run: str) -> bool:
-        """True when the history holds any event of this exact run id."""
-        try:
-            await self.js.get_last_msg(self.L.history_stream, self.L.history_subject(run))
-            return True
-        except Exception:  # noqa: BLE001
-            return False
 
     async def status(self, run: str) -> RunState:
         run = await self._resolve_run(run)
@@ -628,24 +460,8 @@ class Client:
         return pickle.loads(await art.get_bytes(ref))
 
 
-def _task_ids(wf: Workflow) -> set[str]:
-    return {n.id for n in wf.tasks}
-
-
 def _node_task_dicts(st: RunState, node_id: str) -> dict[str, dict[str, Any]]:
     return {t.key: dict(t.__dict__) for t in st.tasks.values() if t.node == node_id}
-
-
-def _reuse_entry(node_id: str, count: int | None, tasks: dict[str, dict[str, Any]],
-                 origin: str) -> dict[str, Any]:
-    """What RunStarted.reuse holds for one node: its task results re-keyed to ``node_id`` (a
-    task may have been renamed since), and the run that executed them."""
-    out = {}
-    for t in tasks.values():
-        key = task_key(node_id, t.get("instance"))
-        out[key] = {**t, "key": key, "node": node_id,
-                    "reused_from": t.get("reused_from") or origin}
-    return {"state": "succeeded", "count": count, "tasks": out, "from": origin}
 
 
 def _decided_msg(run: str, task: str, rec: dict[str, Any]) -> str:

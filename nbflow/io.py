@@ -20,6 +20,8 @@ import os
 import pickle
 from typing import Any
 
+from nbflow.errors import OutputError
+
 SKIP_MARKER = "_skipped"
 META_FILE = "_meta.json"
 OUT_DIR = "out"
@@ -27,10 +29,6 @@ OUT_DIR = "out"
 
 class Skip(Exception):
     """Raised in a task's kernel when its --when condition is false: the task is skipped."""
-
-
-class OutputError(Exception):
-    """An output value that cannot be saved (e.g. it does not pickle)."""
 
 
 def _path(spec: dict, rel: str) -> str:

@@ -23,13 +23,11 @@ import threading
 import time
 from pathlib import Path
 
+from nbflow.errors import StackError
+
 STACK_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
 LOG_FILE = "stack.log"
-
-
-class StackError(RuntimeError):
-    pass
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:

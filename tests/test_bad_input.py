@@ -17,8 +17,7 @@ from support import DATA, check_replay, finish, wait_for, ipython_shell
 from nbhelpers import write_notebook
 
 from nbflow.cli.main import main as cli
-from nbflow.client import AlreadyDecided, NbflowError
-from nbflow.core.ir import WorkflowError
+from nbflow.errors import AlreadyDecided, NbflowError, WorkflowError
 
 NS = "itest"
 

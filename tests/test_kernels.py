@@ -13,7 +13,10 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from nbflow.worker.kernels import pool as kernels
-from nbflow.worker.kernels.pool import KernelPool, RunControl
+from nbflow.core.durations import human as human_seconds
+from nbflow.errors import KernelStartError
+from nbflow.worker.kernels.cellrun import RunControl
+from nbflow.worker.kernels.pool import KernelPool
 
 
 def notebook(*sources: str, setup: str = "import os") -> nbformat.NotebookNode:
@@ -153,7 +156,7 @@ def test_pool_prefers_a_kernel_that_ran_the_same_setup(tmp_path):
 def test_a_kernel_that_cannot_start_is_reported_not_waited_for():
     p = KernelPool(size=1, kernel_name="no-such-kernel-nbflow")
     try:
-        with pytest.raises(kernels.KernelStartError, match="no-such-kernel-nbflow"):
+        with pytest.raises(KernelStartError, match="no-such-kernel-nbflow"):
             p.acquire()
     finally:
         p.shutdown()
@@ -180,7 +183,7 @@ def test_process_global_pool_configured_by_env_and_configure(tmp_path, monkeypat
 
 
 def test_importing_the_engine_module_first_still_registers_it():
-    code = ("import nbflow.worker.kernels.pool as k\nfrom papermill.engines import papermill_engines\n"
+    code = ("import nbflow.worker.kernels.papermill as k\nfrom papermill.engines import papermill_engines\n"
             "print(papermill_engines.get_engine('nbflow') is k.WarmEngine)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -188,7 +191,7 @@ def test_importing_the_engine_module_first_still_registers_it():
 
 
 def test_human_seconds():
-    assert [kernels.human_seconds(s) for s in (600, 90, 3600, 2.5, 3661)] == [
+    assert [human_seconds(s) for s in (600, 90, 3600, 2.5, 3661)] == [
         "10m", "1m30s", "1h", "2.5s", "1h1m1s"]
 
 

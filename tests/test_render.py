@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from nbflow.compiler import render
-from nbflow.core.ir import Edge, Node, Workflow, WorkflowError
-from nbflow.compiler.render import STATE_COLOURS, DotMissing, legend_items, to_dot, to_svg
+from nbflow.core.ir import Edge, Node, Workflow
+from nbflow.compiler.render import STATE_COLOURS, legend_items, to_dot, to_svg
+from nbflow.errors import DotMissing, WorkflowError
 
 
 def daily_report() -> Workflow:

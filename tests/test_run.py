@@ -7,7 +7,7 @@ import pytest
 from support import DATA, finish, success_counts
 from nbhelpers import write_notebook
 
-from nbflow.client import AlreadyDecided, NbflowError
+from nbflow.errors import AlreadyDecided, NbflowError
 
 
 def test_linear_chain(client):

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from _sched_helpers import SCHED, fires, private_stack, until
-from nbflow.schedules.scheduler import parse_iso, parse_spec, schedule_run_id
+from nbflow.schedules.cron import parse_iso, parse_spec, schedule_run_id
 
 TICK = str(SCHED / "tick.ipynb")
 
@@ -73,7 +73,7 @@ def test_pause_resume_rm(nats_server, tmp_path):
         s.rm("prr")
         assert s.count(s.L.cron_schedule_subject("prr")) == 0
         assert s.list() == []
-        from nbflow.client import NbflowError
+        from nbflow.errors import NbflowError
 
         with pytest.raises(NbflowError, match="no schedule 'prr'"):
             s.pause("prr")
@@ -282,7 +282,7 @@ def test_at_task_end_to_end(client, tmp_path):
 
 
 def test_flow_schedule_magics(nats_server, monkeypatch):
-    from nbflow.core.ir import WorkflowError
+    from nbflow.errors import WorkflowError
     from nbflow.magics.core import FLOW_COMMANDS
     from nbflow.magics import schedules as schedule_magics  # noqa: F401 - registers %flow schedule(s)
 

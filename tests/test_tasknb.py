@@ -6,7 +6,9 @@ import os
 import nbformat
 import pytest
 
-from nbflow.compiler import WorkflowError, compile_notebook
+from nbflow.compiler import compile_notebook
+
+from nbflow.errors import WorkflowError
 from nbflow.core.ir import Node
 from nbflow.compiler.tasknb import task_notebook
 

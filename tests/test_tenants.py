@@ -14,7 +14,9 @@ import pytest
 from support import check_replay, wait_for
 from nbhelpers import write_notebook
 
-from nbflow.client import AlreadyDecided, NbflowError, SyncClient
+from nbflow.client import SyncClient
+
+from nbflow.errors import AlreadyDecided, NbflowError
 from nbflow.core.events import make
 from nbflow.nats.layout import MSG_ID
 from nbflow.stack import NatsServer, Supervisor

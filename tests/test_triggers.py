@@ -8,7 +8,7 @@ import uuid
 from click.testing import CliRunner
 
 from _sched_helpers import SCHED, private_stack, until
-from nbflow.schedules.scheduler import trigger_run_id
+from nbflow.schedules.cron import trigger_run_id
 
 EVENT = str(SCHED / "event.ipynb")
 

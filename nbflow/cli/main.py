@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from nbflow.core.ir import WorkflowError
+from nbflow.errors import NbflowError, UserError
 
 
 class NbflowGroup(click.Group):
@@ -15,29 +15,11 @@ class NbflowGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except WorkflowError as e:
+        except NbflowError as e:
             click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
-        except UserError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(e.code)
-        except Exception as e:  # noqa: BLE001 - known user-facing errors from deeper layers
-            from nbflow.client import NbflowError
-            from nbflow.nats.infra import ConnectError
-            from nbflow.stack import StackError
-
-            if isinstance(e, (NbflowError, ConnectError, StackError)):
-                click.secho(f"error: {e}", fg="red", err=True)
-                sys.exit(2)
-            raise
+            sys.exit(getattr(e, "code", 2))
 
 
-class UserError(Exception):
-    """An error meant for the user: printed as one line, no traceback."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
 
 
 @click.group(cls=NbflowGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,9 @@ import time
 
 import click
 
-from nbflow.cli.main import UserError, _local, _st, nats_options
+from nbflow.cli.main import _local, _st, nats_options
+
+from nbflow.errors import UserError
 
 
 def _call(nats_url, namespace, fn):
@@ -22,7 +24,7 @@ def _ts(dt) -> str:
 def _iso_local(s: str | None) -> str:
     if not s:
         return ""
-    from nbflow.schedules.scheduler import parse_iso
+    from nbflow.schedules.cron import parse_iso
 
     return _local(parse_iso(s).timestamp())
 
@@ -58,7 +60,8 @@ def schedule():
 def add(notebook, cron, tz, params, name, catchup, overlap, replace, nats_url, namespace):
     """Schedule NOTEBOOK. Each fire starts one run; a notebook parameter `scheduled_for`
     receives the fire time (ISO-8601 UTC)."""
-    from nbflow.schedules.scheduler import ScheduleError, parse_spec
+    from nbflow.schedules.cron import parse_spec
+    from nbflow.errors import ScheduleError
 
     try:
         parse_spec(cron, tz)                # refuse before connecting
@@ -68,7 +71,7 @@ def add(notebook, cron, tz, params, name, catchup, overlap, replace, nats_url, n
         notebook, cron, tz=tz, params=list(params), name=name, catchup=catchup,
         overlap=overlap, replace=replace))
     spec = parse_spec(d["cron"], d["tz"])
-    from nbflow.schedules.scheduler import utcnow
+    from nbflow.schedules.cron import utcnow
 
     click.echo(f"schedule {click.style(d['name'], bold=True)}: {d['workflow']} {d['cron']!r}"
                f" ({d['tz']}), next run {_ts(spec.next_after(utcnow()))}")

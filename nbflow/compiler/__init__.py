@@ -6,7 +6,9 @@ a notebook pulls in IPython (~1.5 s), which `nbflow status` and friends should n
 """
 from __future__ import annotations
 
-from nbflow.core.ir import Edge, Node, Workflow, WorkflowError
+from nbflow.core.ir import Edge, Node, Workflow
+
+from nbflow.errors import WorkflowError
 
 __all__ = ["compile_notebook", "compile_file", "load_notebook", "parse_duration", "Workflow",
            "Node", "Edge", "WorkflowError", "TaskSpec", "build_workflow"]

@@ -19,27 +19,19 @@ from typing import Any, Iterable
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from nbflow.core.ir import TASK_NAME_RE, WorkflowError
+from nbflow.core import durations
+from nbflow.core.ir import TASK_NAME_RE
+from nbflow.errors import WorkflowError
 
 # --- durations --------------------------------------------------------------------------------
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_NUMBER_RE = re.compile(r"\d+(?:\.\d*)?|\.\d+")
-_DURATION_RE = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h|d|w))+")
-_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d|w)")
-
-
 def parse_duration(text: Any) -> float:
     """``30s``, ``10m``, ``2h``, ``1d``, ``1h30m``, ``250ms`` or plain seconds -> seconds."""
+    s = durations.seconds(text)
+    if s is not None:
+        return s
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text < 0:
-            raise WorkflowError(f"bad duration {text!r}: it must not be negative")
-        return float(text)
-    s = str(text).strip().lower().replace(" ", "")
-    if _NUMBER_RE.fullmatch(s):
-        return float(s)
-    if s and _DURATION_RE.fullmatch(s):
-        return float(sum(float(n) * _UNITS[u] for n, u in _PART_RE.findall(s)))
+        raise WorkflowError(f"bad duration {text!r}: it must not be negative")
     raise WorkflowError(
         f"bad duration {text!r}: use e.g. 30s, 10m, 2h, 1d, 1h30m, 250ms or plain seconds")
 

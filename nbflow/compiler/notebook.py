@@ -27,7 +27,8 @@ from nbflow.compiler.cells import (
     parse_notebook_cells,
     where,
 )
-from nbflow.core.ir import Edge, Node, Workflow, WorkflowError, describe
+from nbflow.core.ir import Edge, Node, Workflow, describe
+from nbflow.errors import WorkflowError
 
 __all__ = ["compile_notebook", "compile_file", "load_notebook", "parse_duration", "Workflow",
            "Node", "Edge", "WorkflowError", "TaskSpec"]

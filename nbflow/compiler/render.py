@@ -14,7 +14,8 @@ import html
 import os
 from pathlib import Path
 
-from nbflow.core.ir import Node, Workflow, WorkflowError
+from nbflow.core.ir import Node, Workflow
+from nbflow.errors import DotMissing, WorkflowError
 
 # Fill colours per run state. Okabe-Ito hues (safe for the common colour-vision deficiencies)
 # or light tints of them; black text stays readable on all (contrast >= 4.5:1). Shape styles
@@ -48,14 +49,6 @@ GLYPHS = {"approval": "✍", "signal": "△", "timer": "◷", "map": "≡", "not
 
 _MAX_EDGE_LABEL = 32
 _MAX_TEXT = 48
-
-
-class DotMissing(RuntimeError):
-    """graphviz's ``dot`` executable is not on PATH. ``.dot`` holds the DOT text we would have drawn."""
-
-    def __init__(self, message: str = DOT_MISSING, dot: str = ""):
-        super().__init__(message)
-        self.dot = dot
 
 
 def legend_items() -> list[tuple[str, str]]:

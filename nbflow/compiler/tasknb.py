@@ -12,7 +12,9 @@ import os
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
 
-from nbflow.core.ir import Node, Workflow, WorkflowError
+from nbflow.core.ir import Node, Workflow
+
+from nbflow.errors import WorkflowError
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 

@@ -14,11 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbflow.errors import BadMessage
+
 SCHEMA_VERSION = 1
-
-
-class BadMessage(ValueError):
-    """A message on an nbflow subject that is not a valid event or task."""
 
 
 # field name -> (type(s), required)

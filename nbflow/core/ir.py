@@ -31,6 +31,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from nbflow.errors import WorkflowError
+
 IR_VERSION = 1
 
 NODE_KINDS = ("start", "end", "task", "parallel", "exclusive")
@@ -39,10 +41,6 @@ ISOLATIONS = ("run", "fresh", "reuse")
 
 # node ids go into NATS subjects and KV keys: no '.', '#', spaces or wildcards
 TASK_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
-
-
-class WorkflowError(ValueError):
-    """A workflow that cannot be compiled or run, with a message meant for the user."""
 
 
 @dataclass

@@ -28,7 +28,8 @@ from nats.js.errors import APIError
 
 from nbflow.core.ir import Workflow
 from nbflow.nats import infra
-from nbflow.core.events import BadMessage, Command, Event, decode, make
+from nbflow.core.events import Command, Event, decode, make
+from nbflow.errors import BadMessage
 from nbflow.nats.layout import MSG_ID, SCHEDULE, SCHEDULE_TARGET, Layout
 from nbflow.core.state import RunState, apply
 
@@ -96,7 +97,7 @@ class Engine:
             stream=self.L.timers_stream,
             config=infra.consumer_config(self.L.timers_consumer, self.L.timer_fire_subject(">"),
                                          ACK_WAIT_S, 10_000))
-        from nbflow.schedules.scheduler import Scheduler  # schedules & triggers (engine/timers.py)
+        from nbflow.schedules.scheduler import Scheduler  # schedules & triggers
         self.scheduler = Scheduler(self.nc, self.L, self._stop)
         await self.scheduler.start()
 

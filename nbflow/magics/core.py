@@ -27,7 +27,8 @@ from nbflow.compiler.cells import (
     parse_task_line,
     task_magic_arguments,
 )
-from nbflow.core.ir import Workflow, WorkflowError, suggest
+from nbflow.core.ir import Workflow, suggest
+from nbflow.errors import WorkflowError
 
 FlowCommand = Callable[[Any, str], Any]
 

@@ -11,7 +11,7 @@ import html
 import shlex
 from typing import Any
 
-from nbflow.core.ir import WorkflowError
+from nbflow.errors import WorkflowError
 from nbflow.magics.core import current_notebook_path, flow_command
 
 
@@ -34,7 +34,8 @@ def _parser() -> _Parser:
 
 
 def _call(fn):
-    from nbflow.client import NbflowError, SyncClient
+    from nbflow.client import SyncClient
+    from nbflow.errors import NbflowError
     from nbflow.schedules.api import Schedules
 
     sc = SyncClient()
@@ -58,7 +59,7 @@ def _schedule(shell: Any, args: str) -> dict:
     path = ns.notebook or current_notebook_path(shell, "schedule")
     d = _call(lambda s: s.add(path, ns.cron, tz=ns.tz, params=pairs, name=ns.name,
                               catchup=ns.catchup, overlap=ns.overlap, replace=ns.replace))
-    from nbflow.schedules.scheduler import parse_spec, utcnow
+    from nbflow.schedules.cron import parse_spec, utcnow
 
     nxt = parse_spec(d["cron"], d["tz"]).next_after(utcnow()).astimezone()
     print(f"schedule {d['name']}: {d['workflow']} {d['cron']!r} ({d['tz']}), "

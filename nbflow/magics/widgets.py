@@ -12,7 +12,9 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from nbflow.client import AlreadyDecided, NbflowError, parse_param
+from nbflow.client import parse_param
+
+from nbflow.errors import AlreadyDecided, NbflowError
 from nbflow.magics.core import compile_current, flow_command
 
 

@@ -21,11 +21,8 @@ from nats.js.api import (ConsumerConfig, DiscardPolicy, KeyValueConfig, ObjectSt
                          RetentionPolicy, StorageType, StreamConfig)
 from nats.js.errors import BadRequestError, NotFoundError
 
+from nbflow.errors import ConnectError
 from nbflow.nats.layout import DUPLICATE_WINDOW_S, Layout
-
-
-class ConnectError(ConnectionError):
-    """NATS cannot be reached: the message says where and what to check."""
 
 
 def redact(url: str) -> str:

@@ -1,5 +1,5 @@
 """Schedules and event triggers, client side: add / list / pause / resume / rm / run-now /
-backfill, and trigger add / list / rm. The engine's Scheduler (engine/timers.py) does the firing.
+backfill, and trigger add / list / rm. The engine's Scheduler (scheduler.py) does the firing.
 
     async with Client.connect() as c:
         s = Schedules(c)
@@ -16,10 +16,12 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from nbflow.client import Client, NbflowError, parse_param, whoami
-from nbflow.schedules.scheduler import (CATCHUP, OVERLAP, ScheduleError, Starter, Store, check_name,
-                                  default_name, ensure_triggers_stream, iso, parse_spec,
-                                  schedule_run_id, unknown_params, utcnow)
+from nbflow.client import Client, parse_param, whoami
+from nbflow.errors import NbflowError, ScheduleError
+from nbflow.schedules.cron import check_name, default_name, iso, parse_spec, schedule_run_id, utcnow
+from nbflow.schedules.decide import CATCHUP, OVERLAP, declares, unknown_params
+from nbflow.schedules.scheduler import Starter
+from nbflow.schedules.store import Store, ensure_triggers_stream
 
 
 def _err(e: Exception) -> NbflowError:
@@ -244,8 +246,6 @@ class Schedules:
         wf = _compile(notebook)
         params = _params(wf, params)
         if param:
-            from nbflow.schedules.scheduler import declares
-
             if not declares(wf, param):
                 raise NbflowError(f"{wf.name} has no parameter {param!r} to receive the message "
                                   f"(its parameters are: {', '.join(sorted(wf.params)) or 'none'})")

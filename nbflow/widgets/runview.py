@@ -18,7 +18,9 @@ from typing import Any, Callable
 
 import ipywidgets as widgets
 
-from nbflow.client import AlreadyDecided, NbflowError, SyncClient, whoami
+from nbflow.client import SyncClient, whoami
+
+from nbflow.errors import AlreadyDecided, NbflowError
 from nbflow.compiler import render
 from nbflow.core.state import RunState
 from nbflow.widgets.model import RunModel, decision_text

@@ -20,7 +20,9 @@ import papermill
 from papermill.exceptions import PapermillExecutionError
 
 from nbflow import io as nbio
-from nbflow.worker.kernels import pool as kernels
+from nbflow.worker.kernels import papermill as _engine  # noqa: F401 - registers the engine "nbflow"
+from nbflow.worker.kernels.cellrun import POLL_SLICE, RunControl, interruption_message
+from nbflow.worker.kernels.pool import KernelPool
 
 log = logging.getLogger("nbflow.worker.runner")
 
@@ -55,15 +57,15 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
              timeout: float | None = None, cancel: threading.Event | None = None,
              engine: str = "nbflow", kernel_name: str = "python3", log=None,
              isolation: str | None = None, save_every_cell: bool = False,
-             pool: kernels.KernelPool | None = None, scope: str | None = None) -> TaskResult:
+             pool: KernelPool | None = None, scope: str | None = None) -> TaskResult:
     """Run a task notebook; never raises for the task's own failures.
 
-    ``engine``: ``"nbflow"`` (warm kernel pool, :mod:`nbflow.worker.kernels.pool`) or ``"papermill"``
+    ``engine``: ``"nbflow"`` (warm kernel pool, :mod:`nbflow.worker.kernels.papermill`) or ``"papermill"``
     (papermill's own nbclient engine: a new kernel per task; the benchmark baseline).
     ``isolation``: ``"fresh"``/``"reuse"`` for the nbflow engine (None: the pool's default).
     ``save_every_cell``: let papermill rewrite the executed notebook at each cell's start and end
     (live progress on disk, a few ms per cell); else it is written once, at the end.
-    ``pool``: a private :class:`~nbflow.worker.kernels.KernelPool` instead of the process one.
+    ``pool``: a private :class:`~nbflow.worker.kernels.pool.KernelPool` instead of the process one.
     """
     say = _logger(log)
     t0 = time.monotonic()
@@ -75,13 +77,13 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
     if not cwd or not os.path.isdir(cwd):
         cwd = workdir
     cwd = os.path.abspath(cwd)
-    control = kernels.RunControl(deadline=t0 + timeout if timeout else None, timeout=timeout,
+    control = RunControl(deadline=t0 + timeout if timeout else None, timeout=timeout,
                                  cancel=cancel, isolation=isolation, cwd=cwd,
                                  scope=scope or io.get("run"))
     task = io.get("task", "?")
     if control.interrupted():
         return _finish(TaskResult("failed", reason=control.interrupted(),
-                                  error="{}: {}".format(*kernels.interruption_message(
+                                  error="{}: {}".format(*interruption_message(
                                       control.interrupted(), timeout))), t0)
 
     args: dict[str, Any] = dict(parameters={**params, "__nbflow__": io}, kernel_name=kernel_name,
@@ -232,17 +234,17 @@ def notebook_logs(nb) -> str:
 class _Watchdog:
     """For the papermill baseline engine: kill its kernel on the deadline or a cancel."""
 
-    def __init__(self, km, control: kernels.RunControl):
+    def __init__(self, km, control: RunControl):
         self.km, self.control = km, control
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True, name="nbflow-watchdog")
         self._t.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(kernels.POLL_SLICE):
+        while not self._stop.wait(POLL_SLICE):
             why = self.control.interrupted()
             if why:
-                ename, evalue = kernels.interruption_message(why, self.control.timeout)
+                ename, evalue = interruption_message(why, self.control.timeout)
                 self.control.reason, self.control.message = why, f"{ename}: {evalue}"
                 p = getattr(getattr(self.km, "provisioner", None), "process", None)
                 if p is not None:         # else the kernel is still starting: kill it once up

@@ -21,7 +21,8 @@ from typing import Any
 
 from nbflow.core.ir import Workflow
 from nbflow.nats import infra
-from nbflow.core.events import BadMessage, make
+from nbflow.core.events import make
+from nbflow.errors import BadMessage
 from nbflow.nats.layout import MSG_ID, Layout
 from nbflow.compiler.bundle import BundleError
 from nbflow.worker import bundles, environment

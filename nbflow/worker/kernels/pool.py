@@ -1,34 +1,8 @@
-"""The warm kernel pool, plugged into papermill as the engine ``nbflow``.
+"""The warm kernel pool: kernels started ahead of demand, handed out one task at a time.
 
-A task is a small notebook, so what costs is not the code but the machinery around it. Measured on
-a 2-CPU box (python3 kernel, ipykernel 7.4, nbclient 0.11, papermill 2.7; see the report of
-issue "Performance"):
-
-=====================================================  ==========
-kernel start -> ready                                  ~0.55 s
-one execute round trip in a warm kernel (``x=1``)      ~2.5-3.5 ms
-papermill default engine (nbclient), trivial task      ~0.88 s p50
-  = kernel start ~0.55 s + a new client's ``wait_for_ready`` (0.2 s of iopub quiet) + graceful
-  shutdown (~0.05 s; ~1 in 30 stalls ~3 s) + papermill/nbformat bookkeeping (~10 ms)
-this engine, ``reuse``, back-to-back tasks             ~33 ms p50
-this engine, ``fresh``, a warm kernel waiting          ~38 ms p50
-this engine, ``fresh``, back-to-back on a 2-kernel pool ~0.3 s p50 (bound by kernel starts)
-=====================================================  ==========
-
-(20 trivial 6-cell task notebooks through ``runner.run_task``, quiet 2-CPU box.) What is left
-per task: ~7 kernel round trips (prelude + 6 cells, ~18 ms, the kernel's own per-request cost)
-and papermill's parameterize/validate/write (~10 ms). Kernel-side tweaks that measured well:
-``gc.freeze()`` after start plus an in-memory IPython history: the ``reset`` between reused tasks
-(a full ``gc.collect`` and history-db writes) went from ~50 ms to ~1 ms, and concurrent kernels no
-longer share one ``history.sqlite``.
-Pipelining all cells' execute requests saved <3 ms for 6 cells and IPC transport nothing: not
-done.
-
-So the engine never starts a kernel or a client on the critical path: a :class:`KernelPool`
-starts kernels (manager + started, ready blocking client) ahead of demand in background threads,
-and :class:`WarmEngine` runs the cells itself with ``kc.execute`` and iopub collection (the same
-bookkeeping as nbclient: ``output_from_msg``, ``clear_output(wait)``, display ids), calling the
-papermill ``nb_man`` hooks so the executed notebook looks as papermill writes it.
+Where the time of a task goes, and why a pool: docs/kernels.md (measured figures).
+The papermill engine that uses the pool is :mod:`nbflow.worker.kernels.papermill`; the cell
+executor is :mod:`nbflow.worker.kernels.cellrun`.
 
 Isolation
 ---------
@@ -56,104 +30,35 @@ Each task runs with ``os.chdir(cwd)`` and ``sys.path[0] = cwd`` set in the kerne
 relative paths and local imports behave as in Jupyter (where the kernel starts in the notebook's
 folder).
 
-Timeouts and cancellation: the engine owns the kernel, so :class:`RunControl` (passed by the
-runner as the engine kwarg ``nbflow_control``) carries a monotonic deadline and a cancel event; the
-cell loop polls in short slices, and on either it SIGKILLs the kernel, records an error output in
-the running cell and stops, and papermill raises ``PapermillExecutionError`` as for any cell error.
-
 Configuration: :func:`configure` or env vars ``NBFLOW_POOL_SIZE`` (default 2 = one worker slot +
 one spare), ``NBFLOW_ISOLATION`` (``run``/``fresh``/``reuse``), ``NBFLOW_KERNEL`` (``python3``).
 """
 from __future__ import annotations
 
-import sys
+import atexit
+import hashlib
+import logging
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
+import zmq
+from jupyter_client import KernelManager
 
-def __getattr__(name):  # PEP 562
-    # Importing this module first imports papermill, whose engine registry loads entry points,
-    # i.e. this very module, half-initialised: give it a placeholder; the real class is
-    # registered at the bottom of this file.
-    if name == "WarmEngine":
-        return None
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-import atexit  # noqa: E402
-import hashlib  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import queue  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
-import nbformat  # noqa: E402
-import zmq  # noqa: E402
-from jupyter_client import KernelManager  # noqa: E402
-from papermill.engines import Engine, papermill_engines  # noqa: E402
+from nbflow.errors import KernelStartError
+from nbflow.worker.kernels.cellrun import POLL_SLICE, RunControl
 
 log = logging.getLogger("nbflow.worker.kernels.pool")
 
 ISOLATIONS = ("run", "fresh", "reuse")
 REUSING = ("run", "reuse")    # isolations whose kernels are reset and kept after a task
-POLL_SLICE = 0.1          # seconds between deadline/cancel/liveness checks while a cell is quiet
-
-
-class KernelStartError(RuntimeError):
-    """The pool could not start a kernel (bad kernel name, broken environment): a worker bug."""
-
-
-# --------------------------------------------------------------------------------------------
-# the run's control block: what the runner tells the engine, and what the engine tells back
-
-
-@dataclass
-class RunControl:
-    """Passed as the papermill engine kwarg ``nbflow_control``; the engine fills the lower half."""
-    deadline: float | None = None          # time.monotonic() when the attempt must be over
-    timeout: float | None = None           # the --timeout in seconds (for the message only)
-    cancel: threading.Event | None = None  # set -> the kernel is killed, the task cancelled
-    isolation: str | None = None
-    scope: str | None = None               # "run" isolation: kernels never cross runs           # None -> the pool's default
-    cwd: str | None = None                 # the kernel's cwd and sys.path[0] (else the process's)
-    # filled by the engine
-    reason: str = ""                       # "timeout" | "cancelled" | "died" | ""
-    message: str = ""                      # one line, e.g. "TimeoutError: task exceeded ..."
-    kernel_id: str = ""
-    kernel_pid: int = 0
-    kernel_ready_at: float = 0.0           # time.time() when the kernel became ready
-    kernel_uses: int = 0                   # tasks this kernel ran before this one
-
-    def interrupted(self) -> str:
-        if self.cancel is not None and self.cancel.is_set():
-            return "cancelled"
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return "timeout"
-        return ""
-
-
-def human_seconds(s: float) -> str:
-    """600 -> '10m', 90 -> '1m30s', 3600 -> '1h', 2.5 -> '2.5s'."""
-    if s < 60:
-        return f"{s:g}s"
-    s = int(round(s))
-    h, rest = divmod(s, 3600)
-    m, sec = divmod(rest, 60)
-    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (sec, "s")) if v)
-
-
-def interruption_message(reason: str, timeout: float | None) -> tuple[str, str]:
-    """(ename, evalue) recorded in the cell for a kill by the worker."""
-    if reason == "timeout":
-        t = timeout or 0
-        return "TimeoutError", f"task exceeded its --timeout of {human_seconds(t)} ({t:g} s)"
-    return "CancelledError", "task cancelled: its kernel was stopped"
-
 
 # --------------------------------------------------------------------------------------------
 # one kernel
@@ -536,7 +441,6 @@ class KernelPool:
             self._ctx.destroy(linger=0)
         shutil.rmtree(self._home, ignore_errors=True)   # ipc socket files of killed kernels
 
-
 # process-global pools, one per kernel name and isolation
 
 _config: dict[str, Any] = {}
@@ -604,10 +508,6 @@ def shutdown_pool() -> None:
         p.shutdown()
 
 
-# --------------------------------------------------------------------------------------------
-# running cells
-
-
 def setup_hash(nb) -> str | None:
     """Hash of the code cells before the ``parameters`` cell (the task's setup), or None."""
     h = hashlib.sha256()
@@ -618,190 +518,3 @@ def setup_hash(nb) -> str | None:
         if cell.cell_type == "code":
             h.update(cell.source.encode() + b"\0")
     return None
-
-
-def _error_output(ename: str, evalue: str) -> nbformat.NotebookNode:
-    return nbformat.v4.new_output("error", ename=ename, evalue=evalue,
-                                  traceback=[f"{ename}: {evalue}"])
-
-
-class _CellRun:
-    """Output bookkeeping for one notebook, as nbclient does it."""
-
-    def __init__(self, nb):
-        self.nb = nb
-        self.display_ids: dict[str, dict[int, list[int]]] = {}
-        self.clear_next = False
-
-    def handle(self, msg: dict, cell, index: int) -> None:
-        mtype = msg["msg_type"]
-        content = msg["content"]
-        transient = content.get("transient")
-        display_id = transient.get("display_id") if transient else None
-        if display_id and mtype in ("execute_result", "display_data", "update_display_data"):
-            self._update_display(display_id, msg)
-        if "execution_count" in content:
-            cell["execution_count"] = content["execution_count"]
-        if mtype == "clear_output":
-            if content.get("wait"):
-                self.clear_next = True
-            else:
-                cell.outputs[:] = []
-                self._forget(index)
-            return
-        if mtype in ("status", "execute_input", "update_display_data") or mtype.startswith("comm"):
-            return
-        try:
-            out = nbformat.v4.output_from_msg(msg)
-        except ValueError:
-            return
-        if self.clear_next:
-            cell.outputs[:] = []
-            self._forget(index)
-            self.clear_next = False
-        if display_id:
-            self.display_ids.setdefault(display_id, {}).setdefault(index, []).append(
-                len(cell.outputs))
-        cell.outputs.append(out)
-
-    def _forget(self, index: int) -> None:
-        for m in self.display_ids.values():
-            if index in m:
-                m[index] = []
-
-    def _update_display(self, display_id: str, msg: dict) -> None:
-        if display_id not in self.display_ids:
-            return
-        if msg["header"]["msg_type"] == "update_display_data":
-            msg["header"]["msg_type"] = "display_data"
-        try:
-            out = nbformat.v4.output_from_msg(msg)
-        except ValueError:
-            return
-        for ci, idxs in self.display_ids[display_id].items():
-            outs = self.nb.cells[ci].outputs
-            for oi in idxs:
-                outs[oi]["data"] = out["data"]
-                outs[oi]["metadata"] = out["metadata"]
-
-
-def run_cell(k: PooledKernel, cell, index: int, run: _CellRun, control: RunControl) -> bool:
-    """Execute one code cell in ``k``; record its outputs. True when it succeeded. On a deadline,
-    a cancel or a dead kernel: kill it, record an error output, fill ``control`` and return False."""
-    cell.outputs = []
-    msg_id = k.kc.execute(cell.source, store_history=True, allow_stdin=False, stop_on_error=False)
-    iopub, shell = k.kc.iopub_channel, k.kc.shell_channel
-    failed = False
-    idle = False
-    while not idle:
-        why = control.interrupted()
-        if why:
-            return _interrupt(k, cell, control, why)
-        wait = POLL_SLICE
-        if control.deadline is not None:
-            wait = max(0.0, min(wait, control.deadline - time.monotonic()))
-        try:
-            msg = iopub.get_msg(timeout=wait)
-        except queue.Empty:
-            if not k.alive():
-                return _interrupt(k, cell, control, "died")
-            continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue                   # late output of control code
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            idle = True
-        elif msg["msg_type"] == "error":
-            failed = True
-        run.handle(msg, cell, index)
-    while True:                        # the reply precedes idle: it is there (or nearly)
-        try:
-            reply = shell.get_msg(timeout=POLL_SLICE)
-        except queue.Empty:
-            if not k.alive():
-                return _interrupt(k, cell, control, "died")
-            why = control.interrupted()
-            if why:
-                return _interrupt(k, cell, control, why)
-            continue
-        if reply["parent_header"].get("msg_id") == msg_id:
-            break
-    content = reply["content"]
-    if content.get("execution_count"):
-        cell["execution_count"] = content["execution_count"]
-    if content.get("status") == "error" and not failed:
-        cell.outputs.append(_error_output(content.get("ename", "Error"), content.get("evalue", "")))
-        failed = True
-    return not failed
-
-
-def _interrupt(k: PooledKernel, cell, control: RunControl, why: str) -> bool:
-    k.kill()
-    if why == "died":
-        ename, evalue = "DeadKernelError", "the kernel died while executing this cell"
-    else:
-        ename, evalue = interruption_message(why, control.timeout)
-    control.reason = why
-    control.message = f"{ename}: {evalue}"
-    cell.outputs.append(_error_output(ename, evalue))
-    return False
-
-
-class WarmEngine(Engine):
-    """papermill engine ``nbflow``: runs the notebook in a pooled, already-started kernel.
-
-    Extra engine kwargs (papermill forwards unknown ``execute_notebook`` kwargs here):
-    ``nbflow_control`` (:class:`RunControl`: deadline, cancel, isolation; filled with the kernel
-    used and why it was stopped) and ``nbflow_pool`` (a :class:`KernelPool` instead of the
-    process-global one)."""
-
-    @classmethod
-    def execute_managed_notebook(cls, nb_man, kernel_name, nbflow_control: RunControl | None = None,
-                                 nbflow_pool: KernelPool | None = None, **kwargs):
-        control = nbflow_control or RunControl()
-        pool = nbflow_pool or get_pool(kernel_name, control.isolation)
-        nb = nb_man.nb
-        # papermill's own cwd= chdirs the whole process (racy with concurrent tasks): the runner
-        # passes the folder in control.cwd instead and only the kernel changes directory
-        k = pool.acquire(setup_hash=setup_hash(nb), cwd=control.cwd or os.getcwd(), control=control,
-                         scope=control.scope)
-        if k is None:                                   # cancelled/timed out waiting for a kernel
-            cls._stop_before_start(nb_man, control)
-            return nb
-        control.kernel_id, control.kernel_pid = k.id, k.pid
-        control.kernel_ready_at, control.kernel_uses = k.ready_at, k.uses
-        reuse = pool.isolation in REUSING
-        try:
-            run = _CellRun(nb)
-            for index, cell in enumerate(nb.cells):
-                nb_man.cell_start(cell, index)          # every cell, as papermill's client does
-                ok = True
-                try:
-                    if cell.cell_type == "code" and cell.source.strip():
-                        ok = run_cell(k, cell, index, run, control)
-                    if not ok:
-                        nb_man.cell_exception(cell, cell_index=index)
-                finally:
-                    nb_man.cell_complete(cell, cell_index=index)
-                if not ok:
-                    break
-            if k.language_info:
-                nb.metadata["language_info"] = k.language_info
-        finally:
-            pool.release(k, reuse=reuse and not k.dead)
-        return nb
-
-    @classmethod
-    def _stop_before_start(cls, nb_man, control: RunControl) -> None:
-        why = control.interrupted()
-        ename, evalue = interruption_message(why, control.timeout)
-        control.reason, control.message = why, f"{ename}: {evalue}"
-        cell = next((c for c in nb_man.nb.cells if c.cell_type == "code"), None)
-        if cell is not None:
-            index = nb_man.nb.cells.index(cell)
-            nb_man.cell_start(cell, index)
-            cell.outputs = [_error_output(ename, evalue)]
-            nb_man.cell_exception(cell, cell_index=index)
-            nb_man.cell_complete(cell, cell_index=index)
-
-
-papermill_engines.register("nbflow", WarmEngine)
