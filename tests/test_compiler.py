@@ -16,7 +16,8 @@ from nbflow.compiler import (
     load_notebook,
     parse_duration,
 )
-from nbflow.compiler.cells import analyze_names, parse_python, strip_nbflow_lines
+from nbflow.compiler.cells import parse_python, strip_nbflow_lines
+from nbflow.compiler.names import analyze_names
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 

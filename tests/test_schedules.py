@@ -284,7 +284,6 @@ def test_at_task_end_to_end(client, tmp_path):
 def test_flow_schedule_magics(nats_server, monkeypatch):
     from nbflow.errors import WorkflowError
     from nbflow.magics.core import FLOW_COMMANDS
-    from nbflow.magics import schedules as schedule_magics  # noqa: F401 - registers %flow schedule(s)
 
     monkeypatch.setenv("NBFLOW_NATS_URL", nats_server.url)
     monkeypatch.setenv("NBFLOW_NAMESPACE", "sched-magic")

@@ -20,13 +20,13 @@ import os
 from typing import Any, Iterable
 
 from nbflow.compiler.cells import (
-    BUILTIN_NAMES,
     ParsedNotebook,
     TaskSpec,
     parse_duration,
     parse_notebook_cells,
     where,
 )
+from nbflow.compiler.names import BUILTIN_NAMES
 from nbflow.core.ir import Edge, Node, Workflow, describe
 from nbflow.errors import WorkflowError
 

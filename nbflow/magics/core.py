@@ -3,112 +3,31 @@
 Thin by design: options are parsed by the compiler's own parser (``compiler.cells``), so the
 notebook and the compiled workflow can never disagree about what ``%%task`` means.
 
-``%flow`` subcommands live in ``FLOW_COMMANDS``; other modules add theirs with::
+Every ``%flow`` subcommand is listed in :data:`COMMANDS` below, in one place; ``%flow help``
+prints that table. Another package can add its own with::
 
-    from nbflow.magics.core import flow_command, compile_current
+    from nbflow.magics.core import flow_command
 
-    @flow_command("run", "submit this notebook: %flow run [name=value ...]")
-    def _run(shell, args): ...
+    @flow_command("hello", "say hello: %flow hello NAME")
+    def _hello(shell, args): ...
 """
 from __future__ import annotations
 
 import json
-import os
-import weakref
 from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from nbflow.compiler.cells import (
-    TaskSpec,
-    analyze_names,
-    parse_python,
-    parse_task_line,
-    task_magic_arguments,
-)
-from nbflow.core.ir import Workflow, suggest
-from nbflow.errors import WorkflowError
+from nbflow.compiler.cells import TaskSpec, parse_python, parse_task_line, task_magic_arguments
+from nbflow.compiler.names import analyze_names
+from nbflow.core.ir import suggest
+from nbflow.errors import NbflowError, WorkflowError
+from nbflow.magics import schedules, unsaved, widgets
+from nbflow.magics.notebook import (compile_current, current_notebook_path, executed_cells,  # noqa: F401
+                                    gated_names, record_cell, registered_tasks)
 
 FlowCommand = Callable[[Any, str], Any]
-
-FLOW_COMMANDS: dict[str, FlowCommand] = {}     # name -> func(shell, argstring)
-FLOW_HELP: dict[str, str] = {}                 # name -> one-line help
-
-NO_NOTEBOOK = "can't tell which notebook this kernel runs; use `%flow {cmd} path.ipynb`"
-
-_REGISTRIES: "weakref.WeakKeyDictionary[Any, dict[str, TaskSpec]]" = weakref.WeakKeyDictionary()
-
-
-def flow_command(name: str, help: str = "") -> Callable[[FlowCommand], FlowCommand]:
-    """Register ``%flow NAME ...``: ``func(shell, argstring)``. Raise WorkflowError or
-    UsageError for user mistakes (shown as one line)."""
-    def deco(func: FlowCommand) -> FlowCommand:
-        FLOW_COMMANDS[name] = func
-        FLOW_HELP[name] = help or (func.__doc__ or "").strip().split("\n")[0]
-        return func
-    return deco
-
-
-def registered_tasks(shell: Any) -> dict[str, TaskSpec]:
-    """The ``%%task`` cells run (or registered with --no-run) in this kernel, by name."""
-    try:
-        return _REGISTRIES.setdefault(shell, {})
-    except TypeError:            # not weak-referenceable: keep it on the shell
-        return shell.__dict__.setdefault("_nbflow_tasks", {})
-
-
-def gated_names(shell: Any) -> dict[str, tuple[str, str]]:
-    """Names that tasks not run in this kernel (approval, signal) would assign: name ->
-    (task, why)."""
-    return shell.__dict__.setdefault("_nbflow_gated", {})
-
-
-def executed_cells(shell: Any) -> dict[str, tuple[str, str]]:
-    """The %%task cells this kernel executed, as the analyst last ran them: task name ->
-    (first line, body)."""
-    return shell.__dict__.setdefault("_nbflow_cells", {})
-
-
-def record_cell(shell: Any, name: str, first_line: str, body: str) -> None:
-    cells = executed_cells(shell)
-    cell_id = shell.__dict__.get("_nbflow_cell_id")
-    if cell_id:                 # the same cell renamed: its old name is gone from the notebook
-        by_cell = shell.__dict__.setdefault("_nbflow_task_by_cell", {})
-        old = by_cell.get(cell_id)
-        if old and old != name:
-            cells.pop(old, None)
-        by_cell[cell_id] = name
-    cells[name] = (first_line.strip(), body)
-
-
-def _notebook_file(candidate: Any) -> str | None:
-    if not candidate or not isinstance(candidate, str) or not candidate.endswith(".ipynb"):
-        return None
-    for p in (candidate, os.path.join(os.getcwd(), os.path.basename(candidate))):
-        if os.path.isfile(p):
-            return os.path.abspath(p)
-    return None
-
-
-def current_notebook_path(shell: Any, cmd: str = "show") -> str:
-    """The .ipynb this kernel runs: ``$JPY_SESSION_NAME`` (Jupyter server), else ``__session__``
-    (ipykernel >= 6.19) or ``__vsc_ipynb_file__`` (VS Code) in the user namespace.
-    Note: the file on disk is what was last *saved*."""
-    ns = getattr(shell, "user_ns", {}) or {}
-    for candidate in (os.environ.get("JPY_SESSION_NAME"), ns.get("__session__"),
-                      ns.get("__vsc_ipynb_file__")):
-        path = _notebook_file(candidate)
-        if path:
-            return path
-    raise WorkflowError(NO_NOTEBOOK.format(cmd=cmd))
-
-
-def compile_current(shell: Any, path: str | None = None, cmd: str = "show") -> Workflow:
-    """Compile ``path``, or the notebook this kernel runs (see ``current_notebook_path``)."""
-    from nbflow.compiler import compile_notebook
-
-    return compile_notebook(path or current_notebook_path(shell, cmd))
 
 
 @magics_class
@@ -218,11 +137,10 @@ class NbflowMagics(Magics):
                              "(`%flow help` lists them)")
         try:
             return func(self.shell, rest.strip())
-        except WorkflowError as e:
+        except NbflowError as e:            # a user mistake: one line, no traceback
             raise UsageError(str(e)) from None
 
 
-@flow_command("help", "list the %flow commands")
 def _help(shell: Any, args: str) -> None:
     width = max(len(n) for n in FLOW_COMMANDS)
     lines = ["%flow commands:"] + [f"  {n.ljust(width)}  {FLOW_HELP.get(n, '')}"
@@ -230,7 +148,6 @@ def _help(shell: Any, args: str) -> None:
     print("\n".join(lines))
 
 
-@flow_command("show", "draw this notebook's workflow DAG: %flow show [path.ipynb]")
 def _show(shell: Any, args: str) -> None:
     from IPython.display import SVG, display
 
@@ -246,10 +163,48 @@ def _show(shell: Any, args: str) -> None:
     display(SVG(svg))
 
 
+# --- the %flow subcommands: name, function(shell, argstring), one-line help ------------------------
+
+COMMANDS: tuple[tuple[str, FlowCommand, str], ...] = (
+    ('help', _help,
+     'list the %flow commands'),
+    ('show', _show,
+     "draw this notebook's workflow DAG: %flow show [path.ipynb]"),
+    ('run', widgets.flow_run,
+     'submit this notebook (its cells as this kernel ran them) and watch it live: %flow run [path.ipynb] [name=value ...] [--reuse] [--saved] [--user NAME]'),
+    ('retry', widgets.flow_retry,
+     'a new run of a failed run with the notebook file as it is now (your fix), reusing unchanged tasks: %flow retry RUN [--same-code]'),
+    ('watch', widgets.flow_watch,
+     'show a run live (catches up from its history): %flow watch RUN'),
+    ('runs', widgets.flow_runs,
+     'recent runs, click one to watch it: %flow runs [--limit N]'),
+    ('approve', widgets.flow_approve,
+     'decide an approval: %flow approve RUN TASK [--reject] [--comment TEXT] [--user NAME]'),
+    ('signal', widgets.flow_signal,
+     'send a signal to a run: %flow signal RUN NAME VALUE (JSON or text)'),
+    ('cancel', widgets.flow_cancel,
+     'cancel a run: %flow cancel RUN'),
+    ('schedule', schedules.flow_schedule,
+     'schedule this notebook: %flow schedule --cron "0 6 * * *" [name=value ...]'),
+    ('schedules', schedules.flow_schedules,
+     'the schedules: next run, last run and its state'),
+)
+
+FLOW_COMMANDS: dict[str, FlowCommand] = {name: func for name, func, _ in COMMANDS}
+FLOW_HELP: dict[str, str] = {name: text for name, _, text in COMMANDS}
+
+
+def flow_command(name: str, help: str = "") -> Callable[[FlowCommand], FlowCommand]:
+    """Register ``%flow NAME ...``: ``func(shell, argstring)``. Raise WorkflowError or
+    UsageError for user mistakes (shown as one line)."""
+    def deco(func: FlowCommand) -> FlowCommand:
+        FLOW_COMMANDS[name] = func
+        FLOW_HELP[name] = help or (func.__doc__ or "").strip().split("\n")[0]
+        return func
+    return deco
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext nbflow``: register ``%%task`` and ``%flow``."""
     ipython.register_magics(NbflowMagics)
-    from nbflow.magics import unsaved
-
     unsaved.install(ipython)
-    import nbflow.magics.widgets  # noqa: F401  - registers %flow run/watch/runs/approve/signal/cancel

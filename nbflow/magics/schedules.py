@@ -1,4 +1,4 @@
-"""``%flow schedule`` and ``%flow schedules`` (registered on import; magics.py imports us).
+"""``%flow schedule`` and ``%flow schedules`` (listed in ``nbflow.magics.core.COMMANDS``).
 
     %flow schedule --cron "0 6 * * *" [--tz Europe/London] [--name N] [--catchup latest]
                    [--overlap skip] [name=value ...]
@@ -11,8 +11,8 @@ import html
 import shlex
 from typing import Any
 
-from nbflow.errors import WorkflowError
-from nbflow.magics.core import current_notebook_path, flow_command
+from nbflow.errors import NbflowError, WorkflowError
+from nbflow.magics.notebook import current_notebook_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +35,6 @@ def _parser() -> _Parser:
 
 def _call(fn):
     from nbflow.client import SyncClient
-    from nbflow.errors import NbflowError
     from nbflow.schedules.api import Schedules
 
     sc = SyncClient()
@@ -47,8 +46,7 @@ def _call(fn):
         sc.close()
 
 
-@flow_command("schedule", 'schedule this notebook: %flow schedule --cron "0 6 * * *" [name=value ...]')
-def _schedule(shell: Any, args: str) -> dict:
+def flow_schedule(shell: Any, args: str) -> dict:
     ns = _parser().parse_args(shlex.split(args))
     pairs = []
     for p in ns.params:
@@ -81,8 +79,7 @@ def schedules_html(rows: list[dict]) -> str:
     return "".join(out) + "</table>"
 
 
-@flow_command("schedules", "the schedules: next run, last run and its state")
-def _schedules(shell: Any, args: str):
+def flow_schedules(shell: Any, args: str):
     rows = _call(lambda s: s.list())
     try:
         import ipywidgets as w

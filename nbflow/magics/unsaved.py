@@ -51,7 +51,7 @@ def compile_as_seen(shell: Any, path: str) -> tuple[Workflow, list[int], list[st
     the kernel ran that the saved file lacks (left out)."""
     from nbflow.compiler import compile_notebook
     from nbflow.compiler.notebook import load_notebook
-    from nbflow.magics.core import executed_cells
+    from nbflow.magics.notebook import executed_cells
 
     nb = load_notebook(path)
     by_id = executed_by_id(shell)

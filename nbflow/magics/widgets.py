@@ -1,7 +1,7 @@
-"""``%flow run / watch / runs / approve / signal / cancel``: the run commands of the magic.
+"""``%flow run / retry / watch / runs / approve / signal / cancel``: the run commands of the magic.
 
-Thin: parse the line, call the client, show a widget. Registered when ``%load_ext nbflow`` runs
-(``nbflow.magics.load_ipython_extension`` imports this module).
+Thin: parse the line, call the client, show a widget. Listed in ``nbflow.magics.core.COMMANDS``,
+whose dispatcher turns an NbflowError from the client into a one-line UsageError.
 """
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from nbflow.client import parse_param
-
-from nbflow.errors import AlreadyDecided, NbflowError
-from nbflow.magics.core import compile_current, flow_command
+from nbflow.magics.notebook import compile_current, current_notebook_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,16 +50,6 @@ def _show(view) -> Any:
     return view
 
 
-def _user_errors(func):
-    def wrapper(shell, args):
-        try:
-            return func(shell, args)
-        except NbflowError as e:
-            raise UsageError(str(e)) from None
-    wrapper.__name__, wrapper.__doc__ = func.__name__, func.__doc__
-    return wrapper
-
-
 def split_params(tokens: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
     params = {}
     for tok in tokens:
@@ -72,11 +60,7 @@ def split_params(tokens: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-@flow_command("run", "submit this notebook (its cells as this kernel ran them) and watch it "
-              "live: %flow run [path.ipynb] [name=value ...] [--reuse] [--saved] [--user NAME]")
-@_user_errors
 def flow_run(shell, args: str):
-    from nbflow.magics.core import current_notebook_path
     from nbflow.magics.unsaved import compile_as_seen, describe_changes
     from nbflow.widgets.runview import RunView
 
@@ -105,9 +89,6 @@ def flow_run(shell, args: str):
     return _show(view)
 
 
-@flow_command("retry", "a new run of a failed run with the notebook file as it is now (your "
-              "fix), reusing unchanged tasks: %flow retry RUN [--same-code]")
-@_user_errors
 def flow_retry(shell, args: str):
     from nbflow.widgets.runview import RunView
 
@@ -119,8 +100,6 @@ def flow_retry(shell, args: str):
     return _show(RunView(new, c, user=ns.user))
 
 
-@flow_command("watch", "show a run live (catches up from its history): %flow watch RUN")
-@_user_errors
 def flow_watch(shell, args: str):
     from nbflow.widgets.runview import RunView
 
@@ -128,8 +107,6 @@ def flow_watch(shell, args: str):
     return _show(RunView(ns.run, _client(), user=ns.user))
 
 
-@flow_command("runs", "recent runs, click one to watch it: %flow runs [--limit N]")
-@_user_errors
 def flow_runs(shell, args: str):
     from IPython.display import display
 
@@ -141,23 +118,14 @@ def flow_runs(shell, args: str):
     return None
 
 
-@flow_command("approve", "decide an approval: %flow approve RUN TASK [--reject] "
-              "[--comment TEXT] [--user NAME]")
-@_user_errors
 def flow_approve(shell, args: str):
     ns = _parse("approve", args, (("run",), {}), (("task",), {}),
                 (("--reject",), {"action": "store_true"}),
                 (("--comment",), {"default": ""}), (("--user",), {"default": None}))
-    try:
-        d = _client().approve(ns.run, ns.task, approved=not ns.reject, by=ns.user,
-                              comment=ns.comment)
-    except AlreadyDecided as e:
-        raise UsageError(str(e)) from None
+    d = _client().approve(ns.run, ns.task, approved=not ns.reject, by=ns.user, comment=ns.comment)
     print(f"{ns.task}: {d['state']} by {d['by']}")
 
 
-@flow_command("signal", "send a signal to a run: %flow signal RUN NAME VALUE (JSON or text)")
-@_user_errors
 def flow_signal(shell, args: str):
     ns = _parse("signal", args, (("run",), {}), (("name",), {}), (("value",), {"nargs": "?"}),
                 (("--user",), {"default": None}))
@@ -171,8 +139,6 @@ def flow_signal(shell, args: str):
     print(f"signal {ns.name} sent to run {ns.run}")
 
 
-@flow_command("cancel", "cancel a run: %flow cancel RUN")
-@_user_errors
 def flow_cancel(shell, args: str):
     ns = _parse("cancel", args, (("run",), {}), (("--user",), {"default": None}))
     _client().cancel(ns.run, by=ns.user)
