@@ -120,3 +120,27 @@ def test_example_must_be_json_and_needs_wait_signal(ip):
     assert isinstance(res.error_in_exec, UsageError) and "is not JSON" in str(res.error_in_exec)
     res = ip.run_cell("%%task s_m --example 1\nx_m = 1\n")
     assert isinstance(res.error_in_exec, UsageError) and "--wait-signal" in str(res.error_in_exec)
+
+
+def test_load_ext_in_a_real_kernel_registers_every_flow_command(nats_server, monkeypatch):
+    """`%load_ext nbflow` in a real ipykernel (nbclient): `%flow help` lists every subcommand of
+    the one table, and `%flow schedules` runs (it was once never registered)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    monkeypatch.setenv("NBFLOW_NATS_URL", nats_server.url)
+    monkeypatch.setenv("NBFLOW_NAMESPACE", "magics-kernel")
+    nb = new_notebook(cells=[new_code_cell("%load_ext nbflow"), new_code_cell("%flow help"),
+                             new_code_cell("%flow schedules")])
+    NotebookClient(nb, kernel_name="python3", timeout=120).execute()
+
+    def text(cell):
+        return "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                       + str(o.get("data", {}).get("text/html", "")) for o in cell.outputs)
+    shown = text(nb.cells[1])
+    listed = set(re.findall(r"^  (\S+)\s", shown, re.M))
+    assert listed == set(FLOW_COMMANDS) >= {"help", "show", "run", "watch", "runs", "approve",
+                                            "signal", "cancel", "schedule", "schedules"}, shown
+    assert not any(o.output_type == "error" for c in nb.cells for o in c.outputs)
+    assert "no schedules yet" in text(nb.cells[2]), nbformat.writes(nb)

@@ -5,7 +5,8 @@ import json
 
 import click
 
-from nbflow.cli.main import UserError, _call, _dur, nats_options
+from nbflow.cli.common import _call, _dur, nats_options
+from nbflow.errors import UserError
 
 
 @click.command("ui")

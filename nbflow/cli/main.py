@@ -6,7 +6,12 @@ import sys
 
 import click
 
+from nbflow.cli.common import _arun, _call, _dur, _local, _parse_params, _st, nats_options
+from nbflow.cli.console import stats, ui
+from nbflow.cli.workers import workers
+from nbflow.cli.schedule import backfill, schedule, trigger
 from nbflow.errors import NbflowError, UserError
+from nbflow.kernelspec import kernel
 
 
 class NbflowGroup(click.Group):
@@ -18,8 +23,6 @@ class NbflowGroup(click.Group):
         except NbflowError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(getattr(e, "code", 2))
-
-
 
 
 @click.group(cls=NbflowGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +43,7 @@ def _load_workflow(path: str):
     return compile_file(path)
 
 
-@main.command()
+@click.command()
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
               help="Write here: .bpmn/.xml (BPMN 2.0), .json (workflow IR). Default: print IR JSON.")
@@ -69,7 +72,7 @@ def compile(source, output):
     click.echo(f"wrote {output} ({len(wf.tasks)} tasks, version {wf.content_hash()})", err=True)
 
 
-@main.command()
+@click.command()
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="dag.svg, dag.png, dag.pdf or dag.dot. Default: print DOT text.")
@@ -88,78 +91,9 @@ def show(source, output):
         click.echo(f"wrote {output}", err=True)
 
 
-# --- shared plumbing for commands that talk to NATS -------------------------------------------
-
-def nats_options(f):
-    f = click.option("--namespace", envvar="NBFLOW_NAMESPACE", default="",
-                     help="Namespace prefixing every stream, bucket and subject "
-                          "[env NBFLOW_NAMESPACE].")(f)
-    f = click.option("--nats", "nats_url", envvar="NBFLOW_NATS_URL", default=None,
-                     help="NATS server URL(s), comma-separated [env NBFLOW_NATS_URL]. "
-                          "Default: the embedded stack, started on demand.")(f)
-    return f
-
-
-def _arun(coro):
-    import asyncio
-
-    return asyncio.run(coro)
-
-
-async def _with_client(nats_url, namespace, fn):
-    from nbflow.client import Client
-
-    c = await Client.connect(nats_url, namespace)
-    try:
-        return await fn(c)
-    finally:
-        await c.close()
-
-
-def _call(nats_url, namespace, fn):
-    return _arun(_with_client(nats_url, namespace, fn))
-
-
-def _dur(seconds) -> str:
-    if seconds is None:
-        return ""
-    s = float(seconds)
-    if s < 1:
-        return f"{s * 1000:.0f} ms"
-    if s < 60:
-        return f"{s:.1f} s"
-    m, s = divmod(int(s), 60)
-    if m < 60:
-        return f"{m}m {s:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h {m:02d}m"
-
-
-def _local(ts) -> str:
-    import time as _t
-
-    return _t.strftime("%Y-%m-%d %H:%M:%S", _t.localtime(ts)) if ts else ""
-
-
-_STATE_COLOUR = {"succeeded": "green", "failed": "red", "rejected": "magenta",
-                 "cancelled": "yellow", "running": "cyan", "skipped": "bright_black",
-                 "reused": "blue"}
-
-
-def _st(state: str) -> str:
-    return click.style(state, fg=_STATE_COLOUR.get(state))
-
-
-def _parse_params(pairs, wf=None) -> dict:
-    from nbflow.client import parse_param
-
-    defaults = wf.params if wf is not None else {}
-    return {k: parse_param(v, defaults.get(k)) for k, v in pairs}
-
-
 # --- running ---------------------------------------------------------------------------------
 
-@main.command()
+@click.command()
 @click.argument("notebook", type=click.Path(dir_okay=False))
 @click.option("-p", "--param", "params", nargs=2, multiple=True, metavar="NAME VALUE",
               help="Set a parameter (repeatable). Values parse as JSON when they can.")
@@ -255,7 +189,7 @@ def _summary(st, wf) -> None:
                    f"after fixing: nbflow retry {st.run}")
 
 
-@main.command()
+@click.command()
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count; 0: nats-server and engine only).")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Data dir (default: NBFLOW_HOME or ~/.local/share/nbflow).")
@@ -272,7 +206,7 @@ def up(workers, data, port, namespace):
         raise UserError(str(e)) from None
 
 
-@main.command()
+@click.command()
 @click.option("--data", type=click.Path(file_okay=False), default=None)
 def down(data):
     """Stop the background embedded stack."""
@@ -285,7 +219,7 @@ def down(data):
         click.echo("no nbflow stack is running", err=True)
 
 
-@main.command()
+@click.command()
 @nats_options
 @click.option("--replicas", type=int, default=None,
               help="Replicas for streams/buckets (cluster: 3). Default: 1 for new ones; "
@@ -304,7 +238,7 @@ def engine(nats_url, namespace, replicas):
         pass
 
 
-@main.command()
+@click.command()
 @nats_options
 @click.option("--queue", default="default", help="Task queue to serve (%%task --queue).")
 @click.option("--concurrency", type=int, default=1, help="Tasks run at once by this worker.")
@@ -349,7 +283,7 @@ def _run_row(st) -> dict:
             "retry_of": st.retry_of or None, "schedule": st.schedule or None}
 
 
-@main.command()
+@click.command()
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="A JSON array, for scripts.")
 @nats_options
@@ -371,7 +305,7 @@ def runs(limit, as_json, nats_url, namespace):
                    f"{_local(s.started):<20} {dur:>9}  {s.name}")
 
 
-@main.command()
+@click.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--json", "as_json", is_flag=True)
 @nats_options
@@ -409,7 +343,7 @@ def status(run_id, as_json, nats_url, namespace):
         click.secho(f"error in {st.error.get('key')}: {st.error.get('error')}", fg="red")
 
 
-@main.command()
+@click.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
 @nats_options
@@ -431,7 +365,7 @@ def history(run_id, as_json, nats_url, namespace):
             click.echo(f"{'':<19}  {'':<7} {'':<16} {node} reused from run {origin}")
 
 
-@main.command()
+@click.command()
 @click.argument("run_id", metavar="RUN")
 @click.argument("task", required=False)
 @nats_options
@@ -440,7 +374,7 @@ def logs(run_id, task, nats_url, namespace):
     click.echo(_call(nats_url, namespace, lambda c: c.logs(run_id, task)))
 
 
-@main.command()
+@click.command()
 @click.argument("run_id", metavar="RUN")
 @click.argument("task")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
@@ -454,7 +388,7 @@ def output(run_id, task, out, nats_url, namespace):
     click.echo(f"wrote {out}", err=True)
 
 
-@main.command()
+@click.command()
 @click.argument("run_id", metavar="RUN")
 @nats_options
 def cancel(run_id, nats_url, namespace):
@@ -463,7 +397,7 @@ def cancel(run_id, nats_url, namespace):
     click.echo(f"cancelling run {run_id}", err=True)
 
 
-@main.command()
+@click.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--no-wait", is_flag=True, help="Print only the new run id.")
 @click.option("--same-code", is_flag=True,
@@ -490,7 +424,7 @@ def retry(run_id, no_wait, same_code, nats_url, namespace):
     sys.exit(_call(nats_url, namespace, go))
 
 
-@main.command()
+@click.command()
 @click.argument("run_id", metavar="RUN")
 @click.argument("task")
 @click.option("--reject", is_flag=True, help="Reject instead of approve.")
@@ -503,7 +437,7 @@ def approve(run_id, task, reject, comment, by, nats_url, namespace):
     click.echo(f"{d['state']} {task} of run {run_id} as {d['by']}", err=True)
 
 
-@main.command("signal")
+@click.command("signal")
 @click.argument("run_id", metavar="RUN")
 @click.argument("name")
 @click.argument("value", required=False, default="null")
@@ -516,21 +450,17 @@ def signal_cmd(run_id, name, value, nats_url, namespace):
     click.echo(f"sent {name} to run {run_id}", err=True)
 
 
-from nbflow.cli.schedule import backfill, schedule, trigger  # noqa: E402
+# --- every command of `nbflow`, grouped by concern (click lists them alphabetically) ----------
 
-main.add_command(schedule)
-main.add_command(backfill)
-main.add_command(trigger)
-
-from nbflow.cli.workers import workers  # noqa: E402
-
-main.add_command(workers)
-
-from nbflow.kernelspec import kernel  # noqa: E402
-
-main.add_command(kernel)
-
-from nbflow.cli.console import stats, ui  # noqa: E402
-
-main.add_command(ui)
-main.add_command(stats)
+COMMANDS = (
+    compile, show,                                  # the compiler
+    run, up, down, engine, worker,                  # running
+    runs, status, history, logs, output,            # reading runs
+    workers,                                        # the workers seen
+    cancel, retry, approve, signal_cmd,             # steering runs
+    schedule, backfill, trigger,                    # schedules and triggers
+    ui, stats,                                      # the console
+    kernel,                                         # the Jupyter kernelspec
+)
+for _command in COMMANDS:
+    main.add_command(_command)

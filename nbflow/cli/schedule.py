@@ -6,8 +6,7 @@ import time
 
 import click
 
-from nbflow.cli.main import _local, _st, nats_options
-
+from nbflow.cli.common import _local, _st, nats_options
 from nbflow.errors import UserError
 
 

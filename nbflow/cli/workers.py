@@ -6,7 +6,7 @@ import time
 
 import click
 
-from nbflow.cli.main import _call, nats_options
+from nbflow.cli.common import _call, nats_options
 
 
 @click.command()

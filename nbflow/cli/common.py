@@ -1,0 +1,72 @@
+"""What the CLI's commands share: the --nats/--namespace options, a client per command, and
+how times, durations, states and -p parameters are shown and parsed."""
+from __future__ import annotations
+
+import click
+
+
+def nats_options(f):
+    f = click.option("--namespace", envvar="NBFLOW_NAMESPACE", default="",
+                     help="Namespace prefixing every stream, bucket and subject "
+                          "[env NBFLOW_NAMESPACE].")(f)
+    f = click.option("--nats", "nats_url", envvar="NBFLOW_NATS_URL", default=None,
+                     help="NATS server URL(s), comma-separated [env NBFLOW_NATS_URL]. "
+                          "Default: the embedded stack, started on demand.")(f)
+    return f
+
+
+def _arun(coro):
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+async def _with_client(nats_url, namespace, fn):
+    from nbflow.client import Client
+
+    c = await Client.connect(nats_url, namespace)
+    try:
+        return await fn(c)
+    finally:
+        await c.close()
+
+
+def _call(nats_url, namespace, fn):
+    return _arun(_with_client(nats_url, namespace, fn))
+
+
+def _dur(seconds) -> str:
+    if seconds is None:
+        return ""
+    s = float(seconds)
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 60:
+        return f"{s:.1f} s"
+    m, s = divmod(int(s), 60)
+    if m < 60:
+        return f"{m}m {s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m"
+
+
+def _local(ts) -> str:
+    import time as _t
+
+    return _t.strftime("%Y-%m-%d %H:%M:%S", _t.localtime(ts)) if ts else ""
+
+
+_STATE_COLOUR = {"succeeded": "green", "failed": "red", "rejected": "magenta",
+                 "cancelled": "yellow", "running": "cyan", "skipped": "bright_black",
+                 "reused": "blue"}
+
+
+def _st(state: str) -> str:
+    return click.style(state, fg=_STATE_COLOUR.get(state))
+
+
+def _parse_params(pairs, wf=None) -> dict:
+    from nbflow.client import parse_param
+
+    defaults = wf.params if wf is not None else {}
+    return {k: parse_param(v, defaults.get(k)) for k, v in pairs}
