@@ -251,7 +251,6 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
     info = {"pid": os.getpid(), "url": server.url, "port": server.port, "data": str(d),
             "workers": workers, "started": time.time()}
     (d / STACK_FILE).write_text(json.dumps(info))
-    echo(f"nbflow stack up: {server.url} · data {d} · {workers} worker(s) · Ctrl-C to stop")
     stopping = []
 
     def _stop(*_):
@@ -259,6 +258,8 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
     old_int = signal.signal(signal.SIGINT, _stop)
     old_term = signal.signal(signal.SIGTERM, _stop)
     try:
+        # only now: a Ctrl-C right after this line must stop the stack, not abort the process
+        echo(f"nbflow stack up: {server.url} · data {d} · {workers} worker(s) · Ctrl-C to stop")
         while not stopping:
             if server.proc.poll() is not None:          # the server died: restart it
                 server = NatsServer(d, port=server.port).start()
