@@ -23,6 +23,10 @@ class ScheduleError(NbflowError, ValueError):
     """A schedule or trigger definition that cannot work: the message says why."""
 
 
+class BundleError(WorkflowError):
+    """The notebook's folder cannot be bundled (too big, too many files, unreadable)."""
+
+
 class UserError(NbflowError):
     """Bad command-line input: printed as one line, no traceback; ``code`` is the exit status."""
 

@@ -21,7 +21,8 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 
-from nbflow.core.ir import Workflow, WorkflowError
+from nbflow.core.ir import Workflow
+from nbflow.errors import BundleError  # noqa: F401 - raised here and by worker/bundles.py
 
 IGNORE_FILE = ".nbflowignore"
 # folders never bundled: version control, caches, checkpoints, dependencies
@@ -41,10 +42,6 @@ def max_total_bytes() -> int:
 
 def max_files() -> int:
     return int(os.environ.get("NBFLOW_BUNDLE_MAX_FILES", "5000"))
-
-
-class BundleError(WorkflowError):
-    """The notebook's folder cannot be bundled (too big, too many files, unreadable)."""
 
 
 @dataclass

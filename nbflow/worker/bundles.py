@@ -18,7 +18,8 @@ import tempfile
 import time
 import zipfile
 
-from nbflow.compiler.bundle import Bundle, BundleError, bundle_key, content_hash_of
+from nbflow.compiler.bundle import Bundle, bundle_key, content_hash_of
+from nbflow.errors import BundleError
 
 log = logging.getLogger("nbflow.worker.bundles")
 

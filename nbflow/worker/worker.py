@@ -24,7 +24,7 @@ from nbflow.nats import infra
 from nbflow.core.events import make
 from nbflow.errors import BadMessage
 from nbflow.nats.layout import MSG_ID, Layout
-from nbflow.compiler.bundle import BundleError
+from nbflow.errors import BundleError
 from nbflow.worker import bundles, environment
 from nbflow.worker.artifacts import Artifacts, notebook_key, output_key
 
