@@ -11,14 +11,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import nbformat
 
 from nbflow.core.durations import human
-
-if TYPE_CHECKING:                     # the pool imports this module
-    from nbflow.worker.kernels.pool import PooledKernel
 
 POLL_SLICE = 0.1          # seconds between deadline/cancel/liveness checks while a cell is quiet
 
@@ -125,8 +122,8 @@ class CellRun:
                 outs[oi]["metadata"] = out["metadata"]
 
 
-def run_cell(k: PooledKernel, cell, index: int, run: CellRun, control: RunControl) -> bool:
-    """Execute one code cell in ``k``; record its outputs. True when it succeeded. On a deadline,
+def run_cell(k: Any, cell, index: int, run: CellRun, control: RunControl) -> bool:
+    """Execute one code cell in ``k`` (a :class:`~nbflow.worker.kernels.pool.PooledKernel`); record its outputs. True when it succeeded. On a deadline,
     a cancel or a dead kernel: kill it, record an error output, fill ``control`` and return False."""
     cell.outputs = []
     msg_id = k.kc.execute(cell.source, store_history=True, allow_stdin=False, stop_on_error=False)
@@ -174,7 +171,7 @@ def run_cell(k: PooledKernel, cell, index: int, run: CellRun, control: RunContro
     return not failed
 
 
-def interrupt(k: PooledKernel, cell, control: RunControl, why: str) -> bool:
+def interrupt(k: Any, cell, control: RunControl, why: str) -> bool:
     k.kill()
     if why == "died":
         ename, evalue = "DeadKernelError", "the kernel died while executing this cell"
