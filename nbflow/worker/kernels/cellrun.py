@@ -123,7 +123,8 @@ class CellRun:
 
 
 def run_cell(k: Any, cell, index: int, run: CellRun, control: RunControl) -> bool:
-    """Execute one code cell in ``k`` (a :class:`~nbflow.worker.kernels.pool.PooledKernel`); record its outputs. True when it succeeded. On a deadline,
+    """Execute one code cell in ``k`` (a pooled kernel); record its outputs. True when it
+    succeeded. On a deadline,
     a cancel or a dead kernel: kill it, record an error output, fill ``control`` and return False."""
     cell.outputs = []
     msg_id = k.kc.execute(cell.source, store_history=True, allow_stdin=False, stop_on_error=False)
