@@ -17,6 +17,7 @@ BENCHES = {
     "pipeline10": "bench.notebook_bench:pipeline10",
     "fanout_map": "bench.notebook_bench:fanout_map",
     "memory": "bench.engine_bench:memory",
+    "console_load": "bench.console_bench:console_load",
 }
 
 # figure -> (comparison, target)
@@ -28,6 +29,7 @@ GOALS = {
     "pipeline10_speedup_vs_papermill": (">=", 10.0),
     "fanout_map_efficiency": (">=", 0.8),
     "engine_rss_growth_pct": ("<=", 10.0),
+    "console_page_ms_p95_worst": ("<=", 300.0),
 }
 
 _OPS = {">=": operator.ge, "<=": operator.le}

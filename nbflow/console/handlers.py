@@ -113,7 +113,10 @@ class InboxHandler(ConsoleMixin):
         if not await self.ready():
             return
         c = self.console
-        body = views.inbox(self.ctx(), c.pending_approvals(), c.decided_approvals(), c.workflows)
+        pending = c.pending_approvals()
+        show = pending if self.get_argument("all", "") else pending[:views.INBOX_SIZE]
+        body = views.inbox(self.ctx(), show, c.decided_approvals(), c.workflows,
+                           total=len(pending))
         self.render_page("inbox", "Inbox", body, topic="approval")
 
 

@@ -21,6 +21,7 @@ log = logging.getLogger("nbflow.console")
 
 # a worker whose last heartbeat is older than this is shown as gone (it beats every 10 s)
 WORKER_STALE_S = 35.0
+RECENT = 50          # decisions the inbox can show
 
 
 def parse_approvers(value: Any) -> frozenset[str] | None:
@@ -49,8 +50,15 @@ class Console:
         self._subs: set[asyncio.Queue] = set()
         self._tasks: list[asyncio.Task] = []
         self._connecting: asyncio.Future | None = None
-        self._svg: dict[str, tuple[tuple, str]] = {}
+        self._svg: dict[tuple, str] = {}
         self._awaiting: dict[str, int] = {}     # run -> approvals waiting (kept per change)
+        self._decided: dict[str, float] = {}    # run -> time of its latest decision
+        self.version = 0                        # bumped on every change (caches key on it)
+        self._sorted: tuple[int, list[RunState]] = (-1, [])
+        self._recent: list[tuple[float, str]] = []   # newest decisions (time, run), newest first
+        from nbflow.console.stats import Tally
+
+        self.tally = Tally()                     # metrics, kept per change
         self.error = ""
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -76,6 +84,7 @@ class Console:
         return c
 
     async def close(self) -> None:
+        self._closing = True
         for t in self._tasks:
             t.cancel()
         if self.client is not None:
@@ -94,6 +103,14 @@ class Console:
             try:
                 async for run, st in self.client.watch_runs():
                     if not run:
+                        import heapq
+
+                        self.error = ""
+
+                        self._recent = sorted(
+                            ((at, r) for r, at in heapq.nlargest(
+                                RECENT, self._decided.items(), key=lambda kv: kv[1])),
+                            reverse=True)
                         self.ready.set()
                         self.publish({"kind": "ready"})
                         continue
@@ -103,6 +120,19 @@ class Console:
                         self._awaiting[run] = waiting
                     else:
                         self._awaiting.pop(run, None)
+                    decided = 0.0 if st is None else max(
+                        ((n.approval.get("at") or n.finished or 0.0) for n in st.nodes.values()
+                         if n.approval and n.approval.get("state") not in (None, "pending")),
+                        default=0.0)
+                    if decided:
+                        if decided != self._decided.get(run):
+                            self._decided[run] = decided
+                            if self.ready.is_set():
+                                self._recent_decided(run, decided)
+                    else:
+                        self._decided.pop(run, None)
+                    self.version += 1
+                    self.tally.update(run, st)
                     if st is None:
                         self.runs.pop(run, None)
                     else:
@@ -114,6 +144,8 @@ class Console:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - connection trouble: watch again
+                if getattr(self, "_closing", False):
+                    return
                 self.error = f"lost the runs watch ({type(e).__name__}: {e}); retrying"
                 log.warning("nbflow console: %s", self.error)
                 await asyncio.sleep(2)
@@ -178,21 +210,38 @@ class Console:
 
     def pending_approvals(self) -> list[tuple[RunState, str]]:
         """(run, node) awaiting a decision, newest first."""
-        out = [(st, nid) for st in self.runs.values() if st.state == "running"
+        out = [(st, nid) for run in list(self._awaiting) if (st := self.runs.get(run))
                for nid, ns in st.nodes.items() if ns.state == "awaiting_approval"]
         out.sort(key=lambda p: p[0].nodes[p[1]].started or p[0].started, reverse=True)
         return out
 
+    def _recent_decided(self, run: str, at: float) -> None:
+        self._recent = [p for p in self._recent if p[1] != run]
+        self._recent.append((at, run))
+        self._recent.sort(reverse=True)
+        del self._recent[RECENT:]
+
     def decided_approvals(self, limit: int = 20) -> list[tuple[RunState, str]]:
-        out = [(st, nid) for st in self.runs.values()
-               for nid, ns in st.nodes.items()
-               if ns.approval and ns.approval.get("state") not in (None, "pending")]
+        """The latest decisions, newest first."""
+        out = []
+        for _, run in self._recent:
+            st = self.runs.get(run)
+            if st is None or run not in self._decided:
+                continue
+            out += [(st, nid) for nid, ns in st.nodes.items()
+                    if ns.approval and ns.approval.get("state") not in (None, "pending")]
+            if len(out) >= limit:
+                break
         out.sort(key=lambda p: p[0].nodes[p[1]].approval.get("at") or
                  p[0].nodes[p[1]].finished or 0, reverse=True)
         return out[:limit]
 
     def sorted_runs(self) -> list[RunState]:
-        return sorted(self.runs.values(), key=lambda s: s.started, reverse=True)
+        """Every run, newest first (cached until the next change)."""
+        if self._sorted[0] != self.version:
+            self._sorted = (self.version, sorted(self.runs.values(), key=lambda s: s.started,
+                                                 reverse=True))
+        return self._sorted[1]
 
     def in_flight(self) -> dict[str, list[tuple[str, str]]]:
         """worker name -> [(run, task key)] of tasks running there now."""
@@ -288,18 +337,19 @@ class Console:
         if wf is None:
             return ""
         states = states_by_node(st)
-        key = tuple(sorted(states.items()))
-        hit = self._svg.get(st.run)
-        if hit and hit[0] == key:
-            return hit[1]
+        # runs of one notebook that ended alike share a picture: key on workflow + states
+        key = (st.wf, tuple(sorted(states.items())))
+        hit = self._svg.get(key)
+        if hit is not None:
+            return hit
         loop = asyncio.get_running_loop()
         try:
             svg = await loop.run_in_executor(None, lambda: render.to_svg(wf, states))
         except render.DotMissing:
             svg = ""
         if len(self._svg) > 500:
-            self._svg.clear()
-        self._svg[st.run] = (key, svg)
+            self._svg.pop(next(iter(self._svg)))      # oldest first (dicts keep order)
+        self._svg[key] = svg
         return svg
 
 

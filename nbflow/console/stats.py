@@ -2,6 +2,7 @@
 `nbflow stats` and the console), and the Prometheus metrics served at ``/nbflow/metrics``."""
 from __future__ import annotations
 
+import bisect
 import re
 import time
 from typing import Any, Iterable
@@ -101,6 +102,41 @@ def median_task_durations(runs: Iterable[RunState], name: str) -> dict[str, floa
 
 # --- Prometheus -------------------------------------------------------------------------------
 
+class Tally:
+    """Runs by (state, notebook) and task-duration histograms, kept up to date one run change
+    at a time (a scrape then costs the number of series, not the number of runs)."""
+
+    def __init__(self):
+        self.states: dict[tuple[str, str], int] = {}
+        self.hist: dict[tuple[str, str], list] = {}     # -> [bucket counts..., sum, count]
+        self._runs: dict[str, tuple[tuple[str, str], list[tuple[str, float]]]] = {}
+
+    def update(self, run: str, st: RunState | None) -> None:
+        old = self._runs.pop(run, None)
+        if old is not None:
+            self._apply(old, -1)
+        if st is not None:
+            new = ((st.state, run_label(st)), [(node, secs) for node, secs, _ in task_durations(st)])
+            self._runs[run] = new
+            self._apply(new, 1)
+
+    def _apply(self, contrib, sign: int) -> None:
+        key, durations = contrib
+        self.states[key] = self.states.get(key, 0) + sign
+        if not self.states[key]:
+            del self.states[key]
+        nb = key[1]
+        for node, secs in durations:
+            h = self.hist.get((nb, node))
+            if h is None:
+                h = self.hist[(nb, node)] = [0] * len(BUCKETS) + [0.0, 0]
+            h[bisect.bisect_left(BUCKETS, secs)] += sign      # the first bucket with secs <= le
+            h[-2] += sign * secs
+            h[-1] += sign
+            if not h[-1]:
+                del self.hist[(nb, node)]
+
+
 class ConsoleCollector:
     """Reads the console's live index at scrape time (no state of its own)."""
 
@@ -112,27 +148,21 @@ class ConsoleCollector:
         from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
         c = self.console
-        runs = list(c.runs.values())
         g = GaugeMetricFamily("nbflow_runs", "Runs in history by state and notebook",
                               labels=["state", "notebook"])
-        counts: dict[tuple[str, str], int] = {}
-        for st in runs:
-            k = (st.state, run_label(st))
-            counts[k] = counts.get(k, 0) + 1
-        for (state, nb), n in sorted(counts.items()):
+        for (state, nb), n in sorted(c.tally.states.items()):
             g.add_metric([state, nb], n)
         yield g
 
         h = HistogramMetricFamily("nbflow_task_duration_seconds",
                                   "Duration of finished task attempts (latest attempt per task)",
                                   labels=["notebook", "task"])
-        per: dict[tuple[str, str], list[float]] = {}
-        for st in runs:
-            for node, secs, _ in task_durations(st):
-                per.setdefault((run_label(st), node), []).append(secs)
-        for (nb, task), ds in sorted(per.items()):
-            buckets = [(_le(b), sum(1 for d in ds if d <= b)) for b in BUCKETS]
-            h.add_metric([nb, task], buckets, sum(ds))
+        for (nb, task), counts in sorted(c.tally.hist.items()):
+            cum, buckets = 0, []
+            for b, n in zip(BUCKETS, counts):
+                cum += n
+                buckets.append((_le(b), cum))
+            h.add_metric([nb, task], buckets, counts[-2])
         yield h
 
         q = GaugeMetricFamily("nbflow_queue_depth", "Tasks queued for a worker, per queue",

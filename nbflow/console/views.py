@@ -16,6 +16,7 @@ from urllib.parse import quote, urlencode
 from nbflow.core.state import RUN_FINAL, RunState
 
 PAGE_SIZE = 100
+INBOX_SIZE = 50
 
 
 def e(x: Any) -> str:
@@ -216,13 +217,18 @@ def _tdur(t) -> float | None:
     return (t.finished - t.started) if t.started and t.finished else None
 
 
-def inbox(ctx: Ctx, pending: list, decided: list, workflows: dict) -> str:
+def inbox(ctx: Ctx, pending: list, decided: list, workflows: dict,
+          total: int | None = None) -> str:
+    total = len(pending) if total is None else total
     parts = [f'<section aria-labelledby="h-pending"><h2 id="h-pending" class="sec">Waiting for a '
-             f'decision <span class="count">{len(pending)}</span></h2>']
+             f'decision <span class="count">{total}</span></h2>']
     if not pending:
         parts.append('<p class="empty">Nothing is waiting for a decision.</p>')
     for st, node in pending:
         parts.append(approval_card(ctx, st, node, workflows.get(st.wf), True))
+    if total > len(pending):
+        parts.append(f'<p><a href="{e(ctx.url("inbox", all=1))}">Show all {total} waiting '
+                     f'(the {len(pending)} newest are shown)</a></p>')
     parts.append('</section><section aria-labelledby="h-decided"><h2 id="h-decided" class="sec">'
                  'Recently decided</h2>')
     if not decided:
