@@ -18,6 +18,7 @@ BENCHES = {
     "fanout_map": "bench.notebook_bench:fanout_map",
     "memory": "bench.engine_bench:memory",
     "console_load": "bench.console_bench:console_load",
+    "autoscale": "bench.scale_bench:autoscale",
 }
 
 # figure -> (comparison, target)

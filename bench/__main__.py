@@ -60,6 +60,16 @@ ROWS = {
          "engine_rss_growth_pct", "engine_rss_growth_pct"),
         ("no-op runs/s (1 task each)", "memory_runs_per_s", None, None, None),
     ],
+    "autoscale": [
+        ("s, --map 200 x 100 ms, 1 worker: kernels 1->8 vs fixed 8 slots", "autoscale_elastic_s",
+         "autoscale_fixed_s", "autoscale_time_ratio", None),
+        ("peak RSS MB, worker + kernels: scaling vs fixed", "autoscale_elastic_peak_mb",
+         "autoscale_fixed_peak_mb", "autoscale_peak_mb_ratio", None),
+        ("idle RSS MB, worker + kernels: scaling vs fixed", "autoscale_elastic_idle_mb",
+         "autoscale_fixed_idle_mb", None, None),
+        ("peak kernels: scaling vs fixed", "autoscale_elastic_peak_kernels",
+         "autoscale_fixed_peak_kernels", None, None),
+    ],
 }
 
 DEFINITIONS = [
@@ -71,6 +81,8 @@ DEFINITIONS = [
     "(kernel start included; the cells alone take pipeline10_floor_cells_s)",
     "fanout_map efficiency: ideal (items x 20 ms / 2 workers) / measured (submit -> final)",
     "memory: engine child process VmRSS after a warm-up vs after N one-task no-op runs",
+    "autoscale: one worker, --min-kernels 1 --max-kernels 8 (starting from 1 warm kernel) vs "
+    "--concurrency 8 (9 warm kernels); time = submit -> final; RSS sampled every 50 ms",
 ]
 
 
