@@ -34,6 +34,8 @@ log = logging.getLogger("nbflow.worker")
 ACK_WAIT_S = float(os.environ.get("NBFLOW_TASK_ACK_WAIT", "30"))
 HEARTBEAT_S = ACK_WAIT_S / 4
 MAX_DELIVER = 5
+# how long a finished task's result waits for JetStream (a site cut off from its hub)
+RESULT_PATIENCE_S = float(os.environ.get("NBFLOW_RESULT_PATIENCE_S", str(24 * 3600)))
 PRESENCE_S = float(os.environ.get("NBFLOW_PRESENCE_S", "5"))   # heartbeat (the KV's TTL is 30 s)
 # An output bigger than this fails the task with a clear message instead of filling the store.
 MAX_OUTPUT_BYTES = int(float(os.environ.get("NBFLOW_MAX_OUTPUT_MB", "2048")) * 1024 * 1024)
@@ -64,6 +66,7 @@ class Worker:
         self._cancels: dict[tuple[str, str], threading.Event] = {}
         self._stop = asyncio.Event()
         self._running: set[asyncio.Task] = set()
+        self._held: dict[tuple[str, str, int], list] = {}
         self.done = 0
 
     async def start(self) -> None:
@@ -170,17 +173,24 @@ class Worker:
     async def _publish(self, ev, msg_id: str, patience: float = 120.0) -> None:
         """Publish to history, riding out a NATS restart: a finished task's result is never
         thrown away because the server was briefly gone (the msg id makes retries safe)."""
-        deadline = time.monotonic() + patience
-        delay = 0.2
+        t0 = time.monotonic()
+        deadline = t0 + patience
+        delay, failures = 0.2, 0
         while True:
             try:
                 await self.js.publish(self.L.history_subject(ev.run), ev.encode(),
                                       headers={MSG_ID: msg_id})
+                if failures:
+                    log.info("JetStream reachable again: %s for run %s %s recorded after %.0f s",
+                             ev.type, ev.run, ev.get("key", ""), time.monotonic() - t0)
                 return
             except Exception as e:  # noqa: BLE001 - timeouts, no responders while reconnecting
                 if time.monotonic() > deadline:
                     raise
-                log.warning("publishing %s for run %s failed (%s); retrying", ev.type, ev.run, e)
+                failures += 1
+                if failures == 1 or failures % 30 == 0:
+                    log.warning("publishing %s for run %s failed (%s); retrying", ev.type,
+                                ev.run, e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -235,6 +245,13 @@ class Worker:
         except (ValueError, KeyError, TypeError) as e:
             await self._dead_letter(msg, f"malformed task message: {e!r}")
             return
+        held = self._held.get((run, key, attempt))
+        if held is not None:
+            # redelivered while it still runs here: heartbeats could not reach the server (a
+            # site's link to the hub was down). Keep running it once; ack this delivery at the end
+            log.info("task %s of run %s came back while running here; running it once", key, run)
+            held[0] = msg
+            return
         delivered = msg.metadata.num_delivered
         if delivered > MAX_DELIVER:
             ev = make("TaskFailed", run, key=key, attempt=attempt, reason="lost",
@@ -254,27 +271,31 @@ class Worker:
         workdir = tempfile.mkdtemp(prefix=f"nbflow-{run}-{key.replace('#', '-')}-")
         cancel = threading.Event()
         self._cancels[(run, key)] = cancel
-        hb = asyncio.create_task(self._heartbeat(msg))
+        holder = self._held[(run, key, attempt)] = [msg]     # the latest delivery of this task
+        hb = asyncio.create_task(self._heartbeat(holder))
         try:
             ev = await self._execute(task, workdir, cancel)
             ev.data.setdefault("duration", time.time() - wall0)
             ev.data["worker"] = self.name
-            await self._publish(ev, f"done.{run}.{key}.{attempt}")
+            # a result is held until JetStream takes it (a site may be cut off from the hub
+            # for a while); the msg id makes the retries safe
+            await self._publish(ev, f"done.{run}.{key}.{attempt}", RESULT_PATIENCE_S)
             try:
-                await msg.ack()
+                await holder[0].ack()
             except Exception:  # noqa: BLE001 - redelivery is harmless: the result is recorded
                 log.warning("ack of %s failed; a redelivery will be dropped as stale", key)
             self.done += 1
         finally:
             hb.cancel()
             self._cancels.pop((run, key), None)
+            self._held.pop((run, key, attempt), None)
             shutil.rmtree(workdir, ignore_errors=True)
 
-    async def _heartbeat(self, msg) -> None:
+    async def _heartbeat(self, holder: list) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                await msg.in_progress()
+                await holder[0].in_progress()
             except Exception:  # noqa: BLE001 - reconnecting; the next beat retries
                 pass
 
