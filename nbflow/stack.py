@@ -80,9 +80,11 @@ class NatsServer:
 
     def __init__(self, store_dir: str | os.PathLike, port: int = 0, *, host: str = "127.0.0.1",
                  sync_interval: str = "1s", extra_conf: str = "", name: str = "nbflow",
-                 log_file: str | os.PathLike | None = None, jetstream: bool = True):
+                 log_file: str | os.PathLike | None = None, jetstream: bool = True,
+                 domain: str | None = None):
         self.store_dir = Path(store_dir)
         self.jetstream = jetstream          # False: a leaf node whose JetStream is the hub's
+        self.domain = domain                # JetStream domain (a hub that leaf nodes reach)
         self.port = port or free_port()
         self.host = host
         self.sync_interval = sync_interval
@@ -96,7 +98,8 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     def config(self) -> str:
-        js = (f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"\n'
+        dom = f'  domain: "{self.domain}"\n' if self.domain else ""
+        js = (f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"\n{dom}'
               f'  sync_interval: "{self.sync_interval}"\n}}\n') if self.jetstream else ""
         return (f'server_name: "{self.name}"\nlisten: "{self.host}:{self.port}"\n'
                 f"max_payload: 8MB\n{js}{self.extra_conf}\n")

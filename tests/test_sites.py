@@ -31,7 +31,7 @@ def _leaf_remote(port: int) -> str:
 
 
 async def _jetstream_through(url: str) -> bool:
-    nc = await infra.connect(url, reconnect=False)
+    nc = await infra.connect(infra.ConnectOptions(url, domain="hub"), reconnect=False)
     try:
         await nc.jetstream().account_info()
         return True
@@ -46,7 +46,8 @@ def _lines(p) -> list[str]:
 @pytest.fixture
 def sites(tmp_path):
     leaf_port = free_port()
-    hub = NatsServer(tmp_path / "hub", name="hub", extra_conf=_leaf_listen(leaf_port)).start()
+    hub = NatsServer(tmp_path / "hub", name="hub", domain="hub",
+                     extra_conf=_leaf_listen(leaf_port)).start()
     site = NatsServer(tmp_path / "site", name="site-b", jetstream=False,
                       extra_conf=_leaf_remote(leaf_port)).start()
     wait_for(lambda: _try(lambda: asyncio.run(_jetstream_through(site.url))), 60,
@@ -82,6 +83,7 @@ def test_a_site_keeps_running_its_tasks_through_a_hub_outage(sites, tmp_path):
     elsewhere = tmp_path / "site-b-host"
     elsewhere.mkdir()
     env = {**os.environ, "NBFLOW_NAMESPACE": NS, "NBFLOW_TASK_ACK_WAIT": "3",
+           "NBFLOW_JS_DOMAIN": "hub",                   # the site reaches the hub's JetStream
            "NBFLOW_BUNDLE_CACHE": str(elsewhere / "bundles")}
     with open(site_log, "wb") as out:
         site_worker = subprocess.Popen(
@@ -95,7 +97,7 @@ def test_a_site_keeps_running_its_tasks_through_a_hub_outage(sites, tmp_path):
                      "the site to hold all three tasks")
             hub.kill()                                   # the hub and the link are gone
             time.sleep(4)                                # past the tasks' 3 s ack wait
-            hub2 = NatsServer(tmp_path / "hub", port=hub.port, name="hub",
+            hub2 = NatsServer(tmp_path / "hub", port=hub.port, name="hub", domain="hub",
                               extra_conf=_leaf_listen(leaf_port)).start()
             try:
                 # the hub redelivers the unacked tasks; the site worker keeps running each once

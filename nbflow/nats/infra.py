@@ -9,6 +9,7 @@ last ``sync_interval`` of writes (the embedded stack syncs every second). For mo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import ssl
@@ -49,6 +50,7 @@ class ConnectOptions:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    domain: str | None = None         # JetStream domain (a leaf node's clients: the hub's)
 
     @classmethod
     def from_env(cls, url: str | None = None, **overrides) -> "ConnectOptions":
@@ -59,6 +61,7 @@ class ConnectOptions:
             token=env.get("NBFLOW_NATS_TOKEN"), user=env.get("NBFLOW_NATS_USER"),
             password=env.get("NBFLOW_NATS_PASSWORD"), tls_ca=env.get("NBFLOW_NATS_CA"),
             tls_cert=env.get("NBFLOW_NATS_CERT"), tls_key=env.get("NBFLOW_NATS_KEY"),
+            domain=env.get("NBFLOW_JS_DOMAIN") or None,
         )
         for k, v in overrides.items():
             if v is not None:
@@ -111,6 +114,10 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
         raise ConnectError(
             f"cannot reach NATS at {redact(opts.url)}: {why}. Is nats-server running there? "
             f"(leave --nats and NBFLOW_NATS_URL unset to use the embedded stack)") from None
+    if opts.domain:
+        # a site's leaf node without JetStream reaches the hub's as $JS.<domain>.API: every
+        # nc.jetstream() of this connection speaks to that domain
+        nc.jetstream = functools.partial(nc.jetstream, domain=opts.domain)
     return nc
 
 
