@@ -173,12 +173,29 @@ class Client(Runs):
                 return
 
     async def wait(self, run: str, timeout: float | None = None) -> RunState:
+        """The run's final state. When this returns, ``status`` and ``runs`` show it too."""
         async def _w():
             st = None
             async for _, st in self.watch(run):
                 pass
+            if st is not None:
+                await self.settled(st)
             return st
         return await asyncio.wait_for(_w(), timeout)
+
+    async def settled(self, st: RunState, timeout: float = 15.0) -> None:
+        """Wait until the run snapshot (what ``status`` and ``runs`` read) has caught up with
+        ``st`` — a state replayed from history — so a caller reads its own writes."""
+        runs = await self.kv(self.L.runs_bucket)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                snap = json.loads((await runs.get(st.run)).value)
+                if snap.get("seq", 0) >= st.seq or snap.get("state") == st.state:
+                    return
+            except Exception:  # noqa: BLE001 - not written yet
+                pass
+            await asyncio.sleep(0.02)
 
     async def runs(self, limit: int = 50) -> list[RunState]:
         runs = await self.kv(self.L.runs_bucket)
@@ -328,6 +345,11 @@ class Client(Runs):
 
     async def signal(self, run: str, name: str, value: Any = None, by: str | None = None) -> None:
         st = await self._running(run, "a signal")
+        wf = await self.workflow(st.wf)
+        waits = sorted({n.wait_signal for n in wf.nodes if n.wait_signal})
+        if name not in waits:
+            raise NbflowError(f"nothing in run {st.run} waits for signal {name!r}; it waits for "
+                              + (", ".join(waits) if waits else "no signals"))
         try:
             json.dumps(value)
         except TypeError as e:
@@ -429,17 +451,43 @@ class Client(Runs):
 
         from nbflow.worker.runner import notebook_logs
 
+        from nbflow.worker.artifacts import Artifacts
+
         st = await self.status(run)
+        keys = self._task_keys(st, task)
+        attempts: dict[str, list[Event]] = {k: [] for k in keys}
+        for ev in await self.history(st.run):
+            if ev.type in ("TaskSucceeded", "TaskFailed", "TaskSkipped") and ev["key"] in attempts:
+                attempts[ev["key"]].append(ev)
+        art = Artifacts(self.js, self.L.artifacts_store)
         parts = []
-        for key in self._task_keys(st, task):
+        for key in keys:
             t = st.tasks[key]
-            head = f"── {key} (attempt {t.attempt}, {t.state}) "
-            parts.append(head + "─" * max(0, 70 - len(head)))
-            if t.notebook:
-                raw = await self.output(run, key)
-                parts.append(notebook_logs(nbformat.reads(raw.decode(), as_version=4)).rstrip())
-            elif t.error:
-                parts.append(t.error)
+            ends = attempts[key]
+            if t.reused:
+                parts.append(f"── {key} (reused from run {t.reused_from}: "
+                             f"nbflow logs {t.reused_from} {t.node}) ──")
+                continue
+            if not ends:                       # still queued or running
+                parts.append(f"── {key} (attempt {t.attempt}, {t.state}) ──")
+                continue
+            for ev in ends:                    # every attempt, oldest first, newest last
+                state = {"TaskSucceeded": "succeeded", "TaskFailed": "failed",
+                         "TaskSkipped": "skipped"}[ev.type]
+                head = f"── {key} (attempt {ev['attempt']} of {len(ends)}, {state}) "
+                parts.append(head + "─" * max(0, 70 - len(head)))
+                text = ""
+                if ev.get("notebook"):
+                    try:
+                        raw = await art.get_bytes(ev["notebook"])
+                        text = notebook_logs(nbformat.reads(raw.decode(), as_version=4)).rstrip()
+                    except Exception:  # noqa: BLE001 - pruned: the event still tells
+                        text = ""
+                if ev.type == "TaskFailed" and (not text or ev["error"] not in text):
+                    text = "\n".join(x for x in (text, ev.get("traceback") or "", ev["error"])
+                                     if x).rstrip()
+                if text:
+                    parts.append(text)
         return "\n".join(parts)
 
     async def load_output(self, run: str, task: str, name: str) -> Any:

@@ -39,9 +39,9 @@ def test_run_no_wait_then_inspect(on_stack, client, tmp_path):
     row = next(r for r in rows if r["id"] == run)
     assert {"id", "state", "workflow", "notebook", "started", "finished"} <= set(row)
     assert row["workflow"] == "diamond" and row["finished"] >= row["started"]
-    hist = [json.loads(line) for line in nbflow("history", run, "--json",
-                                                env=on_stack).stdout.splitlines()]
+    hist = json.loads(nbflow("history", run, "--json", env=on_stack).stdout)   # one document
     assert hist[0]["type"] == "RunStarted"
+    assert hist[-1]["type"] == "RunFinished" and hist[-1]["state"] == "succeeded"
     assert sum(1 for h in hist if h["type"] == "TaskSucceeded") == 4
     assert "-2" in nbflow("logs", run, "d", env=on_stack).stdout   # sum(0,2) - sum(1,3)
     out = tmp_path / "d.ipynb"

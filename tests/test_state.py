@@ -1072,3 +1072,42 @@ def test_fingerprints_change_with_code_params_read_options_and_upstream():
     sig = build([task("a", "x = 1", wait_signal="bank"), task("b", "y = x", sources={"x": "a"})])
     assert fingerprints(sig, {})["b"] is None
     assert fingerprints(sig, {}, across_runs=False)["b"] is not None
+
+
+def test_a_rejection_ends_the_run_when_only_a_gate_of_the_skipped_branch_still_waits():
+    wf = build([
+        task("prepare", "x = 1"),
+        task("pay", "paid = x", approval="Pay?", sources={"x": "prepare"}),
+        gate("bank", wait_signal="bank"),
+        task("settle_up", "done = paid", sources={"paid": "pay"}),
+    ], deps={"settle_up": ["bank"]})
+    sim = Sim(wf)
+    sim.start()
+    sim.run_workers()
+    assert sim.node_states()["bank"] == "waiting_signal"
+    sim.approve("pay", approved=False)
+    assert sim.st.state == "rejected"
+    assert sim.node_states()["bank"] == "skipped" and sim.node_states()["settle_up"] == "skipped"
+
+
+def test_a_waiting_task_with_code_still_runs_after_a_rejection_elsewhere():
+    wf = build([task("pay", "paid = 1", approval="Pay?"),
+                task("bank_in", "r = bank", wait_signal="bank")])
+    sim = Sim(wf)
+    sim.start()
+    sim.approve("pay", approved=False)
+    assert sim.st.state == "running" and sim.node_states()["bank_in"] == "waiting_signal"
+    sim.signal("bank", 1)
+    sim.run_workers()
+    assert sim.st.state == "rejected"
+
+
+def test_run_finished_is_recorded_and_changes_nothing():
+    sim = Sim(chain(1))
+    sim.start()
+    sim.run_workers()
+    before = sim.st.to_dict()
+    assert sim.send("RunFinished", state="succeeded") == []
+    after = sim.st.to_dict()
+    assert after["state"] == before["state"] == "succeeded"
+    assert after["finished"] == before["finished"]

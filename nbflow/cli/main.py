@@ -131,6 +131,7 @@ def run(notebook, params, no_wait, reuse, no_bundle, nats_url, namespace):
         except (KeyboardInterrupt, asyncio_cancelled()):
             _detached(run_id)
             return 130
+        await c.settled(st)        # `nbflow runs` / `status` right after show the final state
         _summary(st, wf)
         return 0 if st.state == "succeeded" else 1
 
@@ -345,20 +346,21 @@ def status(run_id, as_json, nats_url, namespace):
 
 @click.command()
 @click.argument("run_id", metavar="RUN")
-@click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of the events.")
 @nats_options
 def history(run_id, as_json, nats_url, namespace):
     """The run's event log, replayed from the history stream."""
     import json as _json
 
     evs = _call(nats_url, namespace, lambda c: c.history(run_id))
+    if as_json:
+        click.echo(_json.dumps([{"seq": ev.seq, **ev.to_dict()} for ev in evs], indent=2,
+                               default=str))
+        return
     for ev in evs:
-        if as_json:
-            click.echo(_json.dumps({"seq": ev.seq, **ev.to_dict()}, default=str))
-            continue
         detail = " ".join(f"{k}={v}" for k, v in ev.data.items()
                           if k in ("key", "attempt", "node", "name", "by", "approved", "error",
-                                   "kind", "worker", "reason"))
+                                   "kind", "worker", "reason", "state"))
         click.echo(f"{_local(ev.ts)}  #{ev.seq:<6} {ev.type:<16} {detail}")
         for node, saved in sorted((ev.get("reuse") or {}).items()):
             origin = saved.get("from") or ev.get("retry_of", "")
@@ -419,6 +421,7 @@ def retry(run_id, no_wait, same_code, nats_url, namespace):
         st = await c.status(new)
         wf = await c.workflow(st.wf)
         st = await follow(c, new, wf)
+        await c.settled(st)
         _summary(st, wf)
         return 0 if st.state == "succeeded" else 1
     sys.exit(_call(nats_url, namespace, go))

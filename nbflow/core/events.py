@@ -55,6 +55,8 @@ _SPEC: dict[str, dict[str, tuple[Any, bool]]] = {
     "TimerFired": {"timer": (str, True), "kind": (str, True), "key": (str, True),
                    "attempt": (int, False)},
     "CancelRequested": {"by": (str, False), "reason": (str, False)},
+    # the run reached its final state (recorded by the engine; the history's last event)
+    "RunFinished": {"state": (str, True)},
 }
 
 EVENT_TYPES = tuple(_SPEC)

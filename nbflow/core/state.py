@@ -373,10 +373,28 @@ class _Step:
         self.resolve(node_id, "failed")
 
     # --- after every event: is the run over? --------------------------------------------------
+    def drop_needless_gates(self) -> None:
+        """After a rejection: a pure gate (no code) still waiting for a signal or a timer whose
+        every successor is already skipped or rejected can change nothing; skip it, so the run
+        ends instead of waiting for a signal only the skipped branch needed."""
+        changed = True
+        while changed:
+            changed = False
+            for n in self.wf.nodes:
+                ns = self.st.nodes.get(n.id)
+                if ns is None or ns.state not in ("waiting_signal", "sleeping") or n.needs_worker:
+                    continue
+                succ = self.succ(n.id)
+                if succ and all(self.st.nodes[s].state in ("skipped", "rejected") for s in succ):
+                    self.resolve(n.id, "skipped", "not needed: upstream rejected")
+                    changed = True
+
     def settle(self) -> None:
         st = self.st
         if st.is_final:
             return
+        if any(ns.state == "rejected" for ns in st.nodes.values()):
+            self.drop_needless_gates()
         if any(ns.state in NODE_ACTIVE for ns in st.nodes.values()):
             return
         if any(t.state in TASK_ACTIVE for t in st.tasks.values()):
@@ -563,6 +581,10 @@ def _on_cancel(step: _Step) -> None:
     step.cmds.append(Command("finished", {"state": "cancelled"}))
 
 
+def _on_run_finished(step: _Step) -> None:
+    """A record of what the state machine already decided: changes nothing."""
+
+
 _HANDLERS = {
     "TaskStarted": _on_task_started,
     "TaskSucceeded": _on_task_succeeded,
@@ -572,6 +594,7 @@ _HANDLERS = {
     "ApprovalDecided": _on_approval,
     "SignalSent": _on_signal,
     "CancelRequested": _on_cancel,
+    "RunFinished": _on_run_finished,
 }
 
 

@@ -144,6 +144,7 @@ class Engine:
             for m in msgs:
                 try:
                     ev = decode(m.data)
+                    ev.ts = time.time()     # it went off now (it was made when it was set)
                     tid = ev["timer"]
                     await self.js.publish(self.L.history_subject(ev.run), ev.encode(),
                                           headers={MSG_ID: f"timer.{tid}"})
@@ -314,6 +315,10 @@ class Engine:
                                                           default=str).encode())
             elif c.kind == "finished":
                 log.info("run %s %s", st.run, c["state"])
+                ev = make("RunFinished", st.run, state=c["state"])
+                futs.append(await self.js.publish_async(
+                    self.L.history_subject(st.run), ev.encode(),
+                    headers={MSG_ID: f"finished.{st.run}"}))
         for f in futs:
             if f is not None:
                 await f

@@ -175,7 +175,10 @@ class Schedules:
         return rid
 
     async def log(self, name: str) -> list[dict]:
-        return await self.store.read_log(name)
+        events = await self.store.read_log(name)
+        if not events and not await self.changes(name):
+            await self.get(name)             # no such schedule, ever: say so, listing them
+        return events
 
     async def changes(self, name: str) -> list[dict]:
         """Revisions of the definition: who changed it, when, how."""

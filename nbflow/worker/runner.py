@@ -128,6 +128,8 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
             executed = None
     if executed is not None:
         res.exec_s = task_exec_seconds(executed)
+        if err is None:
+            err = _clean_exit(executed)
 
     if err is not None and (err.ename == "Skip" or os.path.exists(
             os.path.join(workdir, nbio.SKIP_MARKER))):
@@ -149,6 +151,21 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
     say(f"nbflow: task {task!r}: {res.status}{' (' + res.reason + ')' if res.reason else ''}"
         f"{': ' + res.error if res.error else ''}")
     return _finish(res, t0)
+
+
+def _clean_exit(nb) -> PapermillExecutionError | None:
+    """papermill lets ``sys.exit(0)`` pass as a clean end; for a task it is a failure: the cell
+    stopped before its end, so its outputs were never all assigned."""
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if out.get("output_type") == "error" and out.get("ename") == "SystemExit":
+                code = out.get("evalue") or "0"
+                return PapermillExecutionError(
+                    cell_index=i, exec_count=cell.get("execution_count"), source=cell.source,
+                    ename="SystemExit", evalue=f"{code} (sys.exit() stopped the cell before its "
+                    "end; raise an exception to fail a task, or use --when to skip it)",
+                    traceback=out.get("traceback") or [])
+    return None
 
 
 def _finish(res: TaskResult, t0: float) -> TaskResult:

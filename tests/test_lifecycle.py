@@ -1,0 +1,70 @@
+"""Run lifecycle details found by trying nbflow as a user: CLI as a subprocess, real stack."""
+from __future__ import annotations
+
+import json
+
+from nbhelpers import write_notebook
+from support import finish
+from test_loop import nbflow, on_stack, run_id  # noqa: F401 - the fixture
+
+
+def test_signal_nobody_waits_for_is_refused_naming_the_ones_awaited(on_stack, client, tmp_path):
+    nb = write_notebook(tmp_path / "sig.ipynb", ["%%task wait --wait-signal bank\nr = bank"])
+    run = client.submit(str(nb))
+    r = nbflow("signal", run, "bnak", "1", env=on_stack)
+    assert r.returncode == 2
+    assert f"nothing in run {run} waits for signal 'bnak'; it waits for bank" in r.stderr
+    assert nbflow("signal", run, "bank", "1", env=on_stack).returncode == 0
+    assert finish(client, run).state == "succeeded"
+
+
+def test_logs_show_every_attempt_newest_last_with_tracebacks(on_stack, tmp_path):
+    nb = write_notebook(tmp_path / "flaky.ipynb", [
+        "%%task flaky --retries 1\nimport os\n"
+        f"first = not os.path.exists({str(tmp_path / 'seen')!r})\n"
+        f"open({str(tmp_path / 'seen')!r}, 'w').close()\n"
+        "print('attempt', 'one' if first else 'two')\n"
+        "raise ValueError('first try' if first else 'second try')"])
+    r = nbflow("run", str(nb), env=on_stack)
+    assert r.returncode == 1
+    logs = nbflow("logs", run_id(r.stderr + r.stdout), "flaky", env=on_stack).stdout
+    one, two = logs.index("attempt 1 of 2, failed"), logs.index("attempt 2 of 2, failed")
+    assert one < logs.index("ValueError: first try") < two < logs.index("ValueError: second try")
+    assert logs.count("Traceback") >= 2 or logs.count("----> ") >= 2, logs
+
+
+def test_sys_exit_in_a_task_is_a_failure(on_stack, tmp_path):
+    nb = write_notebook(tmp_path / "exit.ipynb", [
+        "%%task quits\nimport sys\nsys.exit(0)\nx = 1", "%%task after\ny = x"])
+    r = nbflow("run", str(nb), env=on_stack)
+    assert r.returncode == 1, r.stdout
+    assert "SystemExit" in r.stdout
+
+
+def test_unknown_schedule_log_is_an_error(on_stack):
+    r = nbflow("schedule", "log", "nosuchschedule", env=on_stack)
+    assert r.returncode == 2 and "no schedule 'nosuchschedule'" in r.stderr
+
+
+def test_runs_and_status_show_the_final_state_right_after_run_returns(on_stack, tmp_path):
+    nb = write_notebook(tmp_path / "quick.ipynb", ["%%task q\nx = 1"])
+    r = nbflow("run", str(nb), env=on_stack)
+    assert r.returncode == 0
+    run = run_id(r.stderr)
+    rows = json.loads(nbflow("runs", "--json", env=on_stack).stdout)
+    assert next(x for x in rows if x["id"] == run)["state"] == "succeeded"
+    st = json.loads(nbflow("status", run, "--json", env=on_stack).stdout)
+    assert st["state"] == "succeeded"
+    hist = json.loads(nbflow("history", run, "--json", env=on_stack).stdout)
+    assert hist[-1]["type"] == "RunFinished"
+    assert nbflow("history", run, env=on_stack).stdout.rstrip().splitlines()[-1].split()[3] \
+        == "RunFinished"
+
+
+def test_a_run_ended_by_a_timer_lasts_its_real_time(on_stack, client, tmp_path):
+    nb = write_notebook(tmp_path / "timeout.ipynb", [
+        '%%task ok --approval "Go?" --approval-timeout 2s\nx = 1'])
+    run = client.submit(str(nb))
+    st = finish(client, run)
+    assert st.state == "rejected"
+    assert st.finished - st.started >= 2.0      # the timeout's own length, not ~0
