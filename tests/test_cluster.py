@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,156 @@ def test_kill_one_node_mid_run_every_run_completes(cluster, tmp_path, monkeypatc
         assert reps == {n: 3 for n in reps}, reps
     finally:
         sup.stop()
+
+
+# --- the deployment recipe (deploy/) on loopback -------------------------------------------
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+
+
+def _sub(text: str, old: str, new: str) -> str:
+    assert old in text, f"the recipe no longer has {old!r}: update this test with it"
+    return text.replace(old, new)
+
+
+def _recipe_node(i: int, ports, cports, lports, base: Path) -> Path:
+    """deploy/nats/nI.conf with only hosts, ports and the store moved to loopback / tmp."""
+    d = base / f"n{i}"
+    d.mkdir(parents=True)
+    text = (DEPLOY / "nats" / f"n{i}.conf").read_text()
+    text = _sub(text, "listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{ports[i - 1]}")
+    text = _sub(text, "http: 127.0.0.1:8222", "")
+    text = _sub(text, "store_dir: /var/lib/nats/jetstream", f'store_dir: "{d / "js"}"')
+    text = _sub(text, "listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{cports[i - 1]}")
+    text = _sub(text, "listen: 0.0.0.0:7422", f"listen: 127.0.0.1:{lports[i - 1]}")
+    for j in (1, 2, 3):
+        text = _sub(text, f"nats-route://n{j}:6222", f"nats-route://127.0.0.1:{cports[j - 1]}")
+    (d / "nbflow.conf").write_text(text)
+    (d / "roles.conf").write_text((DEPLOY / "nats" / "roles.conf").read_text())
+    return d / "nbflow.conf"
+
+
+def _env_file() -> dict[str, str]:
+    out = {}
+    for line in (DEPLOY / "env" / "nbflow.env").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            k, _, v = line.partition("=")
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _unit_command(unit: str, env: dict[str, str], instance: str) -> list[str]:
+    """The nbflow arguments of a unit's ExecStart, with ${VAR} and %i/%H filled in."""
+    import configparser
+    import re
+    import shlex
+
+    text = (DEPLOY / "systemd" / unit).read_text().replace("\\\n", " ")
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    cp.read_string(text)
+    argv = shlex.split(cp["Service"]["ExecStart"])
+    assert argv[0].endswith("/nbflow"), argv
+    filled = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], a)
+              .replace("%i", instance).replace("%H", "host") for a in argv[1:]]
+    return filled
+
+
+def test_the_deploy_recipe_runs_on_loopback(tmp_path):
+    from nbflow.stack import _wait_port, nats_server_binary
+
+    ports, cports, lports = ([free_port() for _ in range(3)] for _ in range(3))
+    servers = []
+    procs = []
+    try:
+        for i in (1, 2, 3):
+            conf = _recipe_node(i, ports, cports, lports, tmp_path / "hub")
+            log = open(conf.parent / "server.log", "wb")
+            servers.append(subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log,
+                                            stderr=subprocess.STDOUT))
+        for p in ports:
+            _wait_port("127.0.0.1", p, 30)
+        env_file = _env_file()
+        url = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+        assert env_file["NBFLOW_NATS_URL"].count("nats://") == 3
+        env_file.update(NBFLOW_NATS_URL=url, NBFLOW_MAX_KERNELS="2",   # a shared 2-core machine
+                        NBFLOW_NAMESPACE="recipe")
+        wait_for(lambda: asyncio.run(_js_ready(url)), 60, "the JetStream meta leader")
+
+        def start(unit, instance, role_dir):
+            role_dir.mkdir(parents=True)
+            env = {**os.environ, **env_file, "PYTHONUNBUFFERED": "1",
+                   "NBFLOW_BUNDLE_CACHE": str(role_dir / "bundles"), **FAST}
+            out = open(role_dir / "log", "wb")
+            p = subprocess.Popen([sys.executable, "-m", "nbflow",
+                                  *_unit_command(unit, env_file, instance)],
+                                 cwd=role_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)          # its own process tree
+            procs.append(p)
+            return p
+
+        for i in ("1", "2"):
+            start("nbflow-engine@.service", i, tmp_path / f"engine-host-{i}")
+        for i in ("1", "2"):
+            start("nbflow-worker@.service", i, tmp_path / f"worker-host-{i}")
+
+        proj = tmp_path / "analyst" / "sales"
+        proj.mkdir(parents=True)
+        (proj / "salesutil.py").write_text("def load(p):\n    return [int(x) for x in "
+                                           "open(p).read().split()]\n")
+        (proj / "sales.txt").write_text("5 6 7\n")
+        nb = write_notebook(proj / "daily.ipynb", [
+            "from salesutil import load",
+            "%%task extract\nrows = load('sales.txt')",
+            "%%task by_item --map r in rows\ndouble = 2 * r",
+            "%%task total\nresult = sum(double)\nprint('total', result)",
+        ])
+        with wait_for(lambda: _try_client(url), 90, "a client") as c:
+            runs = [c.submit(str(nb)) for _ in range(2)]
+            for run in runs:
+                st = c.wait(run, timeout=300)
+                assert st.state == "succeeded", st.error
+                check_replay(c, run)
+                assert success_counts(c, run) == {"extract": 1, "by_item#0": 1, "by_item#1": 1,
+                                                  "by_item#2": 1, "total": 1}
+                assert "total 36" in c.logs(run, "total")
+            ran_on = {ev.get("worker") for run in runs for ev in c.history(run)
+                      if ev.type == "TaskSucceeded"}
+            assert ran_on <= {"host-1", "host-2"} and ran_on, ran_on
+            assert {w["name"] for w in c.workers()} >= {"host-1", "host-2"}
+        reps = asyncio.run(_replicas(url, Layout("recipe")))
+        assert reps == {n: 3 for n in reps}, reps
+        # each worker that ran tasks unpacked the notebook's folder once, into its own cache
+        for name in ran_on:
+            cache = tmp_path / f"worker-{name}" / "bundles"
+            assert len([d for d in cache.iterdir() if not d.name.startswith(".")]) == 1
+            assert (next(cache.iterdir()) / "salesutil.py").exists()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 15)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                p.wait()
+        for s in servers:
+            s.terminate()
+            s.wait(30)
+
+
+async def _js_ready(url: str) -> bool:
+    nc = await infra.connect(url, reconnect=False)
+    try:
+        await nc.jetstream().account_info()
+        return True
+    finally:
+        await nc.close()
+
+
+def _try_client(url: str):
+    try:
+        return SyncClient(url, namespace="recipe")
+    except Exception:  # noqa: BLE001 - streams still electing leaders
+        return None

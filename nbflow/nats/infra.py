@@ -175,6 +175,14 @@ async def ensure(js, layout: Layout, replicas: int | None = None) -> None:
         name=L.deadletter_stream, subjects=[L.dead_letter_subject()], storage=StorageType.FILE,
         num_replicas=want, description="nbflow messages that could not be handled, with why"))
 
+    async def raise_replicas(name: str) -> None:
+        # a bucket or store a worker created first (at 1 replica) gets what the engine asks
+        if replicas:
+            cfg = (await js.stream_info(name)).config
+            if (cfg.num_replicas or 1) < replicas:
+                cfg.num_replicas = replicas
+                await js.update_stream(cfg)
+
     async def kv(bucket: str, history: int = 1, ttl: float | None = None, desc: str = ""):
         try:
             await js.key_value(bucket)
@@ -185,6 +193,8 @@ async def ensure(js, layout: Layout, replicas: int | None = None) -> None:
             await js.create_key_value(KeyValueConfig(
                 bucket=bucket, history=history, ttl=ttl, replicas=want,
                 storage=StorageType.FILE, description=desc))
+            return
+        await raise_replicas(f"KV_{bucket}")
 
     await kv(L.runs_bucket, desc="nbflow run snapshots (derived from history; CAS on revision)")
     await kv(L.defs_bucket, desc="nbflow workflow definitions by content hash (immutable)")
@@ -195,7 +205,12 @@ async def ensure(js, layout: Layout, replicas: int | None = None) -> None:
     await kv(L.fps_bucket, desc="nbflow task fingerprint -> outputs of its latest success")
     try:
         await js.object_store(L.artifacts_store)
+        found = True
     except Exception:  # noqa: BLE001 - nats-py raises NotFoundError or a generic API error
+        found = False
+    if found:
+        await raise_replicas(f"OBJ_{L.artifacts_store}")
+    else:
         await js.create_object_store(L.artifacts_store, config=ObjectStoreConfig(
             replicas=want, storage=StorageType.FILE,
             description="nbflow task outputs and executed notebooks"))
