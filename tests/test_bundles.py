@@ -213,3 +213,31 @@ def test_a_module_the_worker_lacks_fails_at_once_naming_it_and_the_worker(hidden
         assert wf.requires.get("papermill") == papermill.__version__
         assert wf.requires.get("nbflow_no_such_module_xyz") == ""
 
+
+
+def test_a_module_version_other_than_the_submitters_is_a_warning_in_the_tasks_log(client,
+                                                                                   tmp_path):
+    import dataclasses
+
+    import papermill
+
+    from nbflow.compiler import compile_file
+
+    nb = write_notebook(tmp_path / "versions.ipynb", [
+        "import papermill",
+        "%%task show\nv = papermill.__version__\nprint('running', v)",
+    ])
+    wf = compile_file(str(nb))
+    # as if submitted from a machine with another papermill
+    wf = dataclasses.replace(wf, requires={"papermill": "0.0.1"})
+    run = client.submit(wf)
+    st = finish(client, run)
+    assert st.state == "succeeded"
+    log = client.logs(run, "show")
+    assert (f"nbflow: warning: module 'papermill' is {papermill.__version__} on this worker but "
+            f"0.0.1 where the run was submitted") in log, log
+    assert "running" in log
+    # the same versions: no warning
+    run2 = client.submit(str(nb))
+    assert finish(client, run2).state == "succeeded"
+    assert "nbflow: warning" not in client.logs(run2, "show")
