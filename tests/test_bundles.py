@@ -241,3 +241,53 @@ def test_a_module_version_other_than_the_submitters_is_a_warning_in_the_tasks_lo
     run2 = client.submit(str(nb))
     assert finish(client, run2).state == "succeeded"
     assert "nbflow: warning" not in client.logs(run2, "show")
+
+
+# --- the worker's cache ----------------------------------------------------------------------
+
+class _Store:
+    """The two object-store calls the cache makes, over a dict (the bundle bytes)."""
+
+    def __init__(self, blobs):
+        self.blobs, self.gets = blobs, 0
+
+    async def exists(self, name):
+        return name in self.blobs
+
+    async def get_file(self, name, path):
+        import asyncio
+
+        self.gets += 1
+        await asyncio.sleep(0.05)                # both racers are mid-download together
+        with open(path, "wb") as f:
+            f.write(self.blobs[name])
+
+
+def test_racing_unpacks_end_with_one_complete_bundle_and_old_leftovers_are_swept(tmp_path):
+    import asyncio
+
+    from nbflow.worker.bundles import BundleCache
+
+    b = packing.pack(str(_tree(tmp_path / "p", {"m.py": "X = 1\n", "d/x.txt": "hi"})))
+    store = _Store({b.key: b.data})
+    root = tmp_path / "cache"
+    # two worker processes of one host share the cache dir: two caches, racing on one hash
+    a, c = BundleCache(store, str(root)), BundleCache(store, str(root))
+
+    async def race():
+        return await asyncio.gather(a.get(b.hash), c.get(b.hash), a.get(b.hash))
+    paths = asyncio.run(race())
+    assert len(set(paths)) == 1 and (root / b.hash / "d" / "x.txt").read_text() == "hi"
+    assert a.unpacked + c.unpacked == 1                  # the loser's rename found it there
+    assert store.gets == 2                               # one per process, not per task
+    assert sorted(os.listdir(root)) == [b.hash]          # no temp dir left behind
+    # a worker killed mid-unpack leaves only a dot-dir; a corrupt blob is refused
+    (root / f".{b.hash}.killed").mkdir()
+    old = time.time() - 2 * 86400
+    os.utime(root / f".{b.hash}.killed", (old, old))
+    a.sweep()
+    assert sorted(os.listdir(root)) == [b.hash]
+    bad = _Store({packing.bundle_key("f" * 32): b.data})
+    with pytest.raises(packing.BundleError, match="corrupt"):
+        asyncio.run(BundleCache(bad, str(root)).get("f" * 32))
+    assert sorted(os.listdir(root)) == [b.hash]

@@ -78,16 +78,19 @@ class BundleCache:
         self.unpacked = 0           # how many bundles this process unpacked (tests count it)
 
     def sweep(self) -> None:
-        """Remove temp dirs left by a worker killed mid-unpack."""
+        """Remove temp dirs left by a worker killed mid-unpack, and bundles no task of this
+        host used for NBFLOW_BUNDLE_CACHE_DAYS (7)."""
         try:
             names = os.listdir(self.root)
         except OSError:
             return
         now = time.time()
+        unused = float(os.environ.get("NBFLOW_BUNDLE_CACHE_DAYS", "7")) * 86400
         for n in names:
             p = os.path.join(self.root, n)
             try:
-                if n.startswith(".") and now - os.stat(p).st_mtime > STALE_TMP_S:
+                age = now - os.stat(p).st_mtime
+                if age > (STALE_TMP_S if n.startswith(".") else unused):
                     shutil.rmtree(p, ignore_errors=True)
             except OSError:
                 pass
@@ -96,6 +99,7 @@ class BundleCache:
         """The path of bundle ``h`` unpacked (downloading it first if needed)."""
         dest = os.path.join(self.root, h)
         if os.path.isdir(dest):
+            _touch(dest)
             return dest
         lock = self._locks.setdefault(h, asyncio.Lock())
         async with lock:
@@ -121,6 +125,14 @@ class BundleCache:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return dest
+
+
+def _touch(path: str) -> None:
+    """Mark a bundle used now (sweep() keeps what was used lately)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def task_folder(bundle_dir: str, workdir: str) -> str:
