@@ -354,3 +354,49 @@ def test_validate_catches_hand_made_ir_problems():
         wf([Node("g", "inclusive")], []).validate()
     with pytest.raises(WorkflowError, match=r"t \(cell 3\) -> u -> t \(cell 3\)"):
         wf([t, Node("u", "task")], [Edge("t", "u"), Edge("u", "t")]).validate()
+
+
+# --- errors and warnings that point at the cause -------------------------------------------------
+
+def _compile(cells, params=None):
+    from nbflow.compiler import compile_notebook
+
+    nb = [{"cell_type": "code", "source": params, "metadata": {"tags": ["parameters"]}}] \
+        if params else []
+    return compile_notebook(nb + [{"cell_type": "code", "source": c, "metadata": {}}
+                                  for c in cells])
+
+
+def test_setup_cell_reading_a_task_result_names_both_cells():
+    with pytest.raises(WorkflowError) as e:
+        _compile(["%%task load\ndf = [1, 2]", "top = df[:1]"])
+    msg = str(e.value)
+    assert "setup cell 2 `top = df[:1]` reads 'df', which only task 'load' (cell 1" in msg
+    assert "make cell 2 a task" in msg
+
+
+def test_a_name_no_cell_assigns_is_a_warning_naming_the_cell():
+    wf = _compile(["import math", "%%task a\nx = 1", "%%task b\ny = x + totl + math.pi + len([])"])
+    assert wf.warnings == ["task 'b' (cell 3 `%%task b`) reads 'totl', which no cell assigns "
+                           "(a typo?)"]
+
+
+def test_in_place_change_of_an_upstream_value_warns_how_to_rebind():
+    wf = _compile(["%%task load\ndf = make()\nrows = []", "%%task clean\ndf.dropna(inplace=True)\n"
+                   "rows.append(1)", "%%task use\nn = len(df) + len(rows)"], params="make = list")
+    text = "\n".join(wf.warnings)
+    assert "task 'clean' (cell 3 `%%task clean`) changes 'df' in place " \
+           "(`df.dropna(inplace=True)`), but 'df' comes from task 'load'" in text
+    assert "changes 'rows' in place (`rows.append(1)`)" in text and "Rebind it" in text
+
+
+def test_a_file_written_and_read_with_no_order_is_a_warning_naming_both():
+    wf = _compile(["%%task write\nimport pandas as pd\npd.DataFrame().to_csv('out/x.csv')",
+                   "%%task read\nimport pandas as pd\nd = pd.read_csv('out/x.csv')"])
+    assert len(wf.warnings) == 1
+    w = wf.warnings[0]
+    assert "task 'read' (cell 2" in w and "reads 'out/x.csv'" in w and "task 'write' (cell 1" in w
+    assert "--after write" in w
+    ok = _compile(["%%task write\nopen('x.txt', 'w').write('1')",
+                   "%%task read --after write\nt = open('x.txt').read()"])
+    assert ok.warnings == []

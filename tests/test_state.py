@@ -1111,3 +1111,19 @@ def test_run_finished_is_recorded_and_changes_nothing():
     after = sim.st.to_dict()
     assert after["state"] == before["state"] == "succeeded"
     assert after["finished"] == before["finished"]
+
+
+def test_a_name_error_for_an_input_of_a_skipped_task_says_it_was_skipped():
+    wf = build([task("base", "small = 0"),
+                task("outliers", "big = 1", when="False"),
+                task("report", "r = big + small", sources={"big": "outliers", "small": "base"})],
+               deps={})
+    sim = Sim(wf)
+    sim.start()
+    sim.succeed("base")
+    sim.skip("outliers")
+    sim.started("report")
+    sim.fail("report", "NameError: name 'big' is not defined")
+    assert sim.st.state == "failed"
+    assert sim.st.error["error"].startswith(
+        "NameError: `big` comes from task `outliers`, which was skipped (its --when was false)")

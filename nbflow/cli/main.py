@@ -38,9 +38,13 @@ def main():
 # --- compiler --------------------------------------------------------------------------------
 
 def _load_workflow(path: str):
+    """Compile; print the compiler's warnings (each names its cells) to stderr."""
     from nbflow.compiler import compile_file
 
-    return compile_file(path)
+    wf = compile_file(path)
+    for w in getattr(wf, "warnings", []):
+        click.secho(f"warning: {w}", fg="yellow", err=True)
+    return wf
 
 
 @click.command()
@@ -112,9 +116,7 @@ def run(notebook, params, no_wait, reuse, no_bundle, nats_url, namespace):
     Exit code 0 only when the run succeeded. Ctrl-C detaches: the run goes on.
     Without --reuse every task executes (a scheduled pipeline reads fresh data).
     """
-    from nbflow.compiler import compile_file
-
-    wf = compile_file(notebook)            # refuse a bad notebook before anything is submitted
+    wf = _load_workflow(notebook)          # refuse a bad notebook before anything is submitted
 
     async def go(c):
         run_id = await c.submit(wf, _parse_params(params, wf), reuse_outputs=reuse,

@@ -330,6 +330,7 @@ class ParsedNotebook:
     setup_names: set[str] = field(default_factory=set)
     tasks: list[TaskSpec] = field(default_factory=list)
     code: list[str] = field(default_factory=list)          # setup + task bodies, notebook order
+    setup_cells: list[tuple[int, str, set[str]]] = field(default_factory=list)  # cell, line, reads
 
 
 def normalize_cells(cells: Iterable[Any]) -> list[dict[str, Any]]:
@@ -429,7 +430,8 @@ def parse_notebook_cells(cells: Iterable[Any]) -> ParsedNotebook:
         if not stripped.strip():
             continue
         tree = parse_python(strip_nbflow_lines(src, blank=True), f"{where(i, fl)} (setup cell)")
-        defines, _ = analyze_names(tree)
+        defines, reads = analyze_names(tree)
+        nb.setup_cells.append((i, fl, reads - nb.setup_names))
         nb.setup_names |= defines
         nb.setup.append(stripped)
         nb.code.append(stripped)

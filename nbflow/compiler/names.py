@@ -271,3 +271,82 @@ def analyze_names(tree: ast.AST) -> tuple[set[str], set[str]]:
 
 
 BUILTIN_NAMES = frozenset(dir(builtins)) | {"get_ipython", "display", "__name__", "__file__"}
+
+
+# --- what a cell does to values and files (for compile-time warnings) ---------------------------
+
+# methods that change their object in place (lists, dicts, sets, DataFrames with inplace=True)
+MUTATING_METHODS = frozenset({
+    "append", "extend", "insert", "pop", "remove", "clear", "update", "sort", "reverse", "add",
+    "discard", "setdefault", "popitem", "difference_update", "intersection_update",
+    "symmetric_difference_update",
+})
+# names a kernel provides that no cell assigns
+KERNEL_NAMES = frozenset({"In", "Out", "exit", "quit", "_", "__", "___", "__nbflow__",
+                          "__session__", "__builtins__"})
+
+_WRITERS = ("to_csv", "to_parquet", "to_json", "to_excel", "to_pickle", "to_feather",
+            "to_hdf", "to_html", "to_latex", "to_markdown", "to_stata", "to_xml", "savefig",
+            "write_text", "write_bytes", "save", "savez", "savetxt", "to_netcdf", "to_file")
+
+
+def in_place_changes(tree: ast.AST, names: set[str]) -> list[tuple[str, str]]:
+    """(name, the statement as written) for each in-place change of one of ``names``:
+    ``x.append(..)``, ``df.dropna(inplace=True)``, ``x[k] = v``, ``x.attr = v``, ``del x[k]``."""
+    found: list[tuple[str, str]] = []
+
+    def base(node: ast.AST) -> str | None:
+        return node.id if isinstance(node, ast.Name) and node.id in names else None
+
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+            b = base(n.func.value)
+            inplace = any(k.arg == "inplace" and isinstance(k.value, ast.Constant) and
+                          k.value.value is True for k in n.keywords)
+            if b and (n.func.attr in MUTATING_METHODS or inplace):
+                found.append((b, ast.unparse(n)))
+        elif isinstance(n, (ast.Assign, ast.AugAssign, ast.Delete)):
+            targets = n.targets if isinstance(n, (ast.Assign, ast.Delete)) else [n.target]
+            for t in targets:
+                if isinstance(t, (ast.Subscript, ast.Attribute)) and (b := base(t.value)):
+                    found.append((b, ast.unparse(t) + (" = ..." if not isinstance(n, ast.Delete)
+                                                       else "")))
+    return found
+
+
+def literal_files(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """(paths written, paths read) given as string literals: ``df.to_csv('out/x.csv')``,
+    ``pd.read_csv('out/x.csv')``, ``open('x', 'w')``, ``Path('x').write_text(..)``."""
+    written: set[str] = set()
+    read: set[str] = set()
+
+    def lit(node: ast.AST | None) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.strip():
+            return node.value
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                node.func.id in ("Path", "PurePath") and node.args:
+            return lit(node.args[0])
+        return None
+
+    for n in ast.walk(tree):
+        if not isinstance(n, ast.Call):
+            continue
+        f = n.func
+        first = n.args[0] if n.args else None
+        if isinstance(f, ast.Name) and f.id == "open" and (p := lit(first)):
+            mode = n.args[1] if len(n.args) > 1 else next(
+                (k.value for k in n.keywords if k.arg == "mode"), None)
+            m = mode.value if isinstance(mode, ast.Constant) and isinstance(mode.value, str) \
+                else "r"
+            (written if any(c in m for c in "wax") else read).add(p)
+        elif isinstance(f, ast.Attribute):
+            if f.attr in ("write_text", "write_bytes") and (p := lit(f.value)):
+                written.add(p)
+            elif f.attr in ("read_text", "read_bytes") and (p := lit(f.value)):
+                read.add(p)
+            elif f.attr in _WRITERS and (p := lit(first)):
+                written.add(p)
+            elif (f.attr.startswith("read_") or f.attr in ("load", "loadtxt", "imread")) and \
+                    (p := lit(first)):
+                read.add(p)
+    return written, read

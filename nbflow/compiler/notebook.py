@@ -121,13 +121,88 @@ def _cells_of(source: Any) -> tuple[list[Any], str, str | None]:
 
 
 def compile_notebook(source: Any, *, name: str | None = None) -> Workflow:
-    """Compile a notebook (path, NotebookNode/dict or list of cells) into a validated Workflow."""
+    """Compile a notebook (path, NotebookNode/dict or list of cells) into a validated Workflow.
+    Warnings (sentences naming cells) are in ``wf.warnings``."""
     cells, default_name, path = _cells_of(source)
     parsed = parse_notebook_cells(cells)
     if not parsed.tasks:
         where_ = f"{path}: " if path else ""
         raise WorkflowError(where_ + NO_TASKS)
-    return build_workflow(parsed, name=name or default_name, source=path)
+    check_setup_reads(parsed)
+    wf = build_workflow(parsed, name=name or default_name, source=path)
+    wf.warnings = lint(parsed, wf)        # not part of the IR (nor of its content hash)
+    return wf
+
+
+def _setup_where(cell: int, line: str) -> str:
+    return f"setup cell {cell} `{line}`"
+
+
+def check_setup_reads(parsed: ParsedNotebook) -> None:
+    """A setup cell runs before every task, in each task's kernel: it cannot read what only a
+    task assigns."""
+    by_task: dict[str, TaskSpec] = {}
+    for s in parsed.tasks:
+        for x in s.defines:
+            by_task.setdefault(x, s)
+    for cell, line, reads in parsed.setup_cells:
+        for x in sorted(reads):
+            if x in by_task and x not in parsed.setup_names and x not in parsed.param_names:
+                t = by_task[x]
+                raise WorkflowError(
+                    f"{_setup_where(cell, line)} reads {x!r}, which only task {t.name!r} "
+                    f"(cell {t.cell} `{t.first_line}`) assigns. Setup cells run before every "
+                    f"task, so they never see task results: make cell {cell} a task "
+                    f"(`%%task NAME` as its first line) or assign {x!r} in a setup cell")
+
+
+def lint(parsed: ParsedNotebook, wf: Workflow) -> list[str]:
+    """Compile-time warnings: names nothing assigns, in-place changes of upstream values, files
+    one task writes and another reads with no order between them."""
+    from nbflow.compiler.cells import parse_python
+    from nbflow.compiler.names import KERNEL_NAMES, in_place_changes, literal_files
+
+    out: list[str] = []
+    assigned = set(parsed.param_names) | parsed.setup_names | BUILTIN_NAMES | KERNEL_NAMES
+    for s in parsed.tasks:
+        assigned |= s.defines
+    for cell, line, reads in parsed.setup_cells:
+        for x in sorted(reads - assigned):
+            out.append(f"{_setup_where(cell, line)} reads {x!r}, which no cell assigns "
+                       f"(a typo, or a name from a module nbflow cannot see?)")
+    files: dict[str, tuple[set[str], set[str]]] = {}
+    for s in parsed.tasks:
+        node = wf.node(s.name)
+        own = {v for v in (s.map_var, s.wait_signal) if v}
+        for x in sorted(s.reads - assigned - own):
+            out.append(f"{describe(node)} reads {x!r}, which no cell assigns (a typo?)")
+        try:
+            tree = parse_python(s.code, f"task {s.name!r}")
+        except WorkflowError:
+            continue
+        upstream = set(node.sources) - s.defines
+        seen: set[str] = set()
+        for x, stmt in in_place_changes(tree, upstream):
+            if x in seen:
+                continue
+            seen.add(x)
+            out.append(
+                f"{describe(node)} changes {x!r} in place (`{stmt}`), but {x!r} comes from task "
+                f"{node.sources[x]!r}: tasks downstream get {node.sources[x]!r}'s {x!r}, not "
+                f"this change. Rebind it instead (e.g. `{x} = {x}.dropna()` or "
+                f"`{x} = {x} + [item]`), then {x!r} is this task's output")
+        files[s.name] = literal_files(tree)
+    for w, (written, _) in files.items():
+        for r, (_, read) in files.items():
+            if w == r:
+                continue
+            for p in sorted(written & read):
+                if w in wf.ancestors(r) or r in wf.ancestors(w):
+                    continue
+                out.append(f"{describe(wf.node(r))} reads {p!r}, which "
+                           f"{describe(wf.node(w))} writes, but nothing orders them: add "
+                           f"`--after {w}` to task {r!r} (or pass the data as a variable)")
+    return out
 
 
 def _node(spec: TaskSpec) -> Node:

@@ -20,6 +20,7 @@ completion of a task already final) changes nothing and yields no command.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -482,13 +483,30 @@ def _on_task_skipped(step: _Step) -> None:
     _node_done_if_all(step, t.node)
 
 
+_NAME_ERROR = re.compile(r"NameError: name '([A-Za-z_][A-Za-z0-9_]*)' is not defined")
+
+
+def _explain_missing(step: _Step, node: Node, error: str) -> str:
+    """A NameError for an input whose producer was skipped says so (a bare NameError hides
+    that the name would come from another task)."""
+    m = _NAME_ERROR.match(error or "")
+    producer = node.sources.get(m.group(1)) if m else None
+    ns = step.st.nodes.get(producer) if producer else None
+    if ns is None or ns.state != "skipped":
+        return error
+    why = "its --when was false" if ns.reason == "--when was false" else ns.reason or "skipped"
+    return (f"NameError: `{m.group(1)}` comes from task `{producer}`, which was skipped ({why}); "
+            f"give `{m.group(1)}` a default in a setup cell or guard this task with --when")
+
+
 def _on_task_failed(step: _Step) -> None:
     t = _task_event_applies(step)
     if t is None:
         return
     ev = step.ev
     node = step.wf.node(t.node)
-    t.error, t.traceback, t.cell = ev["error"], ev.get("traceback", ""), ev.get("cell", "")
+    t.error, t.traceback, t.cell = (_explain_missing(step, node, ev["error"]),
+                                    ev.get("traceback", ""), ev.get("cell", ""))
     t.notebook, t.reason = ev.get("notebook", ""), ev.get("reason", "error")
     t.worker = ev.get("worker", t.worker)
     if t.started is None:

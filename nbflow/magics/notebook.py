@@ -72,4 +72,7 @@ def compile_current(shell: Any, path: str | None = None, cmd: str = "show") -> W
     """Compile ``path``, or the notebook this kernel runs (see ``current_notebook_path``)."""
     from nbflow.compiler import compile_notebook
 
-    return compile_notebook(path or current_notebook_path(shell, cmd))
+    wf = compile_notebook(path or current_notebook_path(shell, cmd))
+    for w in getattr(wf, "warnings", []):
+        print(f"nbflow: warning: {w}")
+    return wf
