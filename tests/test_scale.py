@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from nbhelpers import write_notebook
 from support import finish, success_counts
 
@@ -126,3 +128,38 @@ def test_a_scaling_worker_grows_kernels_with_the_queue_and_shrinks_when_idle(nat
         worker.terminate()
         worker.wait(30)
         sup.stop()
+
+
+def test_the_scaler_follows_demand_one_step_down_at_a_time_and_stops_growing_at_memory_bounds(
+        monkeypatch):
+    from nbflow.worker import autoscale
+
+    class Pool:
+        def __init__(self):
+            self.sizes = []
+
+        def resize(self, n):
+            self.sizes.append(n)
+
+    monkeypatch.setattr(autoscale, "available_mb", lambda: 10_000.0)
+    pool = Pool()
+    s = autoscale.Scaler(pool, min_kernels=1, max_kernels=8, idle_s=0, reserve_mb=512)
+    assert s.decide(in_flight=0, pending=3) == 3          # grows at once to the demand
+    assert s.decide(in_flight=3, pending=50) == 8         # never past the maximum
+    assert s.decide(in_flight=2, pending=0) == 7          # idle kernels go one per tick
+    assert s.decide(in_flight=2, pending=0) == 6
+    assert [s.decide(0, 0) for _ in range(8)][-1] == 1    # down to the minimum, not below
+    # the host is short of memory: no kernel beyond the minimum starts
+    monkeypatch.setattr(autoscale, "available_mb", lambda: 550.0)
+    assert s.decide(in_flight=0, pending=20) == 1 and s.held_by_memory == 1
+    # --max-memory: the worker tree may not pass it
+    monkeypatch.setattr(autoscale, "available_mb", lambda: 10_000.0)
+    monkeypatch.setattr(autoscale, "tree_rss_mb", lambda pid=None: 300.0)
+    s2 = autoscale.Scaler(Pool(), min_kernels=1, max_kernels=8, idle_s=0, reserve_mb=0,
+                          max_memory_mb=350)
+    assert s2.decide(0, 20) == 1                          # 300 + ~80 per kernel > 350
+    s3 = autoscale.Scaler(Pool(), min_kernels=1, max_kernels=8, idle_s=0, reserve_mb=0,
+                          max_memory_mb=1000)
+    assert s3.decide(0, 20) == 8
+    with pytest.raises(ValueError, match="min-kernels"):
+        autoscale.Scaler(Pool(), min_kernels=3, max_kernels=2)
