@@ -18,7 +18,7 @@ import time
 from typing import Any, AsyncIterator
 
 from nbflow.core.ir import Workflow, WorkflowError  # noqa: F401
-from nbflow.errors import AlreadyDecided, NbflowError
+from nbflow.errors import AlreadyDecided, Conflict, NatsError, NbflowError, NotFound, Transient
 from nbflow.core.fingerprint import fingerprints
 from nbflow.runs import BundleWarning, Runs, _reuse_entry, _task_ids, new_run_id, whoami  # noqa: F401
 from nbflow.nats import infra
@@ -66,6 +66,10 @@ class Client(Runs):
         c = cls(nc, Layout(default_namespace() if namespace is None else namespace))
         try:
             await infra.ensure(c.js, c.L)
+        except Transient as e:
+            await nc.close()
+            raise Transient(f"NATS at {infra.redact(url)} did not answer while checking "
+                            f"nbflow's streams ({e}); retry later") from None
         except Exception as e:  # noqa: BLE001 - permissions: surface clearly
             await nc.close()
             raise NbflowError(f"NATS at {infra.redact(url)} refused nbflow's streams: {e}") from None
@@ -84,17 +88,11 @@ class Client(Runs):
     async def _resolve_run(self, run: str) -> str:
         """Accept a unique prefix of a run id."""
         runs = await self.kv(self.L.runs_bucket)
-        try:
-            await runs.get(run)
+        if await runs.get_or_none(run) is not None:
             return run
-        except Exception:  # noqa: BLE001 - not found: try history, then prefixes
-            pass
-        if await self.has_run(run):
+        if await self.has_run(run):          # not found: try history, then prefixes
             return run
-        try:
-            keys = await runs.keys()
-        except Exception:  # noqa: BLE001 - empty bucket
-            keys = []
+        keys = await runs.keys()
         matches = [k for k in keys if k.startswith(run)]
         if len(matches) == 1:
             return matches[0]
@@ -104,15 +102,10 @@ class Client(Runs):
 
     async def status(self, run: str) -> RunState:
         run = await self._resolve_run(run)
-        runs = await self.kv(self.L.runs_bucket)
-        try:
-            e = await runs.get(run)
-            return RunState.from_dict(json.loads(e.value))
-        except Exception:  # noqa: BLE001 - the engine has not caught up yet: replay
-            st = await self.replay(run)
-            if st is None:
-                raise NbflowError(f"no run {run!r}") from None
-            return st
+        st = await self.snapshot(run) or await self.replay(run)   # engine behind: replay
+        if st is None:
+            raise NbflowError(f"no run {run!r}")
+        return st
 
     async def history(self, run: str) -> list[Event]:
         run = await self._resolve_run(run)
@@ -121,9 +114,9 @@ class Client(Runs):
     async def _events(self, run: str, follow: bool) -> AsyncIterator[Event]:
         subj = self.L.history_subject(run)
         try:
-            last = await self.js.get_last_msg(self.L.history_stream, subj)
+            last = await self.streams.get_last(self.L.history_stream, subj)
             last_seq = last.seq
-        except Exception:  # noqa: BLE001
+        except NotFound:
             if not follow:
                 return
             last_seq = 0
@@ -199,17 +192,11 @@ class Client(Runs):
 
     async def runs(self, limit: int = 50) -> list[RunState]:
         runs = await self.kv(self.L.runs_bucket)
-        try:
-            keys = await runs.keys()
-        except Exception:  # noqa: BLE001 - nats-py raises NoKeysError on an empty bucket
-            return []
         out = []
-        for k in keys:
-            try:
-                e = await runs.get(k)
+        for k in await runs.keys():
+            e = await runs.get_or_none(k)          # None: deleted meanwhile
+            if e is not None:
                 out.append(RunState.from_dict(json.loads(e.value)))
-            except Exception:  # noqa: BLE001 - deleted meanwhile
-                continue
         out.sort(key=lambda s: s.started, reverse=True)
         return out[:limit]
 
@@ -237,16 +224,13 @@ class Client(Runs):
     async def workers(self) -> list[dict[str, Any]]:
         """Live workers (their last heartbeat, within the bucket's TTL), by name."""
         kv = await self.kv(self.L.workers_bucket)
-        try:
-            keys = await kv.keys()
-        except Exception:  # noqa: BLE001 - nats-py raises NoKeysError for an empty bucket
-            return []
         out = []
-        for k in keys:
+        for k in await kv.keys():
+            e = await kv.get_or_none(k)            # None: expired between keys() and get()
             try:
-                e = await kv.get(k)
-                out.append(json.loads(e.value))
-            except Exception:  # noqa: BLE001 - expired between keys() and get(), or garbage
+                if e is not None:
+                    out.append(json.loads(e.value))
+            except ValueError:                     # garbage
                 continue
         return sorted(out, key=lambda w: str(w.get("name", "")))
 
@@ -280,8 +264,8 @@ class Client(Runs):
     async def cancel(self, run: str, by: str | None = None) -> None:
         st = await self._running(run, "cancel")
         ev = make("CancelRequested", st.run, by=by or whoami())
-        await self.js.publish(self.L.history_subject(st.run), ev.encode(),
-                              headers={MSG_ID: f"cancel.{st.run}"})
+        await self.streams.publish(self.L.history_subject(st.run), ev.encode(),
+                                   headers={MSG_ID: f"cancel.{st.run}"})
 
     async def approve(self, run: str, task: str, approved: bool = True, by: str | None = None,
                       comment: str = "") -> dict[str, Any]:
@@ -312,7 +296,7 @@ class Client(Runs):
         decision.pop("token", None)      # single use: the token is consumed by this decision
         try:
             await ap.update(key, json.dumps(decision).encode(), last=entry.revision)
-        except Exception as e:  # noqa: BLE001 - CAS lost, or not allowed to write
+        except NatsError as e:   # CAS lost (Conflict), or not allowed to write
             won = json.loads((await ap.get(key)).value)
             if won.get("state") != "pending":
                 raise AlreadyDecided(_decided_msg(st.run, task, won), won) from None
@@ -327,21 +311,20 @@ class Client(Runs):
     async def _publish_decision(self, run: str, task: str, rec: dict[str, Any]) -> None:
         ev = make("ApprovalDecided", run, node=task, approved=rec["state"] == "approved",
                   by=rec["by"], comment=rec.get("comment") or None)
-        await self.js.publish(self.L.history_subject(run), ev.encode(),
-                              headers={MSG_ID: f"approval.{run}.{task}"})
+        await self.streams.publish(self.L.history_subject(run), ev.encode(),
+                                   headers={MSG_ID: f"approval.{run}.{task}"})
 
     async def _approval_entry(self, ap, key: str, wait: bool, timeout: float = 10.0):
         """The approvals KV entry; when history already says 'awaiting approval' the engine
         may not have recorded it yet, so give it a moment."""
         deadline = time.monotonic() + (timeout if wait else 0)
         while True:
-            try:
-                entry = await ap.get(key)
+            entry = await ap.get_or_none(key)
+            if entry is not None:
                 return entry, json.loads(entry.value)
-            except Exception:  # noqa: BLE001 - not (yet) recorded
-                if time.monotonic() >= deadline:
-                    return None, None
-                await asyncio.sleep(0.05)
+            if time.monotonic() >= deadline:       # not (yet) recorded
+                return None, None
+            await asyncio.sleep(0.05)
 
     async def signal(self, run: str, name: str, value: Any = None, by: str | None = None) -> None:
         st = await self._running(run, "a signal")
@@ -358,8 +341,8 @@ class Client(Runs):
         await sig.put(f"{st.run}.{name}", json.dumps({"value": value, "by": by or whoami(),
                                                       "at": time.time()}).encode())
         ev = make("SignalSent", st.run, name=name, value=value, by=by or whoami())
-        await self.js.publish(self.L.history_subject(st.run), ev.encode(),
-                              headers={MSG_ID: f"signal.{st.run}.{name}"})
+        await self.streams.publish(self.L.history_subject(st.run), ev.encode(),
+                                   headers={MSG_ID: f"signal.{st.run}.{name}"})
 
     async def retry(self, run: str, by: str | None = None, same_code: bool = False) -> str:
         """A new run of a failed/rejected/cancelled run, with the same parameters.
@@ -436,15 +419,13 @@ class Client(Runs):
 
     async def output(self, run: str, task: str) -> bytes:
         """The executed notebook of a task (its latest attempt), as papermill wrote it."""
-        from nbflow.worker.artifacts import Artifacts
-
         st = await self.status(run)
         keys = self._task_keys(st, task)
         t = st.tasks[keys[0]]
         if not t.notebook:
             raise NbflowError(f"task {t.key} of run {st.run} has no executed notebook "
                               f"(it is {t.state})")
-        return await Artifacts(self.js, self.L.artifacts_store).get_bytes(t.notebook)
+        return await self.artifacts.get_bytes(t.notebook)
 
     async def logs(self, run: str, task: str | None = None) -> str:
         import nbformat
@@ -494,10 +475,8 @@ class Client(Runs):
         """The value of an output variable of a finished task (a list for --map tasks)."""
         import pickle
 
-        from nbflow.worker.artifacts import Artifacts
-
         st = await self.status(run)
-        art = Artifacts(self.js, self.L.artifacts_store)
+        art = self.artifacts
         wf = await self.workflow(st.wf)
         refs = st.node_outputs(task, wf) if task in st.nodes else {}
         if name not in refs:

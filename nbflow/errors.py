@@ -3,6 +3,16 @@
 Each class keeps the builtin base it had before (``ValueError``, ``ConnectionError``,
 ``RuntimeError``) so ``except ValueError`` around older call sites still works. This module
 imports nothing: every layer, the pure core included, may raise these.
+
+NATS errors (raised by the boundary, :mod:`nbflow.nats`): every nats-py / server error is
+translated there ONCE into one of these, so nothing above it looks at error text or nats-py types.
+
+    NotFound    the key, message, object, stream or bucket does not exist
+    Conflict    a compare-and-set lost (wrong last sequence): someone else wrote first
+    Permission  this NATS user may not do that
+    TooLarge    the message is over the server's max payload (or a stream's max message size)
+    StoreFull   a stream, bucket or the server's JetStream storage is full
+    Transient   timeout, no responders, disconnected, leader election: retry later
 """
 from __future__ import annotations
 
@@ -73,3 +83,38 @@ class DotMissing(NbflowError, RuntimeError):
     def __init__(self, message: str, dot: str = ""):
         super().__init__(message)
         self.dot = dot
+
+
+# --- NATS: what the boundary (nbflow.nats) raises ---------------------------------------------
+
+class NatsError(NbflowError):
+    """A NATS call failed; ``op`` names the call (e.g. ``kv.get``), ``what`` its target."""
+
+    def __init__(self, message: str = "", *, op: str = "", what: str = "",
+                 cause: BaseException | None = None):
+        super().__init__(message or type(self).__name__)
+        self.op, self.what, self.cause = op, what, cause
+
+
+class NotFound(NatsError):
+    """The key / message / object / stream / bucket does not exist."""
+
+
+class Conflict(NatsError):
+    """Compare-and-set lost: the revision or last sequence was not the expected one."""
+
+
+class Permission(NatsError):
+    """This NATS user is not allowed to do that."""
+
+
+class TooLarge(NatsError):
+    """The message exceeds the server's max payload or the stream's max message size."""
+
+
+class StoreFull(NatsError):
+    """A stream / bucket reached its byte limit, or JetStream storage is exhausted."""
+
+
+class Transient(NatsError):
+    """Timeout, no responders, disconnected, leader election: the same call may succeed later."""

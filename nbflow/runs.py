@@ -17,8 +17,12 @@ from nbflow.core.events import make, task_key
 from nbflow.core.fingerprint import fingerprints, reusable_across_runs
 from nbflow.core.ir import Workflow
 from nbflow.core.state import RunState
-from nbflow.errors import NbflowError
+from nbflow.errors import Conflict, NbflowError, NotFound
+from nbflow.nats.calls import CLIENT_RETRY
+from nbflow.nats.kv import KV
 from nbflow.nats.layout import MSG_ID, Layout
+from nbflow.nats.objects import Objects
+from nbflow.nats.streams import Streams
 
 _ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"   # no 0/o, 1/l/i: easy to read and type
 
@@ -43,14 +47,20 @@ class BundleWarning(UserWarning):
 
 
 class Runs:
-    def __init__(self, nc, layout: Layout):
-        self.nc, self.js, self.L = nc, nc.jetstream(), layout
-        self._kv: dict[str, Any] = {}
+    def __init__(self, nc, layout: Layout, role: str = "client"):
+        self.nc, self.js, self.L, self.role = nc, nc.jetstream(), layout, role
+        # every NATS call goes through the typed boundary (nbflow.nats); one-shot calls ride
+        # out short outages (bounded backoff), then raise Transient ("retry later")
+        self.streams = Streams(self.js, role=role, retrying=CLIENT_RETRY)
+        self.artifacts = Objects(self.js, self.L.artifacts_store, role=role,
+                                 retrying=CLIENT_RETRY)
+        self._kv: dict[str, KV] = {}
         self._defs: dict[str, Workflow] = {}
 
-    async def kv(self, bucket: str):
+    async def kv(self, bucket: str) -> KV:
         if bucket not in self._kv:
-            self._kv[bucket] = await self.js.key_value(bucket)
+            self._kv[bucket] = await KV.open(self.js, bucket, role=self.role,
+                                             retrying=CLIENT_RETRY)
         return self._kv[bucket]
 
     # --- submit -------------------------------------------------------------------------------
@@ -72,10 +82,8 @@ class Runs:
         defs = await self.kv(self.L.defs_bucket)
         try:
             await defs.create(h, body)
-        except Exception as e:  # noqa: BLE001 - exists: definitions are immutable by hash
-            if "wrong last sequence" not in str(e).lower() and \
-                    type(e).__name__ != "KeyWrongLastSequenceError":
-                raise
+        except Conflict:         # exists: definitions are immutable by hash
+            pass
         self._defs[h] = wf
         return h
 
@@ -95,8 +103,6 @@ class Runs:
                     if not (folder and packing.local_module(folder, m))}
             changes["requires"] = packing.module_versions(mods)
         if wf.bundle is None and folder and os.path.isdir(folder) and bundles.enabled(bundle):
-            from nbflow.worker.artifacts import Artifacts
-
             try:
                 b = await asyncio.get_running_loop().run_in_executor(
                     None, packing.pack, folder, (os.path.basename(wf.source),))
@@ -104,7 +110,7 @@ class Runs:
                 raise NbflowError(str(e)) from None
             if b.skipped_big:
                 warnings.warn(packing.big_files_warning(folder, b), BundleWarning, stacklevel=2)
-            await bundles.upload(Artifacts(self.js, self.L.artifacts_store), b)
+            await bundles.upload(self.artifacts, b)
             changes["bundle"] = b.hash
         return dataclasses.replace(wf, **changes) if changes else wf
 
@@ -145,8 +151,8 @@ class Runs:
                   source=workflow.source, name=workflow.name, schedule=schedule,
                   retry_of=retry_of, reuse=reuse or None,
                   fps={k: v for k, v in fps.items() if v and k in _task_ids(workflow)})
-        ack = await self.js.publish(self.L.history_subject(run), ev.encode(),
-                                    headers={MSG_ID: msg_id or f"start.{run}"})
+        ack = await self.streams.publish(self.L.history_subject(run), ev.encode(),
+                                         headers={MSG_ID: msg_id or f"start.{run}"})
         if ack.duplicate and msg_id:
             return run          # this start was already recorded (idempotent trigger)
         return run
@@ -159,10 +165,10 @@ class Runs:
             fp = fps.get(node.id)
             if not fp or not reusable_across_runs(node):
                 continue
-            try:
-                rec = json.loads((await index.get(fp)).value)
-            except Exception:  # noqa: BLE001 - never executed with this fingerprint
+            entry = await index.get_or_none(fp)
+            if entry is None:                   # never executed with this fingerprint
                 continue
+            rec = json.loads(entry.value)
             out[node.id] = _reuse_entry(node.id, rec.get("count"), rec.get("tasks") or {},
                                         rec.get("run", ""))
         return out
@@ -177,16 +183,16 @@ class Runs:
     async def has_run(self, run: str) -> bool:
         """True when the history holds any event of this exact run id."""
         try:
-            await self.js.get_last_msg(self.L.history_stream, self.L.history_subject(run))
+            await self.streams.get_last(self.L.history_stream, self.L.history_subject(run))
             return True
-        except Exception:  # noqa: BLE001
+        except NotFound:
             return False
 
-    async def snapshot(self, run: str) -> RunState:
-        """The engine's last snapshot of the run; raises when there is none (yet)."""
+    async def snapshot(self, run: str) -> RunState | None:
+        """The engine's last snapshot of the run (None when there is none yet)."""
         runs = await self.kv(self.L.runs_bucket)
-        e = await runs.get(run)
-        return RunState.from_dict(json.loads(e.value))
+        e = await runs.get_or_none(run)
+        return None if e is None else RunState.from_dict(json.loads(e.value))
 
 
 def _task_ids(wf: Workflow) -> set[str]:

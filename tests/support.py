@@ -20,15 +20,21 @@ def finish(client, run: str, timeout: float = 120.0):
 
 
 def check_replay(client, run: str, timeout: float = 30.0) -> None:
-    """Replay the run's history through state.py; it must equal the engine's snapshot."""
+    """Replay the run's history through state.py; it must equal the engine's stored KV snapshot
+    (read from the runs bucket itself: ``status()`` would fall back to replay and compare the
+    replay with itself). A finished run without a snapshot fails."""
     deadline = time.monotonic() + timeout
     while True:
-        snap = client.status(run).to_dict()
-        replayed = client.replay(run).to_dict()
-        if snap == replayed or time.monotonic() > deadline:
+        snap = client.snapshot(run)
+        replayed = client.replay(run)
+        assert replayed is not None, f"run {run} has no history to replay"
+        if snap is not None and snap.to_dict() == replayed.to_dict():
+            return
+        if time.monotonic() > deadline:
             break
         time.sleep(0.05)   # the engine writes the snapshot just after the event is in history
-    assert replayed == snap, f"replay of run {run} differs from its snapshot"
+    assert snap is not None, f"run {run} ({replayed.state}) has no snapshot in the runs bucket"
+    assert replayed.to_dict() == snap.to_dict(), f"replay of run {run} differs from its snapshot"
 
 
 def success_counts(client, run: str) -> dict[str, int]:

@@ -13,6 +13,7 @@ Two engines may run at once: CAS conflicts make the loser reload and retry.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -23,11 +24,11 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
-from nats.js.errors import APIError
-
 from nbflow.core.ir import Workflow
+from nbflow.errors import Conflict, NotFound, Transient
 from nbflow.nats import infra
+from nbflow.nats.kv import KV
+from nbflow.nats.streams import Streams
 from nbflow.core.events import Command, Event, decode, make
 from nbflow.errors import BadMessage
 from nbflow.nats.layout import MSG_ID, SCHEDULE, SCHEDULE_TARGET, Layout
@@ -72,6 +73,7 @@ class Engine:
                  snapshot_cache: int = 500):
         self.nc = nc
         self.js = nc.jetstream()
+        self.streams = Streams(self.js, role="engine")
         self.L = layout or Layout()
         self.batch = batch
         self.snapshots: LRU = LRU(snapshot_cache)   # run -> (RunState, kv revision)
@@ -83,10 +85,10 @@ class Engine:
     # --- setup --------------------------------------------------------------------------------
     async def start(self, replicas: int | None = None) -> None:
         await infra.ensure(self.js, self.L, replicas)
-        self.runs_kv = await self.js.key_value(self.L.runs_bucket)
-        self.defs_kv = await self.js.key_value(self.L.defs_bucket)
-        self.approvals_kv = await self.js.key_value(self.L.approvals_bucket)
-        self.fps_kv = await self.js.key_value(self.L.fps_bucket)
+        self.runs_kv = await KV.open(self.js, self.L.runs_bucket, role="engine")
+        self.defs_kv = await KV.open(self.js, self.L.defs_bucket, role="engine")
+        self.approvals_kv = await KV.open(self.js, self.L.approvals_bucket, role="engine")
+        self.fps_kv = await KV.open(self.js, self.L.fps_bucket, role="engine")
         self.history_sub = await self.js.pull_subscribe(
             self.L.history_wildcard, durable=self.L.engine_consumer,
             stream=self.L.history_stream,
@@ -126,16 +128,19 @@ class Engine:
     async def _guarded(self, run: str, msgs: list) -> None:
         try:
             await self._handle_run_batch(run, msgs)
-        except Exception:  # noqa: BLE001 - one run's trouble must not stop the engine
+        except Exception as e:  # noqa: BLE001 - one run's trouble must not stop the engine
             # apply() advanced the cached state in place: forget it, or the redelivered events
             # would look applied and their commands would never be published
             self.snapshots.pop(run, None)
-            log.exception("run %s: handling %d event(s) failed; they will be redelivered",
-                          run, len(msgs))
+            if isinstance(e, Transient):
+                log.warning("run %s: %s; %d event(s) will be redelivered", run, e, len(msgs))
+            else:
+                log.exception("run %s: handling %d event(s) failed; they will be redelivered",
+                              run, len(msgs))
             for m in msgs:
                 try:
                     await m.nak(delay=1.0)
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - unacked: redelivered after AckWait anyway
                     pass
 
     async def _timer_loop(self) -> None:
@@ -146,13 +151,17 @@ class Engine:
                     ev = decode(m.data)
                     ev.ts = time.time()     # it went off now (it was made when it was set)
                     tid = ev["timer"]
-                    await self.js.publish(self.L.history_subject(ev.run), ev.encode(),
-                                          headers={MSG_ID: f"timer.{tid}"})
+                    await self.streams.publish(self.L.history_subject(ev.run), ev.encode(),
+                                               headers={MSG_ID: f"timer.{tid}"})
                     await m.ack()
                 except BadMessage as e:
                     await self.dead_letter(m, f"timer message: {e}")
-                except Exception:  # noqa: BLE001
-                    log.exception("timer fire failed; will retry")
+                except Exception as e:  # noqa: BLE001 - transient or not: retried later
+                    log.warning("timer fire failed (%s); will retry", e)
+                    try:
+                        await m.nak(delay=1.0)
+                    except Exception:  # noqa: BLE001 - redelivered after AckWait anyway
+                        pass
 
     # --- one run's batch of events ------------------------------------------------------------
     async def _handle_run_batch(self, run: str, msgs: list) -> None:
@@ -182,13 +191,8 @@ class Engine:
             return cached
         try:
             e = await self.runs_kv.get(run)
-        except (NotFoundError, KeyError):
+        except NotFound:
             return None, 0
-        except Exception as e:  # noqa: BLE001 - nats-py raises KeyNotFoundError subclasses
-            if "not found" in str(e).lower() or type(e).__name__.startswith("KeyNotFound") \
-                    or type(e).__name__ == "KeyDeletedError":
-                return None, 0
-            raise
         return RunState.from_dict(json.loads(e.value)), e.revision
 
     async def workflow(self, wf_hash: str) -> Workflow:
@@ -210,9 +214,9 @@ class Engine:
         subj = self.L.history_subject(run)
         while seq < before:
             try:
-                raw = await self.js.get_msg(self.L.history_stream, seq=seq, subject=subj,
-                                            next=True)
-            except NotFoundError:
+                raw = await self.streams.get_msg(self.L.history_stream, seq=seq, subject=subj,
+                                                 next=True)
+            except NotFound:
                 raise RuntimeError(f"run {run}: history read from #{seq} found nothing though "
                                    f"#{before} exists; retrying") from None
             if raw.seq >= before:
@@ -256,7 +260,7 @@ class Engine:
                 wf_hash = ev["wf"] if st is None else st.wf
                 try:
                     wf = await self.workflow(wf_hash)
-                except Exception:  # noqa: BLE001
+                except NotFound:     # only a missing definition; transient errors: redelivery
                     await self._dead_letter_raw(run, ev.encode(),
                                                 f"unknown workflow version {wf_hash}")
                     return True
@@ -278,11 +282,8 @@ class Engine:
                 new_rev = await self.runs_kv.update(run, value, last=rev)
             else:
                 new_rev = await self.runs_kv.create(run, value)
-        except (KeyWrongLastSequenceError, APIError) as e:
-            if isinstance(e, KeyWrongLastSequenceError) or "wrong last sequence" in str(e) \
-                    or getattr(e, "err_code", 0) in (10071, 10164):
-                return False
-            raise
+        except Conflict:
+            return False
         self.snapshots.put(run, (st, new_rev))
         return True
 
@@ -293,7 +294,7 @@ class Engine:
             if c.kind == "dispatch":
                 msg = {"v": 1, "run": st.run, "params": st.params, **c.data}
                 subj = self.L.task_subject(c["queue"], st.run)
-                futs.append(await self.js.publish_async(
+                futs.append(await self.streams.publish_async(
                     subj, json.dumps(msg, separators=(",", ":")).encode(),
                     headers={MSG_ID: f"task.{st.run}.{c['key']}.{c['attempt']}"}))
             elif c.kind == "timer":
@@ -305,8 +306,8 @@ class Engine:
             elif c.kind == "cancel_tasks":
                 # queued tasks never start: remove them from the work queue; running ones are
                 # told to stop (their workers kill the kernel)
-                await self.js.purge_stream(self.L.tasks_stream,
-                                           subject=self.L.task_subject("*", st.run))
+                await self.streams.purge(self.L.tasks_stream,
+                                         subject=self.L.task_subject("*", st.run))
                 await self.nc.publish(self.L.cancel_subject(st.run),
                                       json.dumps({"keys": c["keys"]}).encode())
             elif c.kind == "remember":
@@ -328,12 +329,12 @@ class Engine:
                   attempt=c["attempt"])
         at = c["at"]
         if at <= time.time() + 0.5:      # already due: record it now
-            return await self.js.publish_async(self.L.history_subject(run), ev.encode(),
-                                               headers={MSG_ID: f"timer.{c['id']}"})
+            return await self.streams.publish_async(self.L.history_subject(run), ev.encode(),
+                                                    headers={MSG_ID: f"timer.{c['id']}"})
         # message schedules have one-second resolution: round up so we never fire early
         iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(at)))
         tid = c["id"].replace(".", "_")
-        return await self.js.publish_async(
+        return await self.streams.publish_async(
             self.L.timer_schedule_subject(tid), ev.encode(),
             headers={SCHEDULE: f"@at {iso}", SCHEDULE_TARGET: self.L.timer_fire_subject(tid),
                      MSG_ID: f"sched.{c['id']}"})
@@ -342,9 +343,10 @@ class Engine:
         """An approval counts only when it was decided through the approvals bucket (single-use
         token, compare-and-set): a decision published straight onto the history stream by
         anyone else is removed from the history and dead-lettered, never applied."""
+        # a failed read (Transient) propagates: the batch is redelivered, never dead-lettered
         try:
             rec = json.loads((await self.approvals_kv.get(f"{ev.run}.{ev['node']}")).value)
-        except Exception:  # noqa: BLE001 - no such approval was ever requested
+        except NotFound:         # no such approval was ever requested
             rec = {}
         want = "approved" if ev["approved"] else "rejected"
         if rec.get("state") == want and rec.get("by") == ev["by"]:
@@ -353,8 +355,8 @@ class Engine:
                                     f"ApprovalDecided for {ev['node']!r} was not decided through "
                                     f"the approvals bucket (record: {rec.get('state', 'none')})")
         try:
-            await self.js.delete_msg(self.L.history_stream, ev.seq)
-        except Exception:  # noqa: BLE001 - already deleted by another engine
+            await self.streams.delete_msg(self.L.history_stream, ev.seq)
+        except NotFound:         # already deleted by another engine
             pass
         return False
 
@@ -365,7 +367,7 @@ class Engine:
         for _ in range(5):
             try:
                 entry = await self.approvals_kv.get(key)
-            except Exception:  # noqa: BLE001 - never recorded
+            except NotFound:     # never recorded
                 return
             rec = json.loads(entry.value)
             if rec.get("state") != "pending":
@@ -375,7 +377,7 @@ class Engine:
             try:
                 await self.approvals_kv.update(key, json.dumps(rec).encode(), last=entry.revision)
                 return
-            except Exception:  # noqa: BLE001 - a person decided meanwhile: look again
+            except Conflict:     # a person decided meanwhile: look again
                 continue
 
     async def _request_approval(self, st: RunState, c: Command) -> None:
@@ -386,10 +388,8 @@ class Engine:
                 "requested": time.time()}
         try:
             await self.approvals_kv.create(key, json.dumps(body).encode())
-        except Exception as e:  # noqa: BLE001 - exists already: a replayed command
-            if "wrong last sequence" not in str(e).lower() and \
-                    type(e).__name__ != "KeyWrongLastSequenceError":
-                raise
+        except Conflict:         # exists already: a replayed command
+            pass
 
     # --- dead letters -------------------------------------------------------------------------
     async def dead_letter(self, msg, why: str) -> None:
@@ -404,10 +404,11 @@ class Engine:
         log.warning("dead letter on %s: %s", where, why)
         record = {"where": where, "why": why, "data": data[:65536].decode("utf-8", "replace"),
                   "ts": time.time()}
-        try:
-            await self.js.publish(self.L.dead_letter_subject(), json.dumps(record).encode())
-        except Exception:  # noqa: BLE001 - no stream listens: recorded in the log only
-            await self.nc.publish(self.L.dead_letter_subject(), json.dumps(record).encode())
+        # a dead letter that cannot be recorded must not be dropped: the caller's message stays
+        # unacked (the exception propagates) and is handled again later
+        mid = "dl." + hashlib.sha256(where.encode() + b"\0" + data).hexdigest()[:32]
+        await self.streams.publish(self.L.dead_letter_subject(), json.dumps(record).encode(),
+                                   headers={MSG_ID: mid})
 
 
 async def serve(url: str, namespace: str = "", replicas: int | None = None,

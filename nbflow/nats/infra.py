@@ -25,6 +25,8 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nbflow.errors import ConnectError
 from nbflow.nats.layout import DUPLICATE_WINDOW_S, Layout
 
+STREAM_NAME_IN_USE = 10058      # JSStreamNameExistErr: exists with another configuration
+
 
 def redact(url: str) -> str:
     """A URL safe to print: user:password and tokens replaced by ***."""
@@ -143,7 +145,14 @@ async def ensure(js, layout: Layout, replicas: int | None = None) -> None:
     """Create every stream, bucket and store nbflow needs (no-op when they exist).
 
     ``replicas``: for what is created (default 1); existing streams keep theirs unless more are
-    asked for — a worker or client connecting never lowers a cluster's replication."""
+    asked for — a worker or client connecting never lowers a cluster's replication.
+    Errors are nbflow's (Transient when NATS does not answer, Permission, ...)."""
+    from nbflow.nats.calls import call
+
+    await call("stream.admin", "ensure", "", _ensure, js, layout, replicas)
+
+
+async def _ensure(js, layout: Layout, replicas: int | None = None) -> None:
     L = layout
     want = replicas or 1
 
@@ -151,7 +160,7 @@ async def ensure(js, layout: Layout, replicas: int | None = None) -> None:
         try:
             await js.add_stream(cfg)
         except BadRequestError as e:
-            if "already in use" not in str(e) and getattr(e, "err_code", 0) != 10058:
+            if e.err_code != STREAM_NAME_IN_USE:
                 raise
             have = (await js.stream_info(cfg.name)).config.num_replicas or 1
             cfg.num_replicas = max(have, replicas or 0)
@@ -186,10 +195,7 @@ async def ensure(js, layout: Layout, replicas: int | None = None) -> None:
     async def kv(bucket: str, history: int = 1, ttl: float | None = None, desc: str = ""):
         try:
             await js.key_value(bucket)
-        except (NotFoundError, BadRequestError, Exception) as e:  # noqa: BLE001 - not found
-            if not isinstance(e, (NotFoundError, BadRequestError)) and \
-                    "not found" not in str(e).lower():
-                raise
+        except NotFoundError:    # BucketNotFoundError
             await js.create_key_value(KeyValueConfig(
                 bucket=bucket, history=history, ttl=ttl, replicas=want,
                 storage=StorageType.FILE, description=desc))
@@ -206,7 +212,7 @@ async def ensure(js, layout: Layout, replicas: int | None = None) -> None:
     try:
         await js.object_store(L.artifacts_store)
         found = True
-    except Exception:  # noqa: BLE001 - nats-py raises NotFoundError or a generic API error
+    except NotFoundError:
         found = False
     if found:
         await raise_replicas(f"OBJ_{L.artifacts_store}")

@@ -17,7 +17,8 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from nbflow.client import Client, parse_param, whoami
-from nbflow.errors import NbflowError, ScheduleError
+from nbflow.errors import Conflict, NbflowError, NotFound, ScheduleError
+from nbflow.nats.calls import call
 from nbflow.schedules.cron import check_name, default_name, iso, parse_spec, schedule_run_id, utcnow
 from nbflow.schedules.decide import CATCHUP, OVERLAP, declares, unknown_params
 from nbflow.schedules.scheduler import Starter
@@ -130,10 +131,8 @@ class Schedules:
             try:
                 await self.store.put(f"sched.{name}", d, last=rev)
                 return d
-            except Exception as e:  # noqa: BLE001 - CAS lost: reread
-                if "wrong last sequence" not in str(e).lower() and \
-                        type(e).__name__ != "KeyWrongLastSequenceError":
-                    raise
+            except Conflict:     # CAS lost: reread
+                continue
         raise NbflowError(f"schedule {name!r} keeps changing; try again")
 
     async def pause(self, name: str, by: str | None = None) -> dict:
@@ -296,9 +295,9 @@ class Schedules:
                                               "change": "removed"}, last=rev)
         await self.store.delete(f"trig.{name}")
         try:
-            await self.c.js.delete_consumer(self.c.L.triggers_stream,
-                                            self.c.L.trigger_consumer(name))
-        except Exception:  # noqa: BLE001 - gone already
+            await call("stream.admin", name, "client", self.c.js.delete_consumer,
+                       self.c.L.triggers_stream, self.c.L.trigger_consumer(name))
+        except NotFound:         # gone already
             pass
         await ensure_triggers_stream(self.c.js, self.c.L, await self._trigger_subjects())
 
@@ -329,9 +328,9 @@ async def _run_starts(c: Client):
     from nbflow.core.events import decode
 
     try:
-        info = await c.js.stream_info(c.L.history_stream)
+        info = await c.streams.info(c.L.history_stream)
         last = info.state.last_seq
-    except Exception:  # noqa: BLE001
+    except NotFound:
         return
     if not last:
         return

@@ -25,7 +25,7 @@ import os
 from datetime import timedelta
 from typing import Any
 
-from nbflow.errors import NbflowError
+from nbflow.errors import NatsError, NbflowError, TooLarge
 from nbflow.nats import infra
 from nbflow.nats.layout import SCHEDULE_NEXT, Layout
 from nbflow.runs import Runs
@@ -73,10 +73,10 @@ class Starter:
     async def is_running(self, run: str | None) -> bool:
         if not run:
             return False
-        try:
-            return not (await self.runs.snapshot(run)).is_final
-        except Exception:  # noqa: BLE001 - no snapshot yet: running if it has a history
+        st = await self.runs.snapshot(run)
+        if st is None:           # no snapshot yet: running if it has a history
             return await self.has_run(run)
+        return not st.is_final
 
     async def start(self, d: dict, fire_iso: str, *, run_id: str | None = None,
                     by: str | None = None, extra: dict | None = None,
@@ -101,6 +101,13 @@ def unknown_params(wf, params: dict) -> list[str]:
     return sorted(set(params) - wf.param_names())
 
 
+def refusal(e: Exception) -> bool:
+    """True when starting a run failed for good (bad params, too big): the fire is refused.
+    NATS trouble (timeouts, a full store) is not a refusal: the fire is retried later."""
+    return isinstance(e, NbflowError) and (not isinstance(e, NatsError) or
+                                           isinstance(e, TooLarge))
+
+
 # --- the engine side ----------------------------------------------------------------------------
 
 class Scheduler:
@@ -111,8 +118,8 @@ class Scheduler:
 
     def __init__(self, nc, layout: Layout, stop: asyncio.Event | None = None):
         self.nc, self.js, self.L = nc, nc.jetstream(), layout
-        self.store = Store(self.js, layout)
-        self.runs = Runs(nc, layout)
+        self.store = Store(self.js, layout, role="scheduler")
+        self.runs = Runs(nc, layout, role="scheduler")
         self.starter = Starter(self.runs)
         self._stop = stop or asyncio.Event()
         self._triggers: dict[str, asyncio.Task] = {}
@@ -190,6 +197,8 @@ class Scheduler:
             try:
                 await self.starter.start(d, fire_iso, run_id=rid)
             except NbflowError as e:               # e.g. params no longer accepted
+                if not refusal(e):
+                    raise        # NATS trouble: the tick is redelivered and tried again
                 await self.store.log(name, "refused", fire_iso, reason=str(e))
                 await self._advance(name, fire_iso, None)
                 return None
@@ -324,6 +333,8 @@ class Scheduler:
                 await self.runs.submit(wf, params, run_id=rid, msg_id=f"trig.{name}.{seq}",
                                        by=f"trigger:{name}", schedule=f"trigger:{key}")
             except NbflowError as e:
+                if not refusal(e):
+                    raise        # NATS trouble: the trigger message is redelivered
                 await self.store.log(name, "refused", key, reason=str(e))
                 await m.ack()
                 return

@@ -10,6 +10,10 @@ import json
 import time
 from typing import Any
 
+from nbflow.errors import Conflict, NotFound
+from nbflow.nats.calls import CLIENT_RETRY, Retrying, call
+from nbflow.nats.kv import KV
+from nbflow.nats.streams import Streams
 from nbflow.nats.layout import (DUPLICATE_WINDOW_S, MSG_ID, SCHEDULE, SCHEDULE_TARGET, SCHEDULE_TZ,
                                 Layout)
 from nbflow.schedules.cron import Spec
@@ -18,37 +22,27 @@ LOG_TTL = "2160h"              # schedule log events are kept 90 days
 TICK_TTL = "24h"               # server-made ticks expire after a day
 
 
-def _is_wrong_seq(e: Exception) -> bool:
-    return type(e).__name__ == "KeyWrongLastSequenceError" or \
-        "wrong last sequence" in str(e).lower()
-
-
-def _is_not_found(e: Exception) -> bool:
-    n = type(e).__name__
-    return n in ("KeyNotFoundError", "KeyDeletedError", "NotFoundError", "NoKeysError") or \
-        "not found" in str(e).lower()
-
-
 class Store:
-    """Schedules KV + schedule/tick/log subjects, over one JetStream context."""
+    """Schedules KV + schedule/tick/log subjects, over one JetStream context (through the
+    typed NATS boundary: ``role`` names the caller for fault injection)."""
 
-    def __init__(self, js, layout: Layout):
-        self.js, self.L = js, layout
-        self._kv = None
+    def __init__(self, js, layout: Layout, role: str = "client",
+                 retrying: Retrying = CLIENT_RETRY):
+        self.js, self.L, self.role, self.retrying = js, layout, role, retrying
+        self.streams = Streams(js, role=role, retrying=retrying)
+        self._kv: KV | None = None
 
-    async def kv(self):
+    async def kv(self) -> KV:
         if self._kv is None:
-            self._kv = await self.js.key_value(self.L.schedules_bucket)
+            self._kv = await KV.open(self.js, self.L.schedules_bucket, role=self.role,
+                                     retrying=self.retrying)
         return self._kv
 
     async def get(self, key: str) -> tuple[dict | None, int]:
         kv = await self.kv()
-        try:
-            e = await kv.get(key)
-        except Exception as e:  # noqa: BLE001
-            if _is_not_found(e):
-                return None, 0
-            raise
+        e = await kv.get_or_none(key)
+        if e is None:
+            return None, 0
         if e.value is None or not e.value:
             return None, e.revision
         return json.loads(e.value), e.revision
@@ -65,26 +59,16 @@ class Store:
 
     async def delete(self, key: str) -> None:
         kv = await self.kv()
-        try:
-            await kv.delete(key)
-        except Exception as e:  # noqa: BLE001
-            if not _is_not_found(e):
-                raise
+        await kv.delete(key)
 
     async def keys(self, prefix: str) -> list[str]:
         kv = await self.kv()
-        try:
-            ks = await kv.keys()
-        except Exception:  # noqa: BLE001 - NoKeysError on an empty bucket
-            return []
+        ks = await kv.keys()
         return sorted(k[len(prefix):] for k in ks if k.startswith(prefix))
 
     async def history(self, key: str) -> list[dict]:
         kv = await self.kv()
-        try:
-            entries = await kv.history(key)
-        except Exception:  # noqa: BLE001
-            return []
+        entries = await kv.history(key)
         out = []
         for e in entries:
             out.append({"revision": e.revision, "op": str(getattr(e, "operation", "") or "PUT"),
@@ -99,25 +83,24 @@ class Store:
             try:
                 await self.put(f"state.{name}", new, last=rev)
                 return new
-            except Exception as e:  # noqa: BLE001
-                if not _is_wrong_seq(e):
-                    raise
+            except Conflict:
+                continue
         raise RuntimeError(f"schedule {name}: state CAS kept conflicting")
 
     async def log(self, name: str, what: str, fire: str | None = None, **data: Any) -> None:
         """Append to the schedule's log; one event per (name, fire, what) thanks to msg-id dedup."""
         ev = {"type": what, "schedule": name, "fire": fire, "ts": time.time(), **data}
         mid = f"log.{name}.{fire or time.time()}.{what}"
-        await self.js.publish(self.L.schedule_log_subject(name),
-                              json.dumps(ev, separators=(",", ":"), default=str).encode(),
-                              headers={MSG_ID: mid, "Nats-TTL": LOG_TTL})
+        await self.streams.publish(self.L.schedule_log_subject(name),
+                                   json.dumps(ev, separators=(",", ":"), default=str).encode(),
+                                   headers={MSG_ID: mid, "Nats-TTL": LOG_TTL})
 
     async def read_log(self, name: str) -> list[dict]:
         subj = self.L.schedule_log_subject(name)
         try:
-            info = await self.js.stream_info(self.L.timers_stream, subjects_filter=subj)
+            info = await self.streams.info(self.L.timers_stream, subjects_filter=subj)
             total = (info.state.subjects or {}).get(subj, 0)
-        except Exception:  # noqa: BLE001
+        except NotFound:
             total = 0
         if not total:
             return []
@@ -142,13 +125,12 @@ class Store:
                 "Nats-Schedule-TTL": TICK_TTL}
         if spec.tz and spec.tz != "UTC" and spec.cron6:
             hdrs[SCHEDULE_TZ] = spec.tz
-        await self.js.publish(self.L.cron_schedule_subject(name),
-                              json.dumps({"schedule": name}).encode(), headers=hdrs)
+        await self.streams.publish(self.L.cron_schedule_subject(name),
+                                   json.dumps({"schedule": name}).encode(), headers=hdrs)
 
     async def disarm(self, name: str) -> None:
         """Remove the schedule message: the server stops firing."""
-        await self.js.purge_stream(self.L.timers_stream,
-                                   subject=self.L.cron_schedule_subject(name))
+        await self.streams.purge(self.L.timers_stream, subject=self.L.cron_schedule_subject(name))
 
 
 async def ensure_triggers_stream(js, L: Layout, subjects: list[str]) -> None:
@@ -157,8 +139,9 @@ async def ensure_triggers_stream(js, L: Layout, subjects: list[str]) -> None:
 
     if not subjects:
         try:
-            await js.delete_stream(L.triggers_stream)
-        except Exception:  # noqa: BLE001 - not there
+            await call("stream.admin", L.triggers_stream, "client", js.delete_stream,
+                       L.triggers_stream)
+        except NotFound:
             pass
         return
     cfg = StreamConfig(name=L.triggers_stream, subjects=sorted(set(subjects)),
@@ -166,9 +149,9 @@ async def ensure_triggers_stream(js, L: Layout, subjects: list[str]) -> None:
                        max_age=7 * 24 * 3600,
                        description="nbflow event triggers: messages that start runs")
     try:
-        await js.stream_info(L.triggers_stream)
-        await js.update_stream(cfg)
-    except Exception as e:  # noqa: BLE001
-        if not _is_not_found(e) and "not found" not in repr(e).lower():
-            raise
-        await js.add_stream(cfg)
+        await call("stream.admin", L.triggers_stream, "client", js.stream_info,
+                   L.triggers_stream)
+    except NotFound:
+        await call("stream.admin", L.triggers_stream, "client", js.add_stream, cfg)
+        return
+    await call("stream.admin", L.triggers_stream, "client", js.update_stream, cfg)

@@ -20,7 +20,11 @@ import time
 from typing import Any
 
 from nbflow.core.ir import Workflow
+from nbflow.errors import NatsError, NotFound, TooLarge, Transient
 from nbflow.nats import infra
+from nbflow.nats.calls import Retrying
+from nbflow.nats.kv import KV
+from nbflow.nats.streams import Streams
 from nbflow.core.events import make
 from nbflow.errors import BadMessage
 from nbflow.nats.layout import MSG_ID, Layout
@@ -39,6 +43,21 @@ RESULT_PATIENCE_S = float(os.environ.get("NBFLOW_RESULT_PATIENCE_S", str(24 * 36
 PRESENCE_S = float(os.environ.get("NBFLOW_PRESENCE_S", "5"))   # heartbeat (the KV's TTL is 30 s)
 # An output bigger than this fails the task with a clear message instead of filling the store.
 MAX_OUTPUT_BYTES = int(float(os.environ.get("NBFLOW_MAX_OUTPUT_MB", "2048")) * 1024 * 1024)
+# A failure's text in TaskFailed stays small, so publishing it always fits in one message; the
+# full error and traceback stay in the executed notebook.
+MAX_ERROR_CHARS = 4_000
+MAX_TRACEBACK_CHARS = 32_000
+MAX_CELL_CHARS = 16_000
+
+
+def bounded(text: str | None, limit: int) -> str:
+    """``text`` cut to about ``limit`` characters (head and tail kept, the cut said)."""
+    text = text or ""
+    if len(text) <= limit:
+        return text
+    head, tail = text[: limit * 3 // 4], text[-(limit // 4):]
+    return (f"{head}\n... [{len(text) - len(head) - len(tail):,} characters cut; the full text "
+            f"is in the task's executed notebook: nbflow logs] ...\n{tail}")
 
 
 class Worker:
@@ -58,7 +77,12 @@ class Worker:
         self.started_at = time.time()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.engine = engine or os.environ.get("NBFLOW_PAPERMILL_ENGINE", "nbflow")
-        self.art = Artifacts(self.js, self.L.artifacts_store)
+        self.streams = Streams(self.js, role="worker")
+        # reads before a task runs ride out a short outage in place (the task message is kept
+        # alive by heartbeats meanwhile); beyond that the task is nakked and tried again later
+        self.reads = Retrying(5, 0.2, 2.0, budget=20.0)
+        self.art = Artifacts(self.js, self.L.artifacts_store, role="worker",
+                             retrying=Retrying(4, 0.2, 2.0, budget=20.0))
         self.bundles = bundles.BundleCache(self.art)
         self._defs: dict[str, Workflow] = {}
         self._nbs: dict[tuple[str, str], Any] = {}
@@ -88,9 +112,11 @@ class Worker:
         self.sub = await self.js.pull_subscribe(
             subject, durable=durable, stream=self.L.tasks_stream,
             config=infra.consumer_config(durable, subject, ACK_WAIT_S, 10_000))
-        self.defs_kv = await self.js.key_value(self.L.defs_bucket)
-        self.runs_kv = await self.js.key_value(self.L.runs_bucket)
-        self.workers_kv = await self.js.key_value(self.L.workers_bucket)
+        self.defs_kv = await KV.open(self.js, self.L.defs_bucket, role="worker",
+                                     retrying=self.reads)
+        self.runs_kv = await KV.open(self.js, self.L.runs_bucket, role="worker",
+                                     retrying=self.reads)
+        self.workers_kv = await KV.open(self.js, self.L.workers_bucket, role="worker")
         await self.nc.subscribe(self.L.cancel_subject("*"), cb=self._on_cancel)
 
     def stop(self) -> None:
@@ -155,7 +181,7 @@ class Worker:
             try:
                 await self.workers_kv.put(self.name.replace(".", "_"),
                                           json.dumps(self.presence()).encode())
-            except Exception:  # noqa: BLE001 - best effort
+            except NatsError:   # best effort: the next beat retries
                 pass
             await asyncio.sleep(PRESENCE_S)
 
@@ -178,13 +204,13 @@ class Worker:
         delay, failures = 0.2, 0
         while True:
             try:
-                await self.js.publish(self.L.history_subject(ev.run), ev.encode(),
-                                      headers={MSG_ID: msg_id})
+                await self.streams.publish(self.L.history_subject(ev.run), ev.encode(),
+                                           headers={MSG_ID: msg_id})
                 if failures:
                     log.info("JetStream reachable again: %s for run %s %s recorded after %.0f s",
                              ev.type, ev.run, ev.get("key", ""), time.monotonic() - t0)
                 return
-            except Exception as e:  # noqa: BLE001 - timeouts, no responders while reconnecting
+            except Transient as e:   # timeouts, no responders while reconnecting
                 if time.monotonic() > deadline:
                     raise
                 failures += 1
@@ -198,7 +224,7 @@ class Worker:
         """False when the run is over or this attempt is already decided (stale message)."""
         try:
             e = await self.runs_kv.get(run)
-        except Exception:  # noqa: BLE001 - no snapshot yet: the engine is behind, run it
+        except NotFound:         # no snapshot yet: the engine is behind, run it
             return True
         snap = json.loads(e.value)
         if snap.get("state") != "running":
@@ -229,11 +255,17 @@ class Worker:
     async def _handle(self, msg) -> None:
         try:
             await self._handle_inner(msg)
-        except Exception:  # noqa: BLE001 - never lose the worker over one task
-            log.exception("task handling failed; it will be redelivered")
+        except Exception as e:  # noqa: BLE001 - never lose the worker over one task
+            # transient trouble (NATS away, leader moving): try again later, never a failure;
+            # later deliveries wait longer so an outage of a minute or two is ridden out
+            delay = min(5.0 * 2 ** max(0, _delivered(msg) - 1), 60.0)
+            if isinstance(e, Transient):
+                log.warning("task %s: %s; retrying in %.0fs", msg.subject, e, delay)
+            else:
+                log.exception("task handling failed; it will be redelivered")
             try:
-                await msg.nak(delay=2.0)
-            except Exception:  # noqa: BLE001
+                await msg.nak(delay=delay)
+            except Exception:  # noqa: BLE001 - unacked: redelivered after AckWait anyway
                 pass
         finally:
             self._slots.release()
@@ -279,7 +311,15 @@ class Worker:
             ev.data["worker"] = self.name
             # a result is held until JetStream takes it (a site may be cut off from the hub
             # for a while); the msg id makes the retries safe
-            await self._publish(ev, f"done.{run}.{key}.{attempt}", RESULT_PATIENCE_S)
+            try:
+                await self._publish(ev, f"done.{run}.{key}.{attempt}", RESULT_PATIENCE_S)
+            except TooLarge as e:    # never re-run a task because its report does not fit
+                await self._publish(make(
+                    "TaskFailed", run, key=key, attempt=attempt, reason="too_big",
+                    notebook=ev.get("notebook") or "", worker=self.name,
+                    error=f"ResultTooLarge: the task's {ev.type} event is over the NATS max "
+                          f"payload ({e}); see its executed notebook"),
+                    f"done.{run}.{key}.{attempt}")
             try:
                 await holder[0].ack()
             except Exception:  # noqa: BLE001 - redelivery is harmless: the result is recorded
@@ -303,8 +343,15 @@ class Worker:
         from nbflow.worker.runner import run_task
 
         run, key, attempt, node_id = task["run"], task["key"], int(task["attempt"]), task["node"]
+        # a NATS hiccup reading the definition propagates (Transient: the task is nakked and
+        # runs later); only a definition that is missing or cannot be built fails the attempt
         try:
             wf = await self.workflow(task["wf"])
+        except NotFound:
+            return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
+                        error=f"cannot build the task notebook for {node_id!r}: its workflow "
+                              f"definition {task['wf']} is not in {self.L.defs_bucket}")
+        try:
             nb = self.task_notebook(wf, task["wf"], node_id)
         except Exception as e:  # noqa: BLE001 - a definition we cannot build is a failed attempt
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
@@ -378,8 +425,10 @@ class Worker:
         reason = res.reason or "error"
         if "cannot be pickled" in res.error:
             reason = "unpicklable"
-        return make("TaskFailed", run, key=key, attempt=attempt, error=res.error or "failed",
-                    traceback=res.traceback, cell=res.cell, notebook=nb_key, reason=reason,
+        return make("TaskFailed", run, key=key, attempt=attempt,
+                    error=bounded(res.error or "failed", MAX_ERROR_CHARS),
+                    traceback=bounded(res.traceback, MAX_TRACEBACK_CHARS),
+                    cell=bounded(res.cell, MAX_CELL_CHARS), notebook=nb_key, reason=reason,
                     duration=res.duration)
 
     async def _task_cwd(self, wf: Workflow, workdir: str) -> str | None:
@@ -403,10 +452,15 @@ class Worker:
         log.warning("dead letter on %s: %s", msg.subject, why)
         record = {"where": msg.subject, "why": why, "ts": time.time(),
                   "data": msg.data[:65536].decode("utf-8", "replace")}
-        try:
-            await self.js.publish(self.L.dead_letter_subject(), json.dumps(record).encode())
-        finally:
-            await msg.term()
+        await self.streams.publish(self.L.dead_letter_subject(), json.dumps(record).encode())
+        await msg.term()          # only once the dead letter is recorded
+
+
+def _delivered(msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:  # noqa: BLE001 - not a JetStream message
+        return 1
 
 
 async def serve(url: str, namespace: str = "", queue: str = "default", concurrency: int = 1,
