@@ -28,6 +28,7 @@ from nbflow.errors import StackError
 STACK_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
 LOG_FILE = "stack.log"
+STORE_LOCK = "store.lock"         # held by the nats-server that has the store open
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
@@ -81,7 +82,7 @@ class NatsServer:
     def __init__(self, store_dir: str | os.PathLike, port: int = 0, *, host: str = "127.0.0.1",
                  sync_interval: str = "1s", extra_conf: str = "", name: str = "nbflow",
                  log_file: str | os.PathLike | None = None, jetstream: bool = True,
-                 domain: str | None = None):
+                 domain: str | None = None, die_with_parent: bool = False):
         self.store_dir = Path(store_dir)
         self.jetstream = jetstream          # False: a leaf node whose JetStream is the hub's
         self.domain = domain                # JetStream domain (a hub that leaf nodes reach)
@@ -91,6 +92,7 @@ class NatsServer:
         self.extra_conf = extra_conf
         self.name = name
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -106,13 +108,23 @@ class NatsServer:
 
     def start(self, timeout: float = 20.0) -> "NatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_store(self.store_dir, timeout=min(timeout, 15.0))   # before touching it
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self.config())
         logf = open(self.log_file, "ab")
-        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=logf,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        logf.close()
+        try:
+            self.proc = subprocess.Popen(
+                [nats_server_binary(), "-c", str(conf)], stdout=logf, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, pass_fds=(lock.fileno(),),
+                preexec_fn=_child_setup(self.die_with_parent))
+        finally:
+            logf.close()
+            lock.close()          # the server's inherited copy holds the lock while it lives
         _wait_port(self.host, self.port, timeout, self.proc, self.log_file)
+        if not listens_on(self.proc.pid, self.port):
+            self.kill()
+            raise StackError(f"port {self.port} is taken by another process, not the "
+                             f"nats-server just started (pid {self.proc.pid})")
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -143,12 +155,14 @@ class Supervisor:
 
     def __init__(self, url: str, *, workers: int = 2, engines: int = 1, namespace: str | None = None,
                  concurrency: int = 1, log_file: str | os.PathLike | None = None,
-                 engine_env: dict[str, str] | None = None, env: dict[str, str] | None = None):
+                 engine_env: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                 die_with_parent: bool = False):
         self.url, self.namespace = url, namespace
         self.n_workers, self.n_engines, self.concurrency = workers, engines, concurrency
         self.log_file = log_file
         self.engine_env = engine_env or {}
         self.env = env or {}
+        self.die_with_parent = die_with_parent
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts = 0
         self._spawned: set[str] = set()
@@ -166,7 +180,8 @@ class Supervisor:
         self._spawned.add(name)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL,
+                             preexec_fn=_child_setup(self.die_with_parent))
         if out is not subprocess.DEVNULL:
             out.close()
         self.procs[name] = p
@@ -215,17 +230,172 @@ class Supervisor:
                 p.wait()
 
 
+# --- process supervision ----------------------------------------------------------------------
+# Children must never outlive the stack (an orphaned nats-server once kept a store open while a
+# new stack opened it too): each child asks the kernel for a signal when its parent dies, the
+# store dir is locked by the server that has it open, and a listener is checked to be ours.
+
+PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(die_with_parent: bool):
+    """A preexec_fn: with ``die_with_parent``, the child gets SIGTERM when the process that
+    started it dies (Linux prctl PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if not die_with_parent or not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def setup():
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:          # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return setup
+
+
+def lock_store(store_dir: Path, timeout: float = 15.0):
+    """Lock ``store_dir`` for one nats-server (flock on store.lock). The returned file is passed
+    to the server, whose copy holds the lock as long as it runs. Waits ``timeout`` s for a dying
+    server to let go; then raises StackError naming the holder."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    f = open(store_dir / STORE_LOCK, "a+")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except OSError:
+            if time.monotonic() >= deadline:
+                f.close()
+                holders = store_holders(store_dir)
+                raise StackError(
+                    f"the store {store_dir} is in use by another nats-server "
+                    f"(pid {', '.join(map(str, holders)) or '?'}); two servers must never share "
+                    f"a store: stop it (nbflow down, or kill that pid) and try again") from None
+            time.sleep(0.1)
+
+
+def store_holders(store_dir: Path) -> list[int]:
+    """Pids of processes that have ``store_dir``'s lock file open (Linux /proc; else [])."""
+    target = str((store_dir / STORE_LOCK).resolve())
+    out = []
+    for pid in _pids():
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    out.append(pid)
+                    break
+        except OSError:
+            continue
+    return out
+
+
+def _pids() -> list[int]:
+    try:
+        return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """True when process ``pid`` owns the socket listening on ``port`` (Linux /proc; elsewhere
+    True: the check is skipped)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(parts[9])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    if not os.path.isdir("/proc/self/fd"):
+        return True
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            return True
+    return False
+
+
+def _alive(pid: int | None, *cmd_words: str) -> bool:
+    """``pid`` runs and (where /proc tells) its command line contains every word."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (OSError, TypeError):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return True
+    return all(w in cmd for w in cmd_words)
+
+
+def _clean_stale(d: Path, locked: bool = False) -> None:
+    """A stack.json whose supervisor is gone is stale: stop what it left (its nats-server, if
+    it still runs on this store) and remove the file. Never trust it. ``locked``: the caller
+    holds the stack lock; else it is taken here (a live `nbflow up` holds it: nothing is stale)."""
+    if not locked:
+        try:
+            lock = open(d / LOCK_FILE, "a+")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return
+        try:
+            return _clean_stale(d, locked=True)
+        finally:
+            lock.close()
+    f = d / STACK_FILE
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, ValueError):
+        info = None
+    if info is not None and _alive(info.get("pid"), "nbflow", "up"):
+        return
+    conf = str(d / "nats-server.conf")
+    for pid in ([info.get("server_pid")] if info else []) + store_holders(d):
+        if pid and _alive(pid, conf):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+    try:
+        f.unlink()
+    except OSError:
+        pass
+
+
 # --- the embedded stack ------------------------------------------------------------------------
 
 def read_stack(data: Path) -> dict | None:
+    """The running stack's stack.json, or None. Checked, never trusted: its supervisor must be
+    an `nbflow up` that is alive and its nats-server must own the listening port."""
     f = data / STACK_FILE
     try:
         info = json.loads(f.read_text())
     except (OSError, ValueError):
         return None
-    try:
-        os.kill(info["pid"], 0)
-    except (OSError, KeyError, TypeError):
+    if not isinstance(info, dict) or not _alive(info.get("pid"), "nbflow", "up"):
+        return None
+    spid = info.get("server_pid")
+    if spid and not (_alive(spid) and listens_on(spid, int(info.get("port") or 0))):
         return None
     return info
 
@@ -242,19 +412,22 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
         raise StackError(f"an nbflow stack is already running on {d} "
                          f"(pid {info.get('pid', '?')}, {info.get('url', '?')}); "
                          f"stop it with `nbflow down`") from None
+    _clean_stale(d, locked=True)         # we hold the stack lock: any stack.json is stale
     if workers is None:                  # 0 is a hub: nats-server and the engine only
         workers = max(1, os.cpu_count() or 1)
     if workers < 0:
         raise StackError(f"--workers must be 0 or more, not {workers}")
-    try:
-        server = NatsServer(d, port=port or _default_port()).start()
-    except StackError:                   # the port was taken meanwhile
-        server = NatsServer(d, port=free_port()).start()
+    server = _start_server(d, port or _default_port())
     sup = Supervisor(server.url, workers=workers, namespace=namespace,
-                     log_file=d / LOG_FILE).start()
-    info = {"pid": os.getpid(), "url": server.url, "port": server.port, "data": str(d),
-            "workers": workers, "started": time.time()}
-    (d / STACK_FILE).write_text(json.dumps(info))
+                     log_file=d / LOG_FILE, die_with_parent=True).start()
+
+    def record():
+        info = {"pid": os.getpid(), "url": server.url, "port": server.port, "data": str(d),
+                "workers": workers, "started": time.time(), "server_pid": server.proc.pid}
+        tmp = d / (STACK_FILE + ".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, d / STACK_FILE)
+    record()
     stopping = []
 
     def _stop(*_):
@@ -266,7 +439,8 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
         echo(f"nbflow stack up: {server.url} · data {d} · {workers} worker(s) · Ctrl-C to stop")
         while not stopping:
             if server.proc.poll() is not None:          # the server died: restart it
-                server = NatsServer(d, port=server.port).start()
+                server = _start_server(d, server.port)
+                record()
             sup.check()
             time.sleep(0.5)
     finally:
@@ -281,6 +455,16 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
             pass
         lock.close()
     return 0
+
+
+def _start_server(d: Path, port: int) -> NatsServer:
+    """Our nats-server on ``port``, else (taken by someone else) on a free port."""
+    try:
+        return NatsServer(d, port=port, die_with_parent=True).start()
+    except StackError:
+        if store_holders(d):             # the store is the problem, not the port
+            raise
+        return NatsServer(d, port=free_port(), die_with_parent=True).start()
 
 
 def _default_port() -> int:
@@ -328,6 +512,7 @@ def down(data: str | None = None, timeout: float = 30.0) -> dict | None:
     d = data_dir(data)
     info = read_stack(d)
     if not info:
+        _clean_stale(d)          # what a killed stack may have left
         return None
     os.kill(info["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
