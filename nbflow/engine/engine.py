@@ -317,7 +317,7 @@ class Engine:
             elif c.kind == "finished":
                 log.info("run %s %s", st.run, c["state"])
                 ev = make("RunFinished", st.run, state=c["state"])
-                futs.append(await self.js.publish_async(
+                futs.append(await self.streams.publish_async(
                     self.L.history_subject(st.run), ev.encode(),
                     headers={MSG_ID: f"finished.{st.run}"}))
         for f in futs:
