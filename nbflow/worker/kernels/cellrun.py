@@ -65,12 +65,19 @@ def error_output(ename: str, evalue: str) -> nbformat.NotebookNode:
 class CellRun:
     """Output bookkeeping for one notebook, as nbclient does it."""
 
-    def __init__(self, nb):
+    def __init__(self, nb, on_message=None, on_output=None):
         self.nb = nb
         self.display_ids: dict[str, dict[int, list[int]]] = {}
         self.clear_next = False
+        # papermill's client hooks: after every iopub message (autosave), per new output (logs)
+        self.on_message, self.on_output = on_message, on_output
 
     def handle(self, msg: dict, cell, index: int) -> None:
+        self._handle(msg, cell, index)
+        if self.on_message is not None:
+            self.on_message()
+
+    def _handle(self, msg: dict, cell, index: int) -> None:
         mtype = msg["msg_type"]
         content = msg["content"]
         transient = content.get("transient")
@@ -100,6 +107,8 @@ class CellRun:
             self.display_ids.setdefault(display_id, {}).setdefault(index, []).append(
                 len(cell.outputs))
         cell.outputs.append(out)
+        if self.on_output is not None:
+            self.on_output(out)
 
     def _forget(self, index: int) -> None:
         for m in self.display_ids.values():
