@@ -158,3 +158,22 @@ def test_client_reports_retry_later_when_nats_keeps_failing(client, tmp_path):
             client.status("zzzzzzzz")
     finally:
         faults.configure("")
+
+
+def test_a_huge_error_message_fails_the_task_once_with_a_bounded_error(client, tmp_path):
+    """A task raising an exception with a 9 MB message: the failure is published (truncated;
+    the full text stays in the executed notebook) and the task runs once, not on every
+    redelivery."""
+    trail = tmp_path / "trail.txt"
+    nb = write_notebook(tmp_path / "huge.ipynb", [
+        f"%%task boom\nopen({str(trail)!r}, 'a').write('ran\\n')\n"
+        "raise ValueError('x' * (9 * 1024 * 1024))",
+    ])
+    run = client.submit(str(nb), {})
+    st = client.wait(run, timeout=180)
+    assert st.state == "failed"
+    err = st.tasks["boom"].error
+    assert err.startswith("ValueError: xxx") and "characters cut" in err and len(err) < 10_000
+    assert trail.read_text().split() == ["ran"]                  # executed once
+    assert [e.type for e in client.history(run)].count("TaskFailed") == 1
+    check_replay(client, run)

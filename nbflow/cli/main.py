@@ -455,6 +455,21 @@ def signal_cmd(run_id, name, value, nats_url, namespace):
     click.echo(f"sent {name} to run {run_id}", err=True)
 
 
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.option("--days", type=float, default=None,
+              help="Keep finished runs this many days (default: NBFLOW_RETENTION_DAYS or 30).")
+@nats_options
+def gc(dry_run, days, nats_url, namespace):
+    """Free storage: finished runs past retention, orphaned artifacts and upload chunks, work
+    dirs of workers that are gone. Running runs and anything a kept run names stay."""
+    from nbflow import storage
+
+    rep = _call(nats_url, namespace, lambda c: storage.gc(c, dry_run=dry_run, days=days))
+    for line in rep.lines():
+        click.echo(line)
+
+
 # --- every command of `nbflow`, grouped by concern (click lists them alphabetically) ----------
 
 COMMANDS = (
@@ -463,6 +478,7 @@ COMMANDS = (
     runs, status, history, logs, output,            # reading runs
     workers,                                        # the workers seen
     cancel, retry, approve, signal_cmd,             # steering runs
+    gc,                                             # storage
     schedule, backfill, trigger,                    # schedules and triggers
     ui, stats,                                      # the console
     kernel,                                         # the Jupyter kernelspec

@@ -35,9 +35,9 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     je.TooManyStalledMsgsError, ConnectionError)
 
 # how a full store is explained to the user (CLI and widget show this text)
-FULL_HINT = ("JetStream storage is full ({limit}); free space with `nbflow gc`, shorten retention "
-             "(NBFLOW_RETENTION_DAYS), or raise the limit (NBFLOW_MAX_STORE, the server's "
-             "jetstream max_file_store)")
+FULL_HINT = ("JetStream storage is full ({limit}); free space with `nbflow gc` (and shorter "
+             "retention: NBFLOW_RETENTION_DAYS), or raise the limit: the stream's or bucket's "
+             "max_bytes, or max_file_store in the jetstream block of the nats-server config")
 
 
 def translate(e: BaseException, op: str = "", what: str = "") -> NatsError | None:

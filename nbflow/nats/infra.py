@@ -182,7 +182,9 @@ async def _ensure(js, layout: Layout, replicas: int | None = None) -> None:
 
     await stream(StreamConfig(
         name=L.deadletter_stream, subjects=[L.dead_letter_subject()], storage=StorageType.FILE,
-        num_replicas=want, description="nbflow messages that could not be handled, with why"))
+        num_replicas=want, max_age=float(os.environ.get("NBFLOW_DEADLETTER_DAYS", "90")) * 86400,
+        description="nbflow messages that could not be handled, with why (kept "
+                    "NBFLOW_DEADLETTER_DAYS, default 90 days)"))
 
     async def raise_replicas(name: str) -> None:
         # a bucket or store a worker created first (at 1 replica) gets what the engine asks

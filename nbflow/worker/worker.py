@@ -14,13 +14,12 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from typing import Any
 
 from nbflow.core.ir import Workflow
-from nbflow.errors import NatsError, NotFound, TooLarge, Transient
+from nbflow.errors import NatsError, NotFound, StoreFull, TooLarge, Transient
 from nbflow.nats import infra
 from nbflow.nats.calls import Retrying
 from nbflow.nats.kv import KV
@@ -30,6 +29,7 @@ from nbflow.errors import BadMessage
 from nbflow.nats.layout import MSG_ID, Layout
 from nbflow.errors import BundleError
 from nbflow.worker import bundles, environment
+from nbflow.worker import workdirs
 from nbflow.worker.artifacts import Artifacts, notebook_key, output_key
 
 log = logging.getLogger("nbflow.worker")
@@ -95,6 +95,10 @@ class Worker:
 
     async def start(self) -> None:
         from nbflow.worker.kernels import pool as kernels
+
+        stale = workdirs.clean_stale()       # left by workers killed mid-task on this machine
+        if stale:
+            log.info("removed %d stale work dir(s) of workers that are gone", len(stale))
 
         if self.scale:
             from nbflow.worker.autoscale import Scaler
@@ -288,7 +292,7 @@ class Worker:
         if delivered > MAX_DELIVER:
             ev = make("TaskFailed", run, key=key, attempt=attempt, reason="lost",
                       error=f"WorkerLost: the task was picked up {delivered - 1} times and its "
-                            f"worker died each time (killed, out of memory?)")
+                            f"worker died each time (killed, out of memory? see the worker's log)")
             await self._publish(ev, f"done.{run}.{key}.{attempt}")
             await msg.ack()
             return
@@ -300,13 +304,17 @@ class Worker:
         wall0 = time.time()
         await self._publish(make("TaskStarted", run, key=key, attempt=attempt, worker=self.name),
                             f"started.{run}.{key}.{attempt}.{delivered}")
-        workdir = tempfile.mkdtemp(prefix=f"nbflow-{run}-{key.replace('#', '-')}-")
+        workdir = workdirs.make(run, key)
         cancel = threading.Event()
         self._cancels[(run, key)] = cancel
         holder = self._held[(run, key, attempt)] = [msg]     # the latest delivery of this task
         hb = asyncio.create_task(self._heartbeat(holder))
         try:
-            ev = await self._execute(task, workdir, cancel)
+            try:
+                ev = await self._execute(task, workdir, cancel)
+            except StoreFull as e:       # say which limit, not "worker lost"
+                ev = make("TaskFailed", run, key=key, attempt=attempt, reason="store_full",
+                          error=f"StoreFull: {e}")
             ev.data.setdefault("duration", time.time() - wall0)
             ev.data["worker"] = self.name
             # a result is held until JetStream takes it (a site may be cut off from the hub

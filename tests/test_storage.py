@@ -1,0 +1,123 @@
+"""Bounded storage: `nbflow gc` removes orphaned artifacts, stale work dirs and finished runs past
+retention (never a running run, never what a kept run names); a full store fails the task with
+an error naming the limit and how to raise it, not 'worker lost'."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+
+from support import check_replay, wait_for
+from nbhelpers import write_notebook
+
+from nbflow.client import SyncClient
+from nbflow.stack import Supervisor
+
+
+@pytest.fixture
+def private(nats_server, tmp_path):
+    ns = f"st-{uuid.uuid4().hex[:6]}"
+    made = []
+
+    def make(**kw):
+        sup = Supervisor(nats_server.url, namespace=ns, workers=1,
+                         log_file=tmp_path / "stack.log", **kw).start()
+        made.append(sup)
+        return SyncClient(nats_server.url, namespace=ns)
+    yield ns, make
+    for s in made:
+        s.stop()
+
+
+def objects(c) -> set[str]:
+    """Names of the task artifacts (notebook-folder bundles left aside)."""
+    return {i.name for i in c._call(c.aclient.artifacts.list())
+            if not i.name.startswith("bundles/")}
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def gc_cli(nats_server, ns, *args) -> str:
+    res = subprocess.run([sys.executable, "-m", "nbflow", "gc", "--nats", nats_server.url,
+                          "--namespace", ns, *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_gc_removes_orphans_and_expired_runs_only(nats_server, private, tmp_path):
+    ns, make = private
+    with make() as c:
+        nb = write_notebook(tmp_path / "two.ipynb", ["%%task a\nx = [1, 2, 3]",
+                                                     "%%task b\nprint(sum(x))"])
+        run = c.submit(str(nb), {})
+        assert c.wait(run, timeout=120).state == "succeeded"
+        kept = objects(c)
+        assert any(n.startswith(run + "/") for n in kept)
+        # garbage: an attempt's output no completion names, objects of a run that never was,
+        # and the work dir of a worker killed mid-task
+        c._call(c.aclient.artifacts.put_bytes(f"{run}/a/7/out/x.pkl", b"lost upload"))
+        c._call(c.aclient.artifacts.put_bytes("zzghost9/a/1/notebook.ipynb", b"{}"))
+        stale = tempfile.mkdtemp(prefix=f"nbflow-w{dead_pid()}-{run}-a-")
+        approval_nb = write_notebook(tmp_path / "wait.ipynb", [
+            '%%task ask --approval "go?"\nok = 1'])
+        waiting = c.submit(str(approval_nb), {})
+        wait_for(lambda: c.status(waiting).nodes["ask"].state == "awaiting_approval", 60,
+                 "the approval to be requested")
+
+        out = gc_cli(nats_server, ns, "--dry-run")
+        assert "would remove 0 finished run(s)" in out and "would remove 2 artifact(s)" in out
+        assert objects(c) >= kept | {f"{run}/a/7/out/x.pkl"} and os.path.isdir(stale)
+
+        out = gc_cli(nats_server, ns)                        # default retention: 30 days
+        assert "removed 2 artifact(s)" in out and "removed 0 finished run(s)" in out
+        assert objects(c) == kept                            # the run's own artifacts stay
+        assert not os.path.exists(stale)
+        check_replay(c, run)
+        assert c.load_output(run, "a", "x") == [1, 2, 3]
+
+        out = gc_cli(nats_server, ns, "--days", "0")          # everything finished is expired
+        assert "removed 1 finished run(s)" in out
+        assert not c.has_run(run) and c.snapshot(run) is None
+        assert not any(n.startswith(run + "/") for n in objects(c))
+        assert c.has_run(waiting) and c.snapshot(waiting).state == "running"   # untouched
+        c.cancel(waiting)
+
+
+def test_a_full_artifact_store_says_which_limit_and_how_to_raise_it(nats_server, private,
+                                                                     tmp_path):
+    ns, make = private
+    from nbflow.nats.layout import Layout
+
+    async def small_store():
+        import nats
+        from nats.js.api import ObjectStoreConfig
+
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().create_object_store(
+            Layout(ns).artifacts_store, config=ObjectStoreConfig(max_bytes=256 * 1024))
+        await nc.close()
+    import asyncio
+
+    asyncio.run(small_store())
+    with make() as c:
+        nb = write_notebook(tmp_path / "big.ipynb", [
+            "%%task make\nblob = b'x' * (2 * 1024 * 1024)", "%%task use\nprint(len(blob))"])
+        run = c.submit(str(nb), {})
+        st = c.wait(run, timeout=180)
+        assert st.state == "failed"
+        err = st.tasks["make"].error
+        assert "storage is full" in err and "nbflow gc" in err and "max_bytes" in err, err
+        assert "WorkerLost" not in err
+        check_replay(c, run)
+    res = subprocess.run([sys.executable, "-m", "nbflow", "status", run, "--nats",
+                          nats_server.url, "--namespace", ns], capture_output=True, text=True,
+                         timeout=60)
+    assert "storage is full" in res.stdout + res.stderr
