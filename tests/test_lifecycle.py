@@ -68,3 +68,14 @@ def test_a_run_ended_by_a_timer_lasts_its_real_time(on_stack, client, tmp_path):
     st = finish(client, run)
     assert st.state == "rejected"
     assert st.finished - st.started >= 2.0      # the timeout's own length, not ~0
+
+
+def test_tracebacks_and_logs_name_the_users_cell_numbers(on_stack, tmp_path):
+    nb = write_notebook(tmp_path / "cells.ipynb", [
+        "#md # A report", "import math", "%%task fine\nx = 1", "#md boom below",
+        "%%task boom\ny = x + 1\nraise ValueError('bad ' + str(y))"], params="n = 1")
+    r = nbflow("run", str(nb), env=on_stack)
+    assert r.returncode == 1
+    assert "cell 6 (task boom), line 3" in r.stdout and "Cell In[" not in r.stdout, r.stdout
+    logs = nbflow("logs", run_id(r.stderr + r.stdout), "boom", env=on_stack).stdout
+    assert "--- cell 6 [failed]: y = x + 1" in logs and "Cell In[" not in logs, logs

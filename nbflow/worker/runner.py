@@ -144,7 +144,9 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
     elif err is not None:
         res.status, res.reason = "failed", "error"
         res.error = _one_line(err.ename, err.evalue)
-        res.traceback = strip_ansi("\n".join(err.traceback or [])) or res.error
+        res.traceback = (user_cells(executed, strip_ansi("\n".join(err.traceback or [])))
+                         if executed is not None else strip_ansi("\n".join(err.traceback or []))
+                         ) or res.error
         res.cell = err.source
     elif control.reason:                 # the baseline engine's kernel died under us
         res.status, res.reason, res.error = "failed", "error", control.message
@@ -220,6 +222,42 @@ def task_exec_seconds(nb) -> float:
     return total
 
 
+def _cell_label(cell, n: int) -> str:
+    """How a person finds the cell: its number in their notebook for the task's own cell."""
+    meta = cell.get("metadata", {})
+    user = (meta.get("nbflow") or {}).get("cell")
+    if user:
+        return f"cell {user}"
+    tags = meta.get("tags") or []
+    kind = next((t[len("nbflow-"):] for t in tags if t.startswith("nbflow-")), "")
+    if "parameters" in tags or "injected-parameters" in tags:
+        kind = "parameters"
+    return f"{kind} cell" if kind else f"cell {n} of the task notebook"
+
+
+_CELL_IN = re.compile(r"Cell In\[(\d+)\](, line (\d+))?")
+
+
+def user_cells(nb, text: str) -> str:
+    """IPython names cells by execution count (``Cell In[5], line 2``); say the notebook's own
+    cell number and line instead (``cell 7 (task report), line 3``: the %%task line is line 1)."""
+    if not text or "Cell In[" not in text:
+        return text
+    labels: dict[str, tuple[str, int]] = {}
+    for i, cell in enumerate(nb.cells, 1):
+        if cell.cell_type == "code" and cell.get("execution_count"):
+            task = (cell.get("metadata", {}).get("nbflow") or {}).get("task")
+            labels[str(cell["execution_count"])] = (
+                _cell_label(cell, i) + (f" (task {task})" if task else ""), 1 if task else 0)
+
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in labels:
+            return m.group(0)
+        label, shift = labels[m.group(1)]
+        return label + (f", line {int(m.group(3)) + shift}" if m.group(3) else "")
+    return _CELL_IN.sub(sub, text)
+
+
 def notebook_logs(nb) -> str:
     """The stdout/stderr text and error tracebacks (ANSI stripped) of every cell of an executed
     notebook (a NotebookNode or a path), each under a one-line header."""
@@ -236,13 +274,14 @@ def notebook_logs(nb) -> str:
             if out.get("output_type") == "stream":
                 texts.append(strip_ansi(out.get("text", "")))
             elif out.get("output_type") == "error":
-                tb = strip_ansi("\n".join(out.get("traceback") or []))
+                tb = user_cells(nb, strip_ansi("\n".join(out.get("traceback") or [])))
                 texts.append((tb or f"{out.get('ename')}: {out.get('evalue')}") + "\n")
         if not texts:
             continue
         first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
         status = cell.get("metadata", {}).get("papermill", {}).get("status", "")
-        head = f"--- cell {n}" + (f" [{status}]" if status else "") + f": {first[:60]}"
+        head = f"--- {_cell_label(cell, n)}" + (f" [{status}]" if status else "") + \
+            f": {first[:60]}"
         body = "".join(texts)
         parts.append(head + "\n" + body + ("" if body.endswith("\n") else "\n"))
     return "".join(parts)
