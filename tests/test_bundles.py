@@ -291,3 +291,23 @@ def test_racing_unpacks_end_with_one_complete_bundle_and_old_leftovers_are_swept
     with pytest.raises(packing.BundleError, match="corrupt"):
         asyncio.run(BundleCache(bad, str(root)).get("f" * 32))
     assert sorted(os.listdir(root)) == [b.hash]
+
+
+def test_notebooks_a_task_runs_are_found_in_the_bundle(tmp_path):
+    from nbflow.compiler.tasknb import task_notebook
+    from nbflow.core.ir import Node, Workflow
+    from nbflow.worker.bundles import located
+
+    proj = tmp_path / "proj"
+    write_notebook(proj / "etl.ipynb", ["%%task load\nrows = [1, 2]"])
+    wf = Workflow("flow", nodes=[Node("start", "start"), Node("end", "end"), Node(
+        "other", "task", notebook=str(proj / "etl.ipynb"), notebook_task="load")],
+        source=str(proj / "flow.bpmn"))
+    b = packing.pack(str(proj))
+    unpacked = tmp_path / "cache" / b.hash          # as a worker unpacks it; proj is elsewhere
+    import zipfile
+    import io
+    zipfile.ZipFile(io.BytesIO(b.data)).extractall(unpacked)
+    shutil.rmtree(proj)
+    nb = task_notebook(located(wf, str(unpacked)), "other")
+    assert "rows = [1, 2]" in nb.cells[-2].source

@@ -140,3 +140,21 @@ def task_folder(bundle_dir: str, workdir: str) -> str:
     dest = os.path.join(workdir, "folder")
     shutil.copytree(bundle_dir, dest, symlinks=False)
     return dest
+
+
+def located(wf, unpacked: str):
+    """``wf`` as seen from its unpacked bundle: its source, and the other notebooks its tasks
+    run (BPMN imports name them by absolute path on the submitter's disk), inside ``unpacked``."""
+    import dataclasses
+
+    if not wf.source:
+        return wf
+    folder = os.path.dirname(wf.source)
+    nodes = []
+    for n in wf.nodes:
+        if n.notebook and os.path.isabs(n.notebook) and \
+                os.path.commonpath([os.path.abspath(n.notebook), folder]) == folder:
+            n = dataclasses.replace(n, notebook=os.path.relpath(n.notebook, folder))
+        nodes.append(n)
+    return dataclasses.replace(wf, nodes=nodes,
+                               source=os.path.join(unpacked, os.path.basename(wf.source)))

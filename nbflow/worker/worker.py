@@ -360,7 +360,15 @@ class Worker:
                         error=f"cannot build the task notebook for {node_id!r}: its workflow "
                               f"definition {task['wf']} is not in {self.L.defs_bucket}")
         try:
-            nb = self.task_notebook(wf, task["wf"], node_id)
+            unpacked = await self.bundles.get(wf.bundle) if wf.bundle else None
+        except BundleError as e:
+            return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
+                        error=f"{type(e).__name__}: {e}")
+        try:
+            # other notebooks a task runs (BPMN imports) are found in the bundle, not on the
+            # submitter's disk
+            here = wf if unpacked is None else bundles.located(wf, unpacked)
+            nb = self.task_notebook(here, task["wf"], node_id)
         except Exception as e:  # noqa: BLE001 - a definition we cannot build is a failed attempt
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
                         error=f"cannot build the task notebook for {node_id!r}: {e}")
@@ -385,7 +393,7 @@ class Worker:
         io = {"task": node_id, "key": key, "run": run, "dir": workdir, "inputs": inputs,
               "map": task.get("map"), "signal": task.get("signal"), "outputs": node.outputs}
         try:
-            cwd = await self._task_cwd(wf, workdir)
+            cwd = await self._task_cwd(wf, workdir, unpacked)
         except BundleError as e:
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
                         error=f"{type(e).__name__}: {e}")
@@ -439,11 +447,11 @@ class Worker:
                     cell=bounded(res.cell, MAX_CELL_CHARS), notebook=nb_key, reason=reason,
                     duration=res.duration)
 
-    async def _task_cwd(self, wf: Workflow, workdir: str) -> str | None:
-        """The task's cwd: its own copy of the run's bundle; without a bundle the notebook's
-        folder in place (a shared filesystem); None (its work dir) for a workflow without one."""
-        if wf.bundle:
-            unpacked = await self.bundles.get(wf.bundle)
+    async def _task_cwd(self, wf: Workflow, workdir: str, unpacked: str | None) -> str | None:
+        """The task's cwd: its own copy of the run's bundle (``unpacked``); without a bundle the
+        notebook's folder in place (a shared filesystem); None (its work dir) for a workflow
+        without one."""
+        if unpacked:
             return await asyncio.get_running_loop().run_in_executor(
                 None, bundles.task_folder, unpacked, workdir)
         if not wf.source:
