@@ -97,6 +97,22 @@ def show(source, output):
 
 # --- running ---------------------------------------------------------------------------------
 
+def _bundle_warnings_as_lines() -> None:
+    """Files left out of the notebook's bundle: one 'warning: ...' line, not a source line."""
+    import warnings
+
+    from nbflow.runs import BundleWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, *a, **kw):
+        if issubclass(category, BundleWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, *a, **kw)
+    warnings.showwarning = show
+
+
 @click.command()
 @click.argument("notebook", type=click.Path(dir_okay=False))
 @click.option("-p", "--param", "params", nargs=2, multiple=True, metavar="NAME VALUE",
@@ -117,6 +133,7 @@ def run(notebook, params, no_wait, reuse, no_bundle, nats_url, namespace):
     Without --reuse every task executes (a scheduled pipeline reads fresh data).
     """
     wf = _load_workflow(notebook)          # refuse a bad notebook before anything is submitted
+    _bundle_warnings_as_lines()
 
     async def go(c):
         run_id = await c.submit(wf, _parse_params(params, wf), reuse_outputs=reuse,
