@@ -232,7 +232,7 @@ def _cell_label(cell, n: int) -> str:
     kind = next((t[len("nbflow-"):] for t in tags if t.startswith("nbflow-")), "")
     if "parameters" in tags or "injected-parameters" in tags:
         kind = "parameters"
-    return f"{kind} cell" if kind else f"cell {n} of the task notebook"
+    return f"cell {n} of the task notebook" + (f" ({kind})" if kind else "")
 
 
 _CELL_IN = re.compile(r"Cell In\[(\d+)\](, line (\d+))?")
