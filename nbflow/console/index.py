@@ -19,7 +19,7 @@ from nbflow.core.state import RunState
 
 log = logging.getLogger("nbflow.console")
 
-# a worker whose last heartbeat is older than this is shown as gone (it beats every 10 s)
+# a worker whose last heartbeat is older than this is shown as gone (it beats every 5 s)
 WORKER_STALE_S = 35.0
 RECENT = 50          # decisions the inbox can show
 

@@ -187,19 +187,25 @@ class ConsoleCollector:
         yield paused
 
         slots = GaugeMetricFamily("nbflow_worker_kernels",
-                                  "Kernels (task slots) of each live worker",
+                                  "Kernels of each live worker (its slots where not reported)",
                                   labels=["worker", "queue"])
         busy = GaugeMetricFamily("nbflow_worker_tasks_in_flight",
                                  "Tasks running on each live worker", labels=["worker", "queue"])
         flight = c.in_flight()
+        mem = GaugeMetricFamily("nbflow_worker_rss_bytes",
+                                "Memory of each live worker with its kernels",
+                                labels=["worker", "queue"])
         for w in c.live_workers():
             if not w["alive"]:
                 continue
             labels = [str(w.get("name", "")), str(w.get("queue", ""))]
+            if isinstance(w.get("rss_mb"), (int, float)):
+                mem.add_metric(labels, w["rss_mb"] * 2 ** 20)
             slots.add_metric(labels, w.get("kernels", w.get("concurrency", 1)))
-            busy.add_metric(labels, len(flight.get(w.get("name"), [])))
+            busy.add_metric(labels, w.get("in_flight", len(flight.get(w.get("name"), []))))
         yield slots
         yield busy
+        yield mem
 
 
 def _le(b: float) -> str:

@@ -455,14 +455,15 @@ def workers_page(ctx: Ctx, rows: list[dict[str, Any]], flight: dict, queued: dic
             f'<tr data-worker="{e(name)}"><th scope="row">{e(name)}</th><td>{e(w.get("queue"))}</td>'
             f'<td>{badge("alive" if w["alive"] else "gone")}</td>'
             f'<td>{e(kern if kern is not None else w.get("concurrency"))}</td>'
-            f'<td>{len(tasks)}{": " + tl if tl else ""}</td><td>{e(w.get("done", 0))}</td>'
+            f'<td>{e(w.get("in_flight", len(tasks)))}{": " + tl if tl else ""}</td>'
+            f'<td>{e(w.get("done", 0))}</td>'
             f'<td>{e(f"{mem:.0f} MB") if isinstance(mem, (int, float)) else "–"}</td>'
-            f'<td>{dur(w["age"])} ago</td><td>{e(w.get("pid", ""))}</td></tr>')
+            f'<td>{dur(w["age"])} ago</td><td>{e(w.get("host", ""))} {e(w.get("pid", ""))}</td></tr>')
     return head + ('<div class="scroll"><table class="workers"><thead><tr><th scope="col">Worker</th>'
                    '<th scope="col">Queue</th><th scope="col">Status</th><th scope="col">Kernels</th>'
                    '<th scope="col">Tasks in flight</th><th scope="col">Tasks done</th>'
                    '<th scope="col">Memory</th><th scope="col">Last heartbeat</th>'
-                   '<th scope="col">PID</th></tr></thead><tbody>' + "".join(body) +
+                   '<th scope="col">Host, PID</th></tr></thead><tbody>' + "".join(body) +
                    "</tbody></table></div>")
 
 
