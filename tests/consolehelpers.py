@@ -52,7 +52,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -24,7 +24,10 @@ def _wait_node(client, run, node, state, timeout=120):
         if st.nodes.get(node) and st.nodes[node].state == state:
             return st
         time.sleep(0.2)
-    raise AssertionError(f"{node} of {run} never reached {state}: {client.status(run).state}")
+    st = client.status(run)
+    raise AssertionError(f"{node} of {run} never reached {state}: run {st.state}, nodes "
+                         f"{ {k: v.state for k, v in st.nodes.items()} }, tasks "
+                         f"{ {k: (t.state, t.attempt, t.error) for k, t in st.tasks.items()} }")
 
 
 def _cards(html: str) -> list[str]:
