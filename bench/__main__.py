@@ -82,7 +82,7 @@ DEFINITIONS = [
     "fanout_map efficiency: ideal (items x 20 ms / 2 workers) / measured (submit -> final)",
     "memory: engine child process VmRSS after a warm-up vs after N one-task no-op runs",
     "autoscale: one worker, --min-kernels 1 --max-kernels 8 (starting from 1 warm kernel) vs "
-    "--concurrency 8 (9 warm kernels); time = submit -> final; RSS sampled every 50 ms",
+    "--concurrency 8 (9 warm kernels); time = submit -> final; RSS sampled every 250 ms",
 ]
 
 
