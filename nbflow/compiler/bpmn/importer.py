@@ -90,7 +90,7 @@ _HINTS = {
     "subProcess": "this kind of sub-process is not imported",
     "adHocSubProcess": "ad-hoc sub-processes have no order to run in",
     "transaction": "transactions (compensation, cancel) are not supported",
-    "callActivity": "call activities are not imported yet",
+    "callActivity": "a call nbflow cannot resolve",
     "boundaryEvent": "boundary events are not imported yet",
     "scriptTask": "a script in the modeller's language; nbflow runs notebooks (point a "
                   "serviceTask at one with nbflow:notebook)",
@@ -290,8 +290,10 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
     problems = _Problems()
     refuse = problems.refuse
 
+    called = {c.get("calledElement") for c in root.iter(_b("callActivity"))}
     processes = [p for p in root.iter(_b("process"))
-                 if any(_local(c) not in _IGNORED for c in p if isinstance(c.tag, str))]
+                 if any(_local(c) not in _IGNORED for c in p if isinstance(c.tag, str))
+                 and p.get("id") not in called]
     if not processes:
         raise WorkflowError("the BPMN model has no process with flow elements to import")
     for extra in processes[1:]:
@@ -304,6 +306,7 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
     for mf in root.iter(_b("messageFlow")):
         refuse(mf)
     proc = processes[0]
+    _inline_call_activities(proc, root, base_dir, problems)
     _flatten_subprocesses(proc, problems)
     signal_names = {s.get("id"): s.get("name") or s.get("id") for s in root.iter(_b("signal"))}
 
@@ -556,6 +559,71 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
             if n.notebook and not os.path.isabs(n.notebook):
                 n.notebook = str((Path(base_dir) / n.notebook).resolve())
     return wf.validate()
+
+
+_REFS = ("sourceRef", "targetRef", "default", "attachedToRef")
+
+
+def _called_process(name: str, root, base_dir):
+    """The process a callActivity's calledElement names: in this file, else in a .bpmn file of
+    ``base_dir`` (the model's folder); None if neither has it."""
+    for p in root.iter(_b("process")):
+        if p.get("id") == name:
+            return p
+    if base_dir is None:
+        return None
+    for f in sorted(Path(base_dir).glob("*.bpmn")):
+        try:
+            other, _ = _parse(f)
+        except WorkflowError:
+            continue
+        for p in other.iter(_b("process")):
+            if p.get("id") == name:
+                return p
+    return None
+
+
+def _inline_call_activities(parent, root, base_dir, problems: _Problems, depth: int = 0) -> None:
+    """A callActivity whose calledElement is a process of this file or of a .bpmn file beside
+    it becomes an embedded sub-process holding a copy of that process (ids prefixed with the
+    call's id), then flattened like one. Calls of anything else are refused naming the call."""
+    import copy
+
+    for ca in [c for c in parent if isinstance(c.tag, str) and c.tag == _b("callActivity")]:
+        cid, name = ca.get("id") or "?", ca.get("calledElement") or ""
+        callee = _called_process(name, root, base_dir) if name else None
+        why = ("it names no calledElement" if not name else
+               f"calledElement {name!r} is not a process of this file or of a .bpmn file beside it"
+               if callee is None else
+               "calls nest more than 10 deep (a process calling itself?)" if depth >= 10 else "")
+        if any(_local(c) in ("multiInstanceLoopCharacteristics", "standardLoopCharacteristics")
+               for c in ca if isinstance(c.tag, str)):
+            why = "a looping or multi-instance call"
+        if why:
+            problems.refuse(ca, why)
+            continue
+        sp = etree.Element(_b("subProcess"), id=cid, name=ca.get("name") or callee.get("name")
+                           or "")
+        if ca.get("default"):
+            sp.set("default", ca.get("default"))
+        ids = {el.get("id") for el in callee.iter() if isinstance(el.tag, str) and el.get("id")}
+        for child in callee:
+            if not isinstance(child.tag, str) or _local(child) in ("laneSet",):
+                continue
+            c = copy.deepcopy(child)
+            for el in c.iter():
+                if not isinstance(el.tag, str):
+                    continue
+                if el.get("id"):
+                    el.set("id", f"{cid}__{el.get('id')}")
+                for attr in _REFS:
+                    if el.get(attr) in ids:
+                        el.set(attr, f"{cid}__{el.get(attr)}")
+                if _local(el) in ("incoming", "outgoing") and (el.text or "").strip() in ids:
+                    el.text = f"{cid}__{el.text.strip()}"
+            sp.append(c)
+        _inline_call_activities(sp, root, base_dir, problems, depth + 1)
+        parent.replace(ca, sp)
 
 
 def _flatten_subprocesses(parent, problems: _Problems) -> None:
