@@ -311,3 +311,27 @@ def test_notebooks_a_task_runs_are_found_in_the_bundle(tmp_path):
     shutil.rmtree(proj)
     nb = task_notebook(located(wf, str(unpacked)), "other")
     assert "rows = [1, 2]" in nb.cells[-2].source
+
+
+def test_a_bundle_already_in_the_store_is_not_uploaded_again(tmp_path):
+    import asyncio
+
+    from nbflow.worker.bundles import upload
+
+    class Art:
+        def __init__(self):
+            self.objects, self.puts = {}, 0
+
+        async def exists(self, name):
+            return name in self.objects
+
+        async def put_bytes(self, name, data):
+            self.puts += 1
+            self.objects[name] = data
+
+    art = Art()
+    one = packing.pack(str(_tree(tmp_path / "a", {"m.py": "X = 1\n"})))
+    same = packing.pack(str(_tree(tmp_path / "b", {"m.py": "X = 1\n"})))   # another folder
+    assert asyncio.run(upload(art, one)) is True
+    assert asyncio.run(upload(art, same)) is False
+    assert art.puts == 1 and list(art.objects) == [one.key]
