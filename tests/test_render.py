@@ -231,3 +231,74 @@ def test_label_symbols_exist_in_debians_default_font():
         assert "DejaVu Sans" in fonts, f"{what} symbol {ch!r} (U+{ord(ch):04X}) is not in DejaVu Sans"
     dot = to_dot(daily_report())
     assert all(ord(c) < 0x1F000 for c in dot), "an emoji crept into a label"
+
+
+# --- DOT: Graphviz routes edges around nodes and places labels off them ------------------------
+
+def _bezier_points(pos: str, steps: int = 12) -> list[tuple[float, float]]:
+    pts = [tuple(float(v) for v in p.split(",")[-2:]) for p in pos.split()
+           if not p.startswith(("s,", "e,"))]
+    out = []
+    for i in range(0, len(pts) - 3, 3):
+        p0, p1, p2, p3 = pts[i:i + 4]
+        for k in range(steps + 1):
+            t = k / steps
+            a, b, c, d = (1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2, t ** 3
+            out.append((a * p0[0] + b * p1[0] + c * p2[0] + d * p3[0],
+                        a * p0[1] + b * p1[1] + c * p2[1] + d * p3[1]))
+    return out
+
+
+def dot_overlaps(dot_text: str) -> list[str]:
+    """Edges (their drawn curves) through nodes other than their ends, and edge or external
+    labels on nodes, in Graphviz's own layout of `dot_text`."""
+    import json
+    import subprocess
+
+    g = json.loads(subprocess.run(["dot", "-Tjson"], input=dot_text, capture_output=True,
+                                  text=True, check=True).stdout)
+    boxes = {}
+    for o in g.get("objects", []):
+        if "pos" in o and "width" in o:
+            x, y = (float(v) for v in o["pos"].split(","))
+            w, h = float(o["width"]) * 72 / 2 - 2, float(o["height"]) * 72 / 2 - 2
+            boxes[o["_gvid"]] = (o["name"], x - w, y - h, x + w, y + h)
+
+    def inside(p, b):
+        return b[1] < p[0] < b[3] and b[2] < p[1] < b[4]
+
+    bad = []
+    for e in g.get("edges", []):
+        for gid, b in boxes.items():
+            if gid in (e["tail"], e["head"]):
+                continue
+            if any(inside(p, b) for p in _bezier_points(e["pos"])):
+                bad.append(f"edge {boxes[e['tail']][0]}->{boxes[e['head']][0]} through {b[0]}")
+            if "lp" in e and inside(tuple(float(v) for v in e["lp"].split(",")), b):
+                bad.append(f"label of {boxes[e['tail']][0]}->{boxes[e['head']][0]} on {b[0]}")
+    for o in g.get("objects", []):
+        if "xlp" in o:
+            p = tuple(float(v) for v in o["xlp"].split(","))
+            bad += [f"label of {o['name']} on {b[0]}" for gid, b in boxes.items()
+                    if gid != o["_gvid"] and inside(p, b)]
+    return bad
+
+
+DOT_NOTEBOOKS = sorted(p for p in [*(Path(__file__).parent / "data").glob("*.ipynb"),
+                                   *(Path(__file__).parent.parent / "notebooks").glob("*.ipynb")]
+                       if not p.name.startswith(("bad_", "not_a_", "empty")))
+
+
+@pytest.mark.needs_dot
+@pytest.mark.parametrize("path", DOT_NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_dot_edges_go_around_nodes(path):
+    from nbflow.compiler import compile_notebook
+
+    assert dot_overlaps(to_dot(compile_notebook(path))) == []
+
+
+@pytest.mark.needs_dot
+def test_dot_overlap_detector_can_fail():
+    pinned = ('digraph{layout=neato; splines=line; node[shape=box]; a[pos="0,0!"]; '
+              'b[pos="1.5,0!"]; c[pos="3,0!"]; a->c}')          # a straight line through b
+    assert dot_overlaps(pinned) == ["edge a->c through b"]
