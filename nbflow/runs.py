@@ -101,7 +101,8 @@ class Runs:
         if not wf.requires:
             mods = {m for m in packing.workflow_modules(wf)
                     if not (folder and packing.local_module(folder, m))}
-            changes["requires"] = packing.module_versions(mods)
+            changes["requires"] = await asyncio.get_running_loop().run_in_executor(
+                None, packing.module_versions, mods)
         if wf.bundle is None and folder and os.path.isdir(folder) and bundles.enabled(bundle):
             try:
                 b = await asyncio.get_running_loop().run_in_executor(

@@ -320,22 +320,29 @@ def local_module(folder: str, mod: str) -> bool:
         return False
 
 
+_versions: dict[str, str] = {}
+_dists: dict[str, list[str]] | None = None
+
+
 def module_versions(mods: set[str]) -> dict[str, str]:
-    """{module: installed distribution version, or "" when not from a distribution}."""
+    """{module: installed distribution version, or "" when not from a distribution}. Cached per
+    process: scanning every installed distribution takes about a second."""
+    global _dists
     from importlib import metadata
 
-    try:
-        dists = metadata.packages_distributions()
-    except Exception:  # noqa: BLE001 - broken metadata must not stop a submit
-        dists = {}
-    out = {}
-    for m in sorted(mods):
+    todo = [m for m in mods if m not in _versions]
+    if todo and _dists is None:
+        try:
+            _dists = metadata.packages_distributions()
+        except Exception:  # noqa: BLE001 - broken metadata must not stop a submit
+            _dists = {}
+    for m in todo:
         version = ""
-        for d in dists.get(m, []):
+        for d in (_dists or {}).get(m, []):
             try:
                 version = metadata.version(d)
                 break
             except Exception:  # noqa: BLE001
                 continue
-        out[m] = version
-    return out
+        _versions[m] = version
+    return {m: _versions[m] for m in sorted(mods)}

@@ -91,6 +91,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._running: set[asyncio.Task] = set()
         self._held: dict[tuple[str, str, int], list] = {}
+        self._env_checks: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
         self.done = 0
 
     async def start(self) -> None:
@@ -397,7 +398,11 @@ class Worker:
         except BundleError as e:
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
                         error=f"{type(e).__name__}: {e}")
-        missing, warnings = environment.check(wf, node_id, cwd)
+        env_key = (task["wf"], node_id)
+        if env_key not in self._env_checks:       # the first check scans installed packages
+            self._env_checks[env_key] = await asyncio.get_running_loop().run_in_executor(
+                None, environment.check, wf, node_id, cwd)
+        missing, warnings = self._env_checks[env_key]
         if missing:
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
                         error=environment.missing_error(missing, node_id, self.name, wf))
