@@ -23,7 +23,7 @@ from nbflow.core.fingerprint import fingerprints
 from nbflow.runs import BundleWarning, Runs, _reuse_entry, _task_ids, new_run_id, whoami  # noqa: F401
 from nbflow.nats import infra
 from nbflow.core.events import Event, decode, make, task_key
-from nbflow.nats.layout import MSG_ID, Layout, default_namespace
+from nbflow.nats.layout import MSG_ID, SIGNAL_NAME_RE, Layout, default_namespace
 from nbflow.core.state import RUN_FINAL, RunState, apply
 
 def parse_param(value: str, default: Any = None) -> Any:
@@ -61,11 +61,16 @@ class Client(Runs):
         """``reconnect``: ride out server restarts and leader moves (long-lived clients such as
         widgets); a one-shot CLI command fails fast instead."""
         url = resolve_url(url)
-        nc = await infra.connect(infra.ConnectOptions.from_env(url, **conn), name="nbflow-client",
-                                 reconnect=reconnect)
-        c = cls(nc, Layout(default_namespace() if namespace is None else namespace))
+        opts = infra.ConnectOptions.from_env(url, **conn)
+        nc = await infra.connect(opts, name="nbflow-client", reconnect=reconnect)
         try:
-            await infra.ensure(c.js, c.L)
+            c = cls(nc, Layout(default_namespace() if namespace is None else namespace))
+        except ValueError as e:
+            await nc.close()
+            raise NbflowError(str(e)) from None
+        c.auth_user = opts.user or ""
+        try:
+            await infra.guarded(nc, infra.ensure(c.js, c.L))
         except Transient as e:
             await nc.close()
             raise Transient(f"NATS at {infra.redact(url)} did not answer while checking "
@@ -74,6 +79,39 @@ class Client(Runs):
             await nc.close()
             raise NbflowError(f"NATS at {infra.redact(url)} refused nbflow's streams: {e}") from None
         return c
+
+    auth_user = ""
+
+    def principal(self, by: str | None = None) -> str:
+        """Who decides, as the decide service will record it: the authenticated NATS user
+        (``--as`` may not claim anyone else); on a server without users, the declared name."""
+        claimed = _subject_token(by) if by else ""
+        if self.auth_user:
+            if claimed and claimed != _subject_token(self.auth_user):
+                raise NbflowError(
+                    f"you are connected as NATS user {self.auth_user!r}: decisions are recorded "
+                    f"under that user, and --as {by!r} cannot claim another identity")
+            return _subject_token(self.auth_user)
+        return claimed or _subject_token(whoami())
+
+    async def _decide(self, what: str, by: str | None, body: dict) -> dict:
+        """A request to the engine's decide service on ``decide.<user>.<what>``."""
+        import nats.errors
+
+        who = self.principal(by)
+        try:
+            msg = await infra.guarded(self.nc, self.nc.request(
+                self.L.decide_subject(who, what), json.dumps(body).encode(), timeout=15))
+        except infra.PermissionDenied as e:
+            raise NbflowError(f"{e}: this user may not {what} as {who!r}") from None
+        except nats.errors.NoRespondersError:
+            raise NbflowError(f"no nbflow engine is running for namespace "
+                              f"{self.L.namespace or '(default)'} to record the {what}; "
+                              f"start one (`nbflow up` or `nbflow engine`)") from None
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            raise NbflowError(f"the engine did not answer the {what} request within 15 s; "
+                              f"try again") from None
+        return json.loads(msg.data)
 
     async def close(self) -> None:
         await self.nc.close()
@@ -269,50 +307,40 @@ class Client(Runs):
 
     async def approve(self, run: str, task: str, approved: bool = True, by: str | None = None,
                       comment: str = "") -> dict[str, Any]:
-        """Decide a pending approval. Exactly one decision wins; a loser gets AlreadyDecided
-        naming who decided first."""
+        """Decide a pending approval through the engine's decide service, as the authenticated
+        user. Exactly one decision wins; a loser gets AlreadyDecided naming who decided first."""
         st = await self.status(run)
+        self.principal(by)                      # refuse a claimed identity before deciding
         ns = st.nodes.get(task)
         if ns is None:
             raise NbflowError(f"run {st.run} has no task {task!r} (tasks: "
                               f"{', '.join(k for k in st.nodes if k not in ('start', 'end'))})")
         ap = await self.kv(self.L.approvals_bucket)
         key = f"{st.run}.{task}"
-        entry, rec = await self._approval_entry(ap, key, wait=ns.state == "awaiting_approval")
+        try:
+            entry, rec = await infra.guarded(self.nc, self._approval_entry(
+                ap, key, wait=ns.state == "awaiting_approval"))
+        except infra.PermissionDenied as e:
+            raise NbflowError(f"{e}: this user may not read or decide approvals") from None
         if rec and rec.get("state") != "pending":
             if ns.state == "awaiting_approval" and rec.get("state") in ("approved", "rejected"):
-                # decided in the bucket but never reached the history (the decider died in
-                # between): finish the decider's job — same msg id, so at most once
-                await self._publish_decision(st.run, task, rec)
+                # decided but not (yet) in the history: the engine re-publishes it (same id)
+                await self._decide("approve", by, {"run": st.run, "node": task})
             raise AlreadyDecided(_decided_msg(st.run, task, rec), rec)
         if ns.state != "awaiting_approval" or entry is None:
             if ns.approval and ns.approval.get("state") not in (None, "pending"):
                 raise AlreadyDecided(_decided_msg(st.run, task, ns.approval), ns.approval)
             raise NbflowError(f"task {task!r} of run {st.run} is not awaiting approval "
                               f"(it is {ns.state})")
-        who = by or whoami()
-        decision = {**rec, "state": "approved" if approved else "rejected", "by": who,
-                    "comment": comment, "at": time.time()}
-        decision.pop("token", None)      # single use: the token is consumed by this decision
-        try:
-            await ap.update(key, json.dumps(decision).encode(), last=entry.revision)
-        except NatsError as e:   # CAS lost (Conflict), or not allowed to write
-            won = json.loads((await ap.get(key)).value)
-            if won.get("state") != "pending":
-                raise AlreadyDecided(_decided_msg(st.run, task, won), won) from None
-            raise NbflowError(
-                f"could not record the decision on {task!r} of run {st.run} "
-                f"({type(e).__name__}: {e or 'no reply'}): does this NATS user have permission "
-                f"to publish on $KV.{self.L.approvals_bucket}.{key}? Workers are not allowed "
-                f"to approve") from None
-        await self._publish_decision(st.run, task, decision)
-        return decision
-
-    async def _publish_decision(self, run: str, task: str, rec: dict[str, Any]) -> None:
-        ev = make("ApprovalDecided", run, node=task, approved=rec["state"] == "approved",
-                  by=rec["by"], comment=rec.get("comment") or None)
-        await self.streams.publish(self.L.history_subject(run), ev.encode(),
-                                   headers={MSG_ID: f"approval.{run}.{task}"})
+        out = await self._decide("approve", by, {"run": st.run, "node": task,
+                                                 "approved": bool(approved), "comment": comment,
+                                                 "token": rec.get("token", "")})
+        if out.get("ok"):
+            return out["decision"]
+        if out.get("kind") == "already_decided":
+            won = out["decision"]
+            raise AlreadyDecided(_decided_msg(st.run, task, won), won)
+        raise NbflowError(f"could not decide {task!r} of run {st.run}: {out.get('error')}")
 
     async def _approval_entry(self, ap, key: str, wait: bool, timeout: float = 10.0):
         """The approvals KV entry; when history already says 'awaiting approval' the engine
@@ -327,6 +355,7 @@ class Client(Runs):
             await asyncio.sleep(0.05)
 
     async def signal(self, run: str, name: str, value: Any = None, by: str | None = None) -> None:
+        check_signal_name(name)
         st = await self._running(run, "a signal")
         wf = await self.workflow(st.wf)
         waits = sorted({n.wait_signal for n in wf.nodes if n.wait_signal})
@@ -337,12 +366,10 @@ class Client(Runs):
             json.dumps(value)
         except TypeError as e:
             raise NbflowError(f"signal value must be JSON: {e}") from None
-        sig = await self.kv(self.L.signals_bucket)
-        await sig.put(f"{st.run}.{name}", json.dumps({"value": value, "by": by or whoami(),
-                                                      "at": time.time()}).encode())
-        ev = make("SignalSent", st.run, name=name, value=value, by=by or whoami())
-        await self.streams.publish(self.L.history_subject(st.run), ev.encode(),
-                                   headers={MSG_ID: f"signal.{st.run}.{name}"})
+        out = await self._decide("signal", by, {"run": st.run, "name": name, "value": value})
+        if not out.get("ok"):
+            raise NbflowError(f"could not send signal {name!r} to run {st.run}: "
+                              f"{out.get('error')}")
 
     async def retry(self, run: str, by: str | None = None, same_code: bool = False) -> str:
         """A new run of a failed/rejected/cancelled run, with the same parameters.
@@ -489,6 +516,19 @@ class Client(Runs):
 
 def _node_task_dicts(st: RunState, node_id: str) -> dict[str, dict[str, Any]]:
     return {t.key: dict(t.__dict__) for t in st.tasks.values() if t.node == node_id}
+
+
+def _subject_token(name: str) -> str:
+    """A user name as one NATS subject token (what the decide subjects carry)."""
+    out = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in name)
+    return out[:64] or "unknown"
+
+
+def check_signal_name(name: str) -> str:
+    if not isinstance(name, str) or not SIGNAL_NAME_RE.match(name):
+        raise NbflowError(f"signal name {name!r} is invalid: use 1-64 ASCII letters, digits, "
+                          f"'_' or '-' (no spaces, dots, '*' or '>')")
+    return name
 
 
 def _decided_msg(run: str, task: str, rec: dict[str, Any]) -> str:

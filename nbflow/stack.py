@@ -32,16 +32,24 @@ STORE_LOCK = "store.lock"         # held by the nats-server that has the store o
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
-    if path:
-        p = Path(path)
-    elif os.environ.get("NBFLOW_HOME"):
-        p = Path(os.environ["NBFLOW_HOME"])
-    else:
-        base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
-        p = Path(base) / "nbflow"
-    p = p.expanduser().resolve()
-    p.mkdir(parents=True, exist_ok=True)
+    """The stack's data dir, created private (0700): it holds the credentials and the logs."""
+    from nbflow.nats.auth import default_data_dir
+
+    p = Path(path).expanduser().resolve() if path else default_data_dir()
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        if p.stat().st_uid == os.getuid() and p.stat().st_mode & 0o077:
+            p.chmod(0o700)
+    except OSError:
+        pass
     return p
+
+
+def _open_private(path: Path, mode: str = "ab"):
+    """A log or state file only its owner can read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC),
+                 0o600)
+    return os.fdopen(fd, mode)
 
 
 def nats_server_binary() -> str:
@@ -110,8 +118,9 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         lock = lock_store(self.store_dir, timeout=min(timeout, 15.0))   # before touching it
         conf = self.store_dir / "nats-server.conf"
-        conf.write_text(self.config())
-        logf = open(self.log_file, "ab")
+        with _open_private(conf, "w") as f:          # may hold the users' passwords
+            f.write(self.config())
+        logf = _open_private(self.log_file, "ab")
         try:
             self.proc = subprocess.Popen(
                 [nats_server_binary(), "-c", str(conf)], stdout=logf, stderr=subprocess.STDOUT,
@@ -156,13 +165,15 @@ class Supervisor:
     def __init__(self, url: str, *, workers: int = 2, engines: int = 1, namespace: str | None = None,
                  concurrency: int = 1, log_file: str | os.PathLike | None = None,
                  engine_env: dict[str, str] | None = None, env: dict[str, str] | None = None,
-                 die_with_parent: bool = False):
+                 die_with_parent: bool = False,
+                 role_env: dict[str, dict[str, str]] | None = None):
         self.url, self.namespace = url, namespace
         self.n_workers, self.n_engines, self.concurrency = workers, engines, concurrency
         self.log_file = log_file
         self.engine_env = engine_env or {}
         self.env = env or {}
         self.die_with_parent = die_with_parent
+        self.role_env = role_env or {}               # per kind: e.g. which stack user to be
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts = 0
         self._spawned: set[str] = set()
@@ -174,11 +185,11 @@ class Supervisor:
         cmd = [sys.executable, "-m", "nbflow", kind, "--nats", self.url]
         if kind == "worker":
             cmd += ["--concurrency", str(self.concurrency)]
-        env = {**_child_env(self.namespace), **self.env}
+        env = {**_child_env(self.namespace), **self.env, **self.role_env.get(kind, {})}
         if kind == "engine" and name not in self._spawned:
             env.update(self.engine_env)            # e.g. fault injection: first start only
         self._spawned.add(name)
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        out = _open_private(Path(self.log_file)) if self.log_file else subprocess.DEVNULL
         p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL,
                              preexec_fn=_child_setup(self.die_with_parent))
@@ -417,17 +428,21 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
         workers = max(1, os.cpu_count() or 1)
     if workers < 0:
         raise StackError(f"--workers must be 0 or more, not {workers}")
-    server = _start_server(d, port or _default_port())
-    sup = Supervisor(server.url, workers=workers, namespace=namespace,
-                     log_file=d / LOG_FILE, die_with_parent=True).start()
+    auth_conf = stack_authorization(d, namespace)
+    server = _start_server(d, port or _default_port(), auth_conf)
+    _create_streams(d, server.url, namespace)
 
     def record():
         info = {"pid": os.getpid(), "url": server.url, "port": server.port, "data": str(d),
-                "workers": workers, "started": time.time(), "server_pid": server.proc.pid}
+                "workers": workers, "started": time.time(), "server_pid": server.proc.pid,
+                "namespace": namespace}
         tmp = d / (STACK_FILE + ".tmp")
-        tmp.write_text(json.dumps(info))
+        with _open_private(tmp, "w") as f:
+            f.write(json.dumps(info))
         os.replace(tmp, d / STACK_FILE)
-    record()
+    record()                             # before the children: they find their credentials by it
+    sup = Supervisor(server.url, workers=workers, namespace=namespace, log_file=d / LOG_FILE,
+                     die_with_parent=True, role_env=stack_role_env(d)).start()
     stopping = []
 
     def _stop(*_):
@@ -439,7 +454,7 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
         echo(f"nbflow stack up: {server.url} · data {d} · {workers} worker(s) · Ctrl-C to stop")
         while not stopping:
             if server.proc.poll() is not None:          # the server died: restart it
-                server = _start_server(d, server.port)
+                server = _start_server(d, server.port, stack_authorization(d, namespace))
                 record()
             sup.check()
             time.sleep(0.5)
@@ -457,14 +472,61 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
     return 0
 
 
-def _start_server(d: Path, port: int) -> NatsServer:
+def _start_server(d: Path, port: int, extra_conf: str = "") -> NatsServer:
     """Our nats-server on ``port``, else (taken by someone else) on a free port."""
     try:
-        return NatsServer(d, port=port, die_with_parent=True).start()
+        return NatsServer(d, port=port, die_with_parent=True, extra_conf=extra_conf).start()
     except StackError:
         if store_holders(d):             # the store is the problem, not the port
             raise
-        return NatsServer(d, port=free_port(), die_with_parent=True).start()
+        return NatsServer(d, port=free_port(), die_with_parent=True,
+                          extra_conf=extra_conf).start()
+
+
+# --- credentials of the embedded stack (nats/auth.py has the roles) ---------------------------
+
+def stack_authorization(d: Path, namespace: str | None) -> str:
+    """Generate the stack's users on first start (credentials.json, 0600) and return the
+    nats-server ``authorization`` block that enforces their roles."""
+    from nbflow.client import whoami
+    from nbflow.nats import auth
+    from nbflow.nats.layout import Layout, default_namespace
+
+    creds = auth.ensure_credentials(d, _owner_name(whoami()))
+    ns = default_namespace() if namespace is None else namespace
+    return auth.authorization_conf(creds, [Layout(ns)])
+
+
+def _owner_name(who: str) -> str:
+    clean = "".join(c if c.isalnum() or c in "_-" else "_" for c in who)[:64]
+    return clean or "owner"
+
+
+def stack_role_env(d: Path) -> dict[str, dict[str, str]]:
+    """Which stack user each child connects as (its password is read from the data dir)."""
+    path = str(d / "credentials.json")
+    return {"engine": {"NBFLOW_NATS_USER": "engine", "NBFLOW_STACK_CREDENTIALS": path},
+            "worker": {"NBFLOW_NATS_USER": "worker", "NBFLOW_STACK_CREDENTIALS": path}}
+
+
+def _create_streams(d: Path, url: str, namespace: str | None) -> None:
+    """Create nbflow's streams as the engine before workers start (they may not create)."""
+    import asyncio
+
+    from nbflow.nats import auth, infra
+    from nbflow.nats.layout import Layout, default_namespace
+
+    user, pw = "engine", auth.load_credentials(d)["users"]["engine"]["password"]
+
+    async def go():
+        nc = await infra.connect(infra.ConnectOptions(url=url, user=user, password=pw),
+                                 name="nbflow-stack", reconnect=False)
+        try:
+            ns = default_namespace() if namespace is None else namespace
+            await infra.ensure(nc.jetstream(), Layout(ns), look_first=False)
+        finally:
+            await nc.close()
+    asyncio.run(go())
 
 
 def _default_port() -> int:
@@ -483,7 +545,7 @@ def ensure_background(data: str | None = None, timeout: float = 60.0) -> str:
     info = read_stack(d)
     if info and _connectable(info["url"]):
         return info["url"]
-    log = open(d / LOG_FILE, "ab")
+    log = _open_private(d / LOG_FILE)
     subprocess.Popen([sys.executable, "-m", "nbflow", "up", "--data", str(d)], stdout=log,
                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                      env=_child_env(None))

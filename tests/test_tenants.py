@@ -73,9 +73,10 @@ accounts {
     jetstream: enabled
     users: [
       { user: a, password: "%(a)s" }
-      # the worker of tenant A may do everything a worker does, but not write approvals
+      # the worker of tenant A may do everything a worker does, but neither write approval
+      # records nor ask the engine's decide service (the README's recommended set-up)
       { user: aworker, password: "%(aworker)s",
-        permissions: { publish: { deny: ["$KV.nbflow_approvals.>"] } } }
+        permissions: { publish: { deny: ["$KV.nbflow_approvals.>", "nbflow.decide.>"] } } }
     ]
   }
   TENANT_B: {
@@ -133,9 +134,9 @@ def test_accounts_tenant_a_cannot_read_or_approve_b(accounts):
             call()
     # B's run is untouched, and B's own approval works
     assert [e.to_dict() for e in b.history(runs["b"])] == before
-    b.approve(runs["b"], "publish", True, by="bea")
+    b.approve(runs["b"], "publish", True)          # recorded as the authenticated user
     st = b.wait(runs["b"], timeout=90)
-    assert st.state == "succeeded" and st.nodes["publish"].approval["by"] == "bea"
+    assert st.state == "succeeded" and st.nodes["publish"].approval["by"] == "b"
     check_replay(b, runs["b"])
 
 
@@ -144,7 +145,7 @@ def test_a_worker_user_cannot_approve(accounts):
     w, a = clients["aworker"], clients["a"]
     run = runs["a"]
     with pytest.raises(Exception) as e:          # noqa: PT011 - see the xfail below for the type
-        w.approve(run, "publish", True, by="worker")
+        w.approve(run, "publish", True)
     assert "Traceback" not in str(e.value)
     st = a.status(run)
     assert st.nodes["publish"].state == "awaiting_approval"
@@ -156,7 +157,7 @@ def test_a_worker_user_cannot_approve(accounts):
 def test_a_worker_users_approve_says_permission_denied(accounts):
     clients, runs, _ = accounts
     with pytest.raises(NbflowError, match="(?i)permission") as e:
-        clients["aworker"].approve(runs["a"], "publish", True, by="worker")
+        clients["aworker"].approve(runs["a"], "publish", True)
     assert not isinstance(e.value, AlreadyDecided)
 
 
@@ -184,21 +185,71 @@ def test_a_worker_user_cannot_forge_an_approval_on_history(accounts):
     check_replay(a, run)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the decider's identity is self-declared: ApprovalDecided.by and the approvals record take "
-    "`by` (--as / NBFLOW_USER / OS user) from the caller, and nothing records the authenticated "
-    "NATS user. Fix: decide approvals through an engine request/reply endpoint (NATS micro) on "
-    "an account export with `response`-side client info (Nats-Request-Info / $SYS user info) "
-    "and record {by, nats_user, account} in the event and KV record"))
+def test_a_forged_decision_with_the_genuine_message_id_neither_decides_nor_blocks(
+        tmp_path, accounts):
+    """The reproduced attack (issue 13): the worker user — denied on the approvals bucket, still
+    allowed to publish history — publishes ApprovalDecided with the id the genuine decision
+    used to have (approval.RUN.TASK). Then the real approval via `nbflow approve` succeeds and
+    the run continues."""
+    from click.testing import CliRunner
+
+    from nbflow.cli.main import main as cli
+
+    clients, _, srv = accounts
+    w, a = clients["aworker"], clients["a"]
+    run = a.submit(str(approval_notebook(tmp_path / "forge.ipynb")), {})
+    awaiting(a, run, "publish")
+    ev = make("ApprovalDecided", run, node="publish", approved=True, by="ceo@corp")
+
+    async def publish():
+        return await w.aclient.js.publish(w.aclient.L.history_subject(run), ev.encode(),
+                                          headers={MSG_ID: f"approval.{run}.publish"})
+    ack = w._call(publish())
+    assert not ack.duplicate
+    wait_for(lambda: [d for d in _dead_letters(a) if f'"run":"{run}"' in d.get("data", "")],
+             60, "the engine to dead-letter the forgery")
+    assert a.status(run).nodes["publish"].state == "awaiting_approval"
+    r = CliRunner().invoke(cli, ["approve", run, "publish", "--nats", srv.url,
+                                 "--namespace", ""],
+                           env={"NBFLOW_NATS_USER": "a", "NBFLOW_NATS_PASSWORD": PW["a"]})
+    assert r.exit_code == 0, r.output
+    st = a.wait(run, timeout=90)
+    assert st.state == "succeeded"
+    assert st.nodes["publish"].approval["by"] == "a"
+    decided = [e for e in a.history(run) if e.type == "ApprovalDecided"]
+    assert len(decided) == 1 and decided[0]["by"] == "a"
+    check_replay(a, run)
+
+
+def _dead_letters(c) -> list[dict]:
+    async def read():
+        out, seq = [], 1
+        L = c.aclient.L
+        while True:
+            try:
+                m = await c.aclient.js.get_msg(L.deadletter_stream, seq=seq, next=True)
+            except Exception:  # noqa: BLE001 - no more
+                return out
+            out.append(json.loads(m.data))
+            seq = m.seq + 1
+    return c._call(read())
+
+
 def test_the_recorded_decider_is_the_authenticated_user(tmp_path, accounts):
+    """Decisions go through the engine's decide service on decide.<user>.approve: the decider
+    is the authenticated NATS user, and --as cannot claim anyone else."""
     clients, _, srv = accounts
     a = clients["a"]
     nb = approval_notebook(tmp_path / "who.ipynb")
     run = a.submit(str(nb), {})
     awaiting(a, run, "publish")
-    a.approve(run, "publish", True, by="the-ceo")
+    with pytest.raises(NbflowError, match="cannot claim another identity"):
+        a.approve(run, "publish", True, by="the-ceo")
+    assert a.status(run).nodes["publish"].state == "awaiting_approval"
+    a.approve(run, "publish", True)
     decided = next(e for e in a.history(run) if e.type == "ApprovalDecided")
-    assert decided.get("nats_user") == "a" or decided["by"] == "a"
+    assert decided["by"] == "a"
+    assert a.wait(run, timeout=90).nodes["publish"].approval["by"] == "a"
 
 
 def _approval_record(c, key):

@@ -49,6 +49,7 @@ _SPEC: dict[str, dict[str, tuple[Any, bool]]] = {
     "ApprovalDecided": {
         "node": (str, True), "approved": (bool, True), "by": (str, True),
         "comment": (str, False), "reason": (str, False),
+        "decision": (str, False),    # the decide service's id of this decision (engine/decide.py)
     },
     "SignalSent": {"name": (str, True), "value": (_ANY, False), "by": (str, False)},
     # a durable timer (retry backoff, --sleep/--at, approval timeout) went off

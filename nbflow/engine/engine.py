@@ -84,7 +84,7 @@ class Engine:
 
     # --- setup --------------------------------------------------------------------------------
     async def start(self, replicas: int | None = None) -> None:
-        await infra.ensure(self.js, self.L, replicas)
+        await infra.ensure(self.js, self.L, replicas, look_first=False)
         self.runs_kv = await KV.open(self.js, self.L.runs_bucket, role="engine")
         self.defs_kv = await KV.open(self.js, self.L.defs_bucket, role="engine")
         self.approvals_kv = await KV.open(self.js, self.L.approvals_bucket, role="engine")
@@ -99,6 +99,10 @@ class Engine:
             stream=self.L.timers_stream,
             config=infra.consumer_config(self.L.timers_consumer, self.L.timer_fire_subject(">"),
                                          ACK_WAIT_S, 10_000))
+        from nbflow.engine.decide import DecideService   # approvals and signals, by subject
+
+        self.decide = DecideService(self)
+        await self.decide.start()
         from nbflow.schedules.scheduler import Scheduler  # schedules & triggers
         self.scheduler = Scheduler(self.nc, self.L, self._stop)
         await self.scheduler.start()
@@ -340,16 +344,18 @@ class Engine:
                      MSG_ID: f"sched.{c['id']}"})
 
     async def _decision_recorded(self, ev: Event) -> bool:
-        """An approval counts only when it was decided through the approvals bucket (single-use
-        token, compare-and-set): a decision published straight onto the history stream by
-        anyone else is removed from the history and dead-lettered, never applied."""
+        """An approval counts only when the decide service recorded it (authenticated decider,
+        single-use token, compare-and-set, fresh decision id): a decision published straight
+        onto the history stream by anyone else is removed from the history and dead-lettered,
+        never applied."""
+        from nbflow.engine.decide import decision_is_genuine
+
         # a failed read (Transient) propagates: the batch is redelivered, never dead-lettered
         try:
             rec = json.loads((await self.approvals_kv.get(f"{ev.run}.{ev['node']}")).value)
         except NotFound:         # no such approval was ever requested
             rec = {}
-        want = "approved" if ev["approved"] else "rejected"
-        if rec.get("state") == want and rec.get("by") == ev["by"]:
+        if decision_is_genuine(ev, rec):
             return True
         await self._dead_letter_raw(self.L.history_subject(ev.run), ev.encode(),
                                     f"ApprovalDecided for {ev['node']!r} was not decided through "

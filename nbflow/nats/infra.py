@@ -12,9 +12,10 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import ssl
+import time
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import nats
 from nats.errors import NoServersError
@@ -22,23 +23,86 @@ from nats.js.api import (ConsumerConfig, DiscardPolicy, KeyValueConfig, ObjectSt
                          RetentionPolicy, StorageType, StreamConfig)
 from nats.js.errors import BadRequestError, NotFoundError
 
-from nbflow.errors import ConnectError
+from nbflow.errors import ConnectError, Permission
+from nbflow.nats import auth
 from nbflow.nats.layout import DUPLICATE_WINDOW_S, Layout
 
 STREAM_NAME_IN_USE = 10058      # JSStreamNameExistErr: exists with another configuration
 
 
+class PermissionDenied(Permission, PermissionError):
+    """nats-server refused a publish or subscription of this NATS user (its permissions)."""
+
+    def __init__(self, user: str, action: str, subject: str):
+        self.user, self.action, self.subject = user, action, subject
+        who = f"NATS user {user!r}" if user else "this NATS connection"
+        super().__init__(f"permission denied: {who} may not {action} {subject!r} "
+                         f"(its role does not allow it; see the README's Security section)",
+                         op=action, what=subject)
+
+
 def redact(url: str) -> str:
-    """A URL safe to print: user:password and tokens replaced by ***."""
+    """A URL safe to print: user:password and tokens replaced by ***, with or without a
+    scheme (``bob:pw@host:4222``)."""
     out = []
     for part in url.split(","):
-        p = urlparse(part.strip())
-        if p.username or p.password:
-            host = p.hostname or ""
-            port = f":{p.port}" if p.port else ""
-            part = f"{p.scheme}://***@{host}{port}"
+        part = part.strip()
+        if "@" in part:
+            scheme, sep, rest = part.rpartition("://")
+            host = rest.rpartition("@")[2]
+            part = f"{scheme}{sep}***@{host}"
         out.append(part)
     return ",".join(out)
+
+
+_DENIED_RE = re.compile(r"permissions violation for (publish|subscription) to \"?([^\"\s']+)",
+                        re.IGNORECASE)
+
+
+class _Denials:
+    """Permission violations the server reported on one connection (it reports them
+    asynchronously: a denied request would otherwise just time out)."""
+
+    def __init__(self, user: str):
+        self.user = user
+        self.waiters: set[asyncio.Future] = set()
+        self.last: tuple[float, str, str] | None = None
+
+    def record(self, text: str) -> bool:
+        m = _DENIED_RE.search(text)
+        if not m:
+            return False
+        action = "publish to" if m.group(1).lower() == "publish" else "subscribe to"
+        self.last = (time.monotonic(), action, m.group(2))
+        for f in list(self.waiters):
+            if not f.done():
+                f.set_result((action, m.group(2)))
+        return True
+
+
+async def guarded(nc, aw):
+    """Await ``aw``; when the server reports a permission violation meanwhile, cancel it and
+    raise PermissionDenied naming the user and the subject (instead of a timeout)."""
+    d: _Denials | None = getattr(nc, "_nbflow_denials", None)
+    if d is None:
+        return await aw
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    d.waiters.add(fut)
+    task = asyncio.ensure_future(aw)
+    try:
+        await asyncio.wait({task, fut}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        d.waiters.discard(fut)
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # noqa: BLE001 - cancelled on purpose
+        pass
+    action, subject = fut.result()
+    raise PermissionDenied(d.user, action, subject)
 
 
 @dataclass
@@ -68,6 +132,10 @@ class ConnectOptions:
         for k, v in overrides.items():
             if v is not None:
                 setattr(o, k, v)
+        if o.url and not (o.creds or o.nkey or o.token or o.password or "@" in o.url):
+            found = auth.local_credentials(o.url, o.user)   # this machine's embedded stack
+            if found:
+                o.user, o.password = found
         return o
 
 
@@ -89,6 +157,10 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
         kw["token"] = opts.token
     if opts.user:
         kw["user"], kw["password"] = opts.user, opts.password or ""
+        try:     # replies to this user only: roles may subscribe to their own inbox alone
+            kw["inbox_prefix"] = auth.inbox_prefix(auth.check_user_name(opts.user))
+        except ValueError:
+            pass
     if opts.tls_ca or opts.tls_cert:
         try:
             ctx = ssl.create_default_context(cafile=opts.tls_ca)
@@ -100,7 +172,12 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
         kw["tls"] = ctx
     errors: list[str] = []
 
+    denials = _Denials(opts.user or "")
+
     async def _err(e):            # nats-py logs connection errors through this callback
+        if denials.record(str(e)):
+            logging.getLogger("nbflow").debug("NATS: %s", e)
+            return
         errors.append(str(e) or type(e).__name__)
 
     kw["error_cb"] = _err
@@ -110,9 +187,9 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
     except (NoServersError, OSError, asyncio.TimeoutError, nats.errors.Error) as e:
         # the server's -ERR (e.g. 'Authorization Violation') may be followed by a reset: say
         # the reason, not the symptom
-        auth = [x for x in errors if "authorization" in x.lower() or "tls" in x.lower()
-                or "certificate" in x.lower()]
-        why = auth[-1] if auth else errors[-1] if errors else (str(e) or type(e).__name__)
+        refused = [x for x in errors if "authorization" in x.lower() or "tls" in x.lower()
+                   or "certificate" in x.lower()]
+        why = refused[-1] if refused else errors[-1] if errors else (str(e) or type(e).__name__)
         raise ConnectError(
             f"cannot reach NATS at {redact(opts.url)}: {why}. Is nats-server running there? "
             f"(leave --nats and NBFLOW_NATS_URL unset to use the embedded stack)") from None
@@ -120,6 +197,7 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
         # a site's leaf node without JetStream reaches the hub's as $JS.<domain>.API: every
         # nc.jetstream() of this connection speaks to that domain
         nc.jetstream = functools.partial(nc.jetstream, domain=opts.domain)
+    nc._nbflow_denials = denials
     return nc
 
 
@@ -141,22 +219,31 @@ def _check_credential_files(opts: ConnectOptions) -> None:
 
 # --- infrastructure ----------------------------------------------------------------------------
 
-async def ensure(js, layout: Layout, replicas: int | None = None) -> None:
+async def ensure(js, layout: Layout, replicas: int | None = None, look_first: bool = True) -> None:
     """Create every stream, bucket and store nbflow needs (no-op when they exist).
 
     ``replicas``: for what is created (default 1); existing streams keep theirs unless more are
     asked for — a worker or client connecting never lowers a cluster's replication.
+    ``look_first``: leave existing streams alone (clients and workers may lack the right to
+    create or update them); the engine passes False so that config changes are applied.
     Errors are nbflow's (Transient when NATS does not answer, Permission, ...)."""
     from nbflow.nats.calls import call
 
-    await call("stream.admin", "ensure", "", _ensure, js, layout, replicas)
+    await call("stream.admin", "ensure", "", _ensure, js, layout, replicas, look_first)
 
 
-async def _ensure(js, layout: Layout, replicas: int | None = None) -> None:
+async def _ensure(js, layout: Layout, replicas: int | None = None,
+                  look_first: bool = True) -> None:
     L = layout
     want = replicas or 1
 
     async def stream(cfg: StreamConfig):
+        if look_first and not replicas:
+            try:                  # exists: nothing to do (roles without create rights pass here)
+                await js.stream_info(cfg.name)
+                return
+            except NotFoundError:
+                pass
         try:
             await js.add_stream(cfg)
         except BadRequestError as e:
@@ -266,5 +353,5 @@ def consumer_config(durable: str, subject: str, ack_wait: float, max_ack_pending
                           max_ack_pending=max_ack_pending, max_deliver=max_deliver)
 
 
-__all__ = ["ConnectError", "ConnectOptions", "connect", "ensure", "redact", "consumer_config",
+__all__ = ["ConnectError", "PermissionDenied", "guarded", "ConnectOptions", "connect", "ensure", "redact", "consumer_config",
            "DiscardPolicy"]

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 
 _NS_RE = re.compile(r"^[A-Za-z0-9_-]{0,32}$")
+# a signal's name is one KV key token: no dots, wildcards, spaces or non-ASCII
+SIGNAL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 # Headers
 MSG_ID = "Nats-Msg-Id"
@@ -132,6 +134,11 @@ class Layout:
     def cancel_subject(self, run: str = "*") -> str:
         """Core (non-persistent) subject: tells workers to interrupt a run's running tasks."""
         return f"{self._subj}.control.cancel.{run}"
+
+    def decide_subject(self, user: str = "*", what: str = ">") -> str:
+        """Requests to the engine's decide service (approvals, signals). nats-server lets a user
+        publish only under its own name, so the engine takes the decider from this subject."""
+        return f"{self._subj}.decide.{user}.{what}"
 
     def dead_letter_subject(self) -> str:
         return f"{self._subj}.deadletter"

@@ -1,0 +1,128 @@
+"""The engine's decide service: approvals and signals, with an identity nobody can forge.
+
+A person asks on ``<root>.decide.<user>.approve`` (or ``.signal``); nats-server lets each user
+publish only under its own name (the stack's and the template's permissions), so the decider
+is the ``<user>`` token of the subject — never a field of the payload. The engine then checks
+the approval record's single-use token, records the decision in the approvals bucket with
+compare-and-set, and publishes ``ApprovalDecided`` with a message id that carries a fresh
+decision id: an event forged earlier on history can never occupy the genuine one's id.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from nbflow.core.events import make
+from nbflow.nats.layout import MSG_ID, SIGNAL_NAME_RE
+
+log = logging.getLogger("nbflow.engine")
+
+
+def approval_msg_id(run: str, node: str, decision: str) -> str:
+    return f"approval.{run}.{node}.{decision}"
+
+
+class DecideService:
+    def __init__(self, engine):
+        self.e = engine
+        self.L = engine.L
+
+    async def start(self) -> None:
+        self.sub = await self.e.nc.subscribe(self.L.decide_subject("*", ">"),
+                                             queue="nbflow-engine", cb=self._on_request)
+
+    async def _on_request(self, msg) -> None:
+        prefix = self.L.decide_subject("", "").rstrip(".")
+        rest = msg.subject[len(prefix):].lstrip(".").split(".")
+        try:
+            user, what = rest[0], rest[1]
+            req = json.loads(msg.data or b"{}")
+            if not isinstance(req, dict):
+                raise ValueError("not an object")
+        except (IndexError, ValueError) as e:
+            return await self._reply(msg, {"error": f"malformed decide request: {e}",
+                                           "kind": "bad_request"})
+        try:
+            if what == "approve":
+                out = await self.approve(user, req)
+            elif what == "signal":
+                out = await self.signal(user, req)
+            else:
+                out = {"error": f"unknown decide request {what!r}", "kind": "bad_request"}
+        except Exception as e:  # noqa: BLE001 - the requester gets the reason, not a timeout
+            log.exception("decide %s by %s failed", what, user)
+            out = {"error": f"{type(e).__name__}: {e}", "kind": "failed"}
+        await self._reply(msg, out)
+
+    async def _reply(self, msg, out: dict) -> None:
+        if msg.reply:
+            await self.e.nc.publish(msg.reply, json.dumps(out).encode())
+
+    # --- approvals ----------------------------------------------------------------------------
+    async def approve(self, user: str, req: dict) -> dict[str, Any]:
+        run, node = str(req.get("run", "")), str(req.get("node", ""))
+        key = f"{run}.{node}"
+        kv = self.e.approvals_kv
+        for _ in range(5):
+            try:
+                entry = await kv.get(key)
+            except Exception:  # noqa: BLE001 - never requested
+                return {"error": f"task {node!r} of run {run} has no approval request",
+                        "kind": "not_pending"}
+            rec = json.loads(entry.value)
+            if rec.get("state") != "pending":
+                if rec.get("decision"):          # finish a decision whose event may be missing
+                    await self._publish(run, node, rec)
+                return {"error": "already decided", "kind": "already_decided", "decision": rec}
+            token = str(req.get("token", ""))
+            if not token or not secrets.compare_digest(token, str(rec.get("token", ""))):
+                return {"error": f"the approval token for {node!r} of run {run} does not match "
+                                 f"the pending request (it was re-requested or is forged)",
+                        "kind": "bad_token"}
+            approved = bool(req.get("approved"))
+            decision = {**rec, "state": "approved" if approved else "rejected", "by": user,
+                        "comment": str(req.get("comment") or ""), "at": time.time(),
+                        "decision": secrets.token_hex(8)}
+            decision.pop("token", None)      # single use
+            try:
+                await kv.update(key, json.dumps(decision).encode(), last=entry.revision)
+            except Exception:  # noqa: BLE001 - another decision won the CAS: look again
+                continue
+            await self._publish(run, node, decision)
+            return {"ok": True, "decision": decision}
+        return {"error": "the approval record kept changing", "kind": "failed"}
+
+    async def _publish(self, run: str, node: str, rec: dict) -> None:
+        ev = make("ApprovalDecided", run, node=node, approved=rec["state"] == "approved",
+                  by=rec["by"], comment=rec.get("comment") or None, decision=rec["decision"])
+        await self.e.js.publish(self.L.history_subject(run), ev.encode(),
+                                headers={MSG_ID: approval_msg_id(run, node, rec["decision"])})
+
+    # --- signals ------------------------------------------------------------------------------
+    async def signal(self, user: str, req: dict) -> dict[str, Any]:
+        run, name = str(req.get("run", "")), str(req.get("name", ""))
+        if not SIGNAL_NAME_RE.match(name):
+            return {"error": f"signal name {name!r} is invalid", "kind": "bad_request"}
+        st, _ = await self.e.load_snapshot(run)
+        if st is None:
+            return {"error": f"no run {run!r}", "kind": "not_found"}
+        value = req.get("value")
+        if not hasattr(self, "signals_kv"):
+            self.signals_kv = await self.e.js.key_value(self.L.signals_bucket)
+        await self.signals_kv.put(f"{run}.{name}", json.dumps(
+            {"value": value, "by": user, "at": time.time()}).encode())
+        ev = make("SignalSent", run, name=name, value=value, by=user)
+        await self.e.js.publish(self.L.history_subject(run), ev.encode(),
+                                headers={MSG_ID: f"signal.{run}.{name}"})
+        return {"ok": True}
+
+
+def decision_is_genuine(ev, rec: dict) -> bool:
+    """An ApprovalDecided counts only when it matches the decision recorded by the decide
+    service: same outcome, same decider and the same fresh decision id."""
+    want = "approved" if ev["approved"] else "rejected"
+    return (rec.get("state") == want and rec.get("by") == ev["by"]
+            and bool(rec.get("decision")) and rec.get("decision") == ev.get("decision"))
