@@ -571,8 +571,8 @@ class SyncClient:
         if not asyncio.iscoroutinefunction(fn):
             raise AttributeError(name)
 
-        def call(*a, **kw):
-            return self._call(fn(*a, **kw))
+        def call(*a, **kw):     # a denied action raises PermissionDenied, not a timeout
+            return self._call(infra.guarded(self.aclient.nc, fn(*a, **kw)))
         call.__name__ = name
         call.__doc__ = fn.__doc__
         return call

@@ -13,7 +13,7 @@ import os
 import secrets
 from typing import Any
 
-from nbflow.core.events import make, task_key
+from nbflow.core.events import make, start_record, task_key
 from nbflow.core.fingerprint import fingerprints, reusable_across_runs
 from nbflow.core.ir import Workflow
 from nbflow.core.state import RunState
@@ -145,6 +145,7 @@ class Runs:
         workflow = await self.with_bundle(workflow, bundle)   # fingerprints cover the folder
         h = await self.put_workflow(workflow, bundle=False)
         run = run_id or new_run_id()
+        await self._record_start(run, h, params)
         fps = fingerprints(workflow, {**workflow.params, **params})
         if reuse_outputs:
             reuse = {**(await self._indexed(workflow, fps)), **(reuse or {})}
@@ -157,6 +158,17 @@ class Runs:
         if ack.duplicate and msg_id:
             return run          # this start was already recorded (idempotent trigger)
         return run
+
+    async def _record_start(self, run: str, wf_hash: str, params: dict) -> None:
+        """The start record the engine checks before it starts a run (workers cannot write
+        definitions, so they cannot start runs)."""
+        defs = await self.kv(self.L.defs_bucket)
+        try:
+            await defs.create(f"start.{run}", json.dumps(start_record(wf_hash, params)).encode())
+        except Exception as e:  # noqa: BLE001 - exists: an idempotent re-submit of this run
+            if "wrong last sequence" not in str(e).lower() and \
+                    type(e).__name__ != "KeyWrongLastSequenceError":
+                raise
 
     async def _indexed(self, wf: Workflow, fps: dict[str, str | None]) -> dict[str, Any]:
         """node -> reuse entry, for each task the fingerprint index has a success of."""

@@ -114,12 +114,17 @@ class NatsServer:
         return (f'server_name: "{self.name}"\nlisten: "{self.host}:{self.port}"\n'
                 f"max_payload: 8MB\n{js}{self.extra_conf}\n")
 
-    def start(self, timeout: float = 20.0) -> "NatsServer":
+    def write_config(self) -> Path:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        lock = lock_store(self.store_dir, timeout=min(timeout, 15.0))   # before touching it
         conf = self.store_dir / "nats-server.conf"
         with _open_private(conf, "w") as f:          # may hold the users' passwords
             f.write(self.config())
+        return conf
+
+    def start(self, timeout: float = 20.0) -> "NatsServer":
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_store(self.store_dir, timeout=min(timeout, 15.0))   # before touching it
+        conf = self.write_config()
         logf = _open_private(self.log_file, "ab")
         try:
             self.proc = subprocess.Popen(
@@ -495,6 +500,22 @@ def stack_authorization(d: Path, namespace: str | None) -> str:
     creds = auth.ensure_credentials(d, _owner_name(whoami()))
     ns = default_namespace() if namespace is None else namespace
     return auth.authorization_conf(creds, [Layout(ns)])
+
+
+def add_user(name: str, roles: list[str], data: str | None = None) -> str:
+    """Add a user with roles to the embedded stack (effective at once when it runs: the
+    server reloads its config); returns the generated password."""
+    from nbflow.nats import auth
+
+    d = data_dir(data)
+    stack_authorization(d, None)                 # first use: generate the stack's users
+    pw = auth.add_user(d, name, roles)
+    info = read_stack(d)
+    if info and info.get("server_pid"):
+        conf = stack_authorization(d, info.get("namespace"))
+        NatsServer(d, port=info["port"], extra_conf=conf).write_config()
+        os.kill(info["server_pid"], signal.SIGHUP)      # nats-server reloads its config
+    return pw
 
 
 def _owner_name(who: str) -> str:

@@ -24,9 +24,11 @@ def _arun(coro):
 async def _with_client(nats_url, namespace, fn):
     from nbflow.client import Client
 
+    from nbflow.nats import infra
+
     c = await Client.connect(nats_url, namespace)
     try:
-        return await fn(c)
+        return await infra.guarded(c.nc, fn(c))     # a denied action says so, not a timeout
     finally:
         await c.close()
 

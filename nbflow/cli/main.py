@@ -239,6 +239,29 @@ def down(data):
         click.echo("no nbflow stack is running", err=True)
 
 
+@click.group()
+def user():
+    """Users of the embedded stack (roles: engine, worker, author, approver, viewer)."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", "roles", multiple=True, required=True,
+              help="A role (repeat for several): author, approver, viewer, worker, engine.")
+@click.option("--data", default=None, help="The stack's data dir (default: NBFLOW_HOME).")
+def user_add(name, roles, data):
+    """Add a user; prints its password once (give it to them as NBFLOW_NATS_USER/_PASSWORD)."""
+    from nbflow import stack
+
+    try:
+        pw = stack.add_user(name, list(roles), data)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    click.echo(pw)
+    click.echo(f"added {name} ({', '.join(roles)}): connect with NBFLOW_NATS_USER={name} "
+               f"NBFLOW_NATS_PASSWORD=<the line above>", err=True)
+
+
 @click.command()
 @nats_options
 @click.option("--replicas", type=int, default=None,
@@ -451,7 +474,10 @@ def retry(run_id, no_wait, same_code, nats_url, namespace):
 @click.argument("task")
 @click.option("--reject", is_flag=True, help="Reject instead of approve.")
 @click.option("--comment", default="", help="Why (recorded in the history).")
-@click.option("--as", "by", default=None, help="Who decides (default: JUPYTERHUB_USER or OS user).")
+@click.option("--as", "by", default=None,
+              help="Who decides, on a server without users only (default: JUPYTERHUB_USER or "
+                   "OS user). With credentials the decision is recorded under the NATS user, "
+                   "and --as may not name anyone else.")
 @nats_options
 def approve(run_id, task, reject, comment, by, nats_url, namespace):
     """Approve (or --reject) a task awaiting approval."""
@@ -491,7 +517,7 @@ def gc(dry_run, days, nats_url, namespace):
 
 COMMANDS = (
     compile, show,                                  # the compiler
-    run, up, down, engine, worker,                  # running
+    run, up, down, user, engine, worker,            # running, the embedded stack's users
     runs, status, history, logs, output,            # reading runs
     workers,                                        # the workers seen
     cancel, retry, approve, signal_cmd,             # steering runs

@@ -151,3 +151,12 @@ def task_key(node: str, instance: int | None = None) -> str:
 def split_key(key: str) -> tuple[str, int | None]:
     node, sep, inst = key.partition("#")
     return node, (int(inst) if sep else None)
+
+
+def start_record(wf: str, params: dict) -> dict:
+    """What a submitter writes at ``start.<run>`` in the definitions bucket before publishing
+    RunStarted: the engine starts a run only when the event matches it."""
+    import hashlib
+
+    canon = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return {"wf": wf, "params": hashlib.sha256(canon.encode()).hexdigest()}

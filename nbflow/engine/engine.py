@@ -204,6 +204,8 @@ class Engine:
         if wf is None:
             entry = await self.defs_kv.get(wf_hash)
             wf = Workflow.from_json(entry.value.decode())
+            if wf.content_hash() != wf_hash:     # definitions are immutable by content hash
+                raise ValueError(f"definition {wf_hash} was altered")
             self.defs.put(wf_hash, wf)
         return wf
 
@@ -255,6 +257,8 @@ class Engine:
         wf: Workflow | None = None
         for ev in events:
             if ev.type == "ApprovalDecided" and not await self._decision_recorded(ev):
+                continue
+            if st is None and ev.type == "RunStarted" and not await self._start_recorded(ev):
                 continue
             if st is None and ev.type != "RunStarted":
                 log.error("run %s: %s before RunStarted; dead-lettering", run, ev.type)
@@ -364,6 +368,22 @@ class Engine:
             await self.streams.delete_msg(self.L.history_stream, ev.seq)
         except NotFound:         # already deleted by another engine
             pass
+        return False
+
+    async def _start_recorded(self, ev: Event) -> bool:
+        """A run starts only when its submitter recorded the start in the definitions bucket
+        (which workers cannot write): a RunStarted published by anyone else is dead-lettered."""
+        from nbflow.core.events import start_record
+
+        try:
+            rec = json.loads((await self.defs_kv.get(f"start.{ev.run}")).value)
+        except Exception:  # noqa: BLE001 - no record
+            rec = {}
+        if rec == start_record(ev["wf"], ev.get("params") or {}):
+            return True
+        await self._dead_letter_raw(self.L.history_subject(ev.run), ev.encode(),
+                                    "RunStarted without a matching start record (only authors "
+                                    "may start runs)")
         return False
 
     async def _close_approval(self, st: RunState, c: Command) -> None:

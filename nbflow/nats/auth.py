@@ -167,8 +167,10 @@ def role_permissions(role: str, L: Layout, user: str) -> tuple[list[str], list[s
                 f"$JS.API.CONSUMER.CREATE.{s}", f"$JS.API.CONSUMER.CREATE.{s}.>",
                 f"$JS.API.CONSUMER.INFO.{s}.>", f"$JS.API.CONSUMER.DELETE.{s}.>",
                 f"$JS.FC.{s}.>"]
-    if role in ("author", "approver"):
-        pub += [L.decide_subject(user, ">")]
+    if role == "approver":
+        pub += [L.decide_subject(user, "approve"), L.decide_subject(user, "signal")]
+    if role == "author":
+        pub += [L.decide_subject(user, "signal")]
     if role == "author":
         pub += [L.history_subject("*"), f"$KV.{L.defs_bucket}.>"]
     if role == "worker":

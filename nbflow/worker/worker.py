@@ -246,7 +246,11 @@ class Worker:
         wf = self._defs.get(wf_hash)
         if wf is None:
             entry = await self.defs_kv.get(wf_hash)
-            wf = self._defs[wf_hash] = Workflow.from_json(entry.value.decode())
+            wf = Workflow.from_json(entry.value.decode())
+            if wf.content_hash() != wf_hash:     # definitions are immutable by content hash
+                raise ValueError(f"definition {wf_hash} was altered (its content hashes to "
+                                 f"{wf.content_hash()}): refusing to run it")
+            self._defs[wf_hash] = wf
         return wf
 
     def task_notebook(self, wf: Workflow, wf_hash: str, node: str):

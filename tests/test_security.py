@@ -1,0 +1,205 @@
+"""Secure by default: the embedded stack (as `nbflow run` starts it) requires credentials, keeps
+them private, and nats-server enforces each role's permissions — tried with real connections."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+from support import wait_for
+from nbhelpers import write_notebook
+
+from nbflow import stack
+from nbflow.client import NbflowError, SyncClient
+from nbflow.core.events import make
+from nbflow.nats import infra
+from nbflow.nats.layout import MSG_ID
+
+
+def approval_notebook(path):
+    return write_notebook(path, [
+        "%%task draft\nreport = 'numbers'",
+        '%%task publish --approval "Publish?"\npublished = report.upper()',
+        "%%task show --wait-signal go\nprint(published, go)",
+    ])
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The embedded stack in a fresh data dir, found the way users find it (NBFLOW_HOME)."""
+    d = tmp_path_factory.mktemp("secure-home")
+    old = os.environ.get("NBFLOW_HOME")
+    os.environ["NBFLOW_HOME"] = str(d)
+    try:
+        url = stack.ensure_background()
+        yield d, url
+    finally:
+        stack.down(str(d))
+        os.environ["NBFLOW_HOME"] = old or ""
+        if old is None:
+            os.environ.pop("NBFLOW_HOME")
+
+
+@pytest.fixture(scope="module")
+def owner(embedded):
+    with SyncClient(embedded[1]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def awaiting_run(owner, tmp_path_factory):
+    nb = approval_notebook(tmp_path_factory.mktemp("nb") / "secure.ipynb")
+    run = owner.submit(str(nb), {})
+    wait_for(lambda: owner.status(run).nodes["publish"].state == "awaiting_approval", 120,
+             "the run to await approval")
+    return run, nb
+
+
+def _raw(url, **kw):
+    async def go():
+        nc = await infra.connect(infra.ConnectOptions(url=url, **kw), reconnect=False)
+        await nc.close()
+    asyncio.run(go())
+
+
+def test_the_data_dir_and_credentials_are_private(embedded):
+    d, _ = embedded
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for name in ("credentials.json", "nats-server.conf", "stack.log", "stack.json"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
+    users = json.loads((d / "credentials.json").read_text())["users"]
+    assert {"engine", "worker", "viewer"} <= set(users)
+
+
+def test_connecting_without_or_with_wrong_credentials_is_refused(embedded):
+    _, url = embedded
+    with pytest.raises(infra.ConnectError, match="(?i)authorization violation"):
+        _raw(url)
+    with pytest.raises(infra.ConnectError, match="(?i)authorization violation"):
+        _raw(url, user="worker", password="guessed")
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to act as another OS user")
+def test_another_os_user_cannot_read_the_credentials(embedded):
+    d, _ = embedded
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "cat", str(d / "credentials.json")], capture_output=True)
+    assert r.returncode != 0 and b"password" not in r.stdout
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "ls", str(d)], capture_output=True)
+    assert r.returncode != 0
+
+
+def test_a_worker_cannot_submit_approve_overwrite_or_start(embedded, owner, awaiting_run):
+    _, url = embedded
+    run, nb = awaiting_run
+    with SyncClient(url, user="worker") as w:
+        with pytest.raises(infra.PermissionDenied) as e:          # writes a definition
+            w.submit(str(nb), {})
+        assert e.value.user == "worker" and e.value.subject.startswith("$KV.nbflow_defs.")
+        assert "permission denied" in str(e.value) and "'worker'" in str(e.value)
+        with pytest.raises(NbflowError, match="permission denied.*worker"):
+            w.approve(run, "publish", True)
+
+        st = owner.status(run)
+
+        async def overwrite_definition():
+            kv = await w.aclient.kv(w.aclient.L.defs_bucket)
+            await kv.put(st.wf, b'{"evil": true}')
+        with pytest.raises(infra.PermissionDenied, match="nbflow_defs"):
+            w._call(infra.guarded(w.aclient.nc, overwrite_definition()))
+
+        async def overwrite_snapshot():
+            kv = await w.aclient.kv(w.aclient.L.runs_bucket)
+            await kv.put(run, b"{}")
+        with pytest.raises(infra.PermissionDenied, match="nbflow_runs"):
+            w._call(infra.guarded(w.aclient.nc, overwrite_snapshot()))
+
+        async def ask_the_decide_service():
+            return await w.aclient.nc.request(w.aclient.L.decide_subject("worker", "approve"),
+                                              json.dumps({"run": run, "node": "publish",
+                                                          "approved": True}).encode(), timeout=5)
+        with pytest.raises(infra.PermissionDenied, match="decide"):
+            w._call(infra.guarded(w.aclient.nc, ask_the_decide_service()))
+
+        # history is open to workers (their results): a RunStarted they publish is not a run
+        fake = "fakerun1"
+        ev = make("RunStarted", fake, wf=st.wf, params={}, by="worker")
+
+        async def start_directly():
+            return await w.aclient.js.publish(w.aclient.L.history_subject(fake), ev.encode(),
+                                              headers={MSG_ID: f"start.{fake}"})
+        assert w._call(start_directly()).seq > 0
+    wait_for(lambda: _dead_lettered(owner, fake), 60, "the engine to refuse the forged start")
+    with pytest.raises(NbflowError, match="no run"):
+        owner.status(fake)
+    assert owner.status(run).nodes["publish"].state == "awaiting_approval"
+
+
+def _dead_lettered(c, run) -> bool:
+    async def read():
+        L, seq = c.aclient.L, 1
+        while True:
+            try:
+                m = await c.aclient.js.get_msg(L.deadletter_stream, seq=seq, next=True)
+            except Exception:  # noqa: BLE001 - no more
+                return False
+            if f'"run":"{run}"' in json.loads(m.data).get("data", ""):
+                return True
+            seq = m.seq + 1
+    return c._call(read())
+
+
+def test_a_viewer_reads_but_cannot_submit_approve_or_signal(embedded, awaiting_run):
+    _, url = embedded
+    run, nb = awaiting_run
+    with SyncClient(url, user="viewer") as v:
+        assert v.status(run).nodes["publish"].state == "awaiting_approval"
+        assert v.history(run)[0].type == "RunStarted"
+        with pytest.raises(infra.PermissionDenied):
+            v.submit(str(nb), {})
+        with pytest.raises(NbflowError, match="permission denied"):
+            v.approve(run, "publish", True)
+        with pytest.raises(NbflowError, match="permission denied"):
+            v.signal(run, "go", 1)
+
+
+def test_roles_added_later_author_submits_approver_decides(embedded, tmp_path):
+    d, url = embedded
+    stack.add_user("alice", ["author"])
+    stack.add_user("bob", ["approver"])
+    nb = approval_notebook(tmp_path / "roles.ipynb")
+    with SyncClient(url, user="alice") as alice, SyncClient(url, user="bob") as bob:
+        run = alice.submit(str(nb), {})
+        wait_for(lambda: alice.status(run).nodes["publish"].state == "awaiting_approval", 120,
+                 "the run to await approval")
+        with pytest.raises(NbflowError, match="permission denied.*alice"):
+            alice.approve(run, "publish", True)               # authors do not approve
+        with pytest.raises(NbflowError, match="cannot claim another identity"):
+            bob.approve(run, "publish", True, by="the-ceo")
+        bob.approve(run, "publish", True, comment="ok")
+        wait_for(lambda: alice.status(run).nodes["show"].state == "waiting_signal", 120,
+                 "the run to wait for its signal")
+        alice.signal(run, "go", 7)
+        st = alice.wait(run, timeout=120)
+        assert st.state == "succeeded"
+        assert st.nodes["publish"].approval["by"] == "bob"
+        assert alice.load_output(run, "publish", "published") == "NUMBERS"
+        sig = [e for e in alice.history(run) if e.type == "SignalSent"]
+        assert [(e["name"], e["by"]) for e in sig] == [("go", "alice")]
+        # cancel and retry are the author's
+        run2 = alice.submit(str(nb), {})
+        wait_for(lambda: alice.status(run2).nodes["publish"].state == "awaiting_approval", 120,
+                 "the second run to await approval")
+        alice.cancel(run2)
+        assert alice.wait(run2, timeout=120).state == "cancelled"
+        run3 = alice.retry(run2)
+        wait_for(lambda: alice.status(run3).nodes["publish"].state == "awaiting_approval", 120,
+                 "the retry to await approval")
+        alice.cancel(run3)
