@@ -493,7 +493,7 @@ def _start_server(d: Path, port: int, extra_conf: str = "") -> NatsServer:
 def stack_authorization(d: Path, namespace: str | None) -> str:
     """Generate the stack's users on first start (credentials.json, 0600) and return the
     nats-server ``authorization`` block that enforces their roles."""
-    from nbflow.client import whoami
+    from nbflow.runs import whoami
     from nbflow.nats import auth
     from nbflow.nats.layout import Layout, default_namespace
 

@@ -372,7 +372,8 @@ class Engine:
 
     async def _start_recorded(self, ev: Event) -> bool:
         """A run starts only when its submitter recorded the start in the definitions bucket
-        (which workers cannot write): a RunStarted published by anyone else is dead-lettered."""
+        (which workers cannot write): a RunStarted published by anyone else is removed from
+        the history and dead-lettered."""
         from nbflow.core.events import start_record
 
         try:
@@ -384,6 +385,10 @@ class Engine:
         await self._dead_letter_raw(self.L.history_subject(ev.run), ev.encode(),
                                     "RunStarted without a matching start record (only authors "
                                     "may start runs)")
+        try:                              # readers replaying history must not see it either
+            await self.js.delete_msg(self.L.history_stream, ev.seq)
+        except Exception:  # noqa: BLE001 - already deleted by another engine
+            pass
         return False
 
     async def _close_approval(self, st: RunState, c: Command) -> None:

@@ -6,8 +6,9 @@ Roles (the same in the embedded stack and in the cluster template, docs/nats-rol
                schedules, approvals; it answers the decide service.
 - ``worker``   pulls tasks, publishes result events to history, writes artifacts and its
                heartbeat; cannot write definitions, run snapshots, approvals or signals.
-- ``author``   submits runs (definitions + RunStarted), cancels and retries, reads everything
-               in its namespace, sends signals through the decide service.
+- ``author``   submits runs (definitions, the notebook folder's bundle, RunStarted), cancels
+               and retries, reads everything in its namespace, sends signals through the
+               decide service.
 - ``approver`` decides approvals (and sends signals) through the decide service; reads.
 - ``viewer``   reads only.
 
@@ -116,10 +117,21 @@ def _same_server(url: str, stack_url: str) -> bool:
         return False
 
 
+def local_roles(url: str, user: str) -> list[str]:
+    """The roles of ``user`` when ``url`` is this machine's embedded stack (for messages)."""
+    found = _local_entry(url, user)
+    return list(found[1].get("roles", [])) if found else []
+
+
 def local_credentials(url: str, user: str | None = None) -> tuple[str, str] | None:
     """(user, password) for ``url`` when it is this machine's embedded stack and this OS user
     can read its credentials; ``user`` picks a user of the stack (default: the owner; the
     stack's own processes set NBFLOW_NATS_USER=engine / worker)."""
+    found = _local_entry(url, user)
+    return (found[0], found[1]["password"]) if found else None
+
+
+def _local_entry(url: str, user: str | None) -> tuple[str, dict] | None:
     path = os.environ.get("NBFLOW_STACK_CREDENTIALS")
     data = Path(path).parent if path else default_data_dir()
     try:
@@ -135,7 +147,7 @@ def local_credentials(url: str, user: str | None = None) -> tuple[str, str] | No
     entry = creds.get("users", {}).get(name)
     if not entry:
         return None
-    return name, entry["password"]
+    return name, entry
 
 
 # --- permissions -------------------------------------------------------------------------------
@@ -146,6 +158,7 @@ def _streams(L: Layout) -> dict[str, str]:
             "runs": f"KV_{L.runs_bucket}", "defs": f"KV_{L.defs_bucket}",
             "approvals": f"KV_{L.approvals_bucket}", "signals": f"KV_{L.signals_bucket}",
             "workers": f"KV_{L.workers_bucket}", "schedules": f"KV_{L.schedules_bucket}",
+            "fps": f"KV_{L.fps_bucket}",
             "artifacts": f"OBJ_{L.artifacts_store}"}
 
 
@@ -172,7 +185,9 @@ def role_permissions(role: str, L: Layout, user: str) -> tuple[list[str], list[s
     if role == "author":
         pub += [L.decide_subject(user, "signal")]
     if role == "author":
-        pub += [L.history_subject("*"), f"$KV.{L.defs_bucket}.>"]
+        # definitions, and the notebook folder's bundle in the object store (so authors, like
+        # workers, can write artifacts: see the pickle trust model in the README)
+        pub += [L.history_subject("*"), f"$KV.{L.defs_bucket}.>", f"$O.{L.artifacts_store}.>"]
     if role == "worker":
         t = S["tasks"]
         pub += [L.history_subject("*"), L.dead_letter_subject(),

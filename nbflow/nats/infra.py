@@ -33,9 +33,12 @@ STREAM_NAME_IN_USE = 10058      # JSStreamNameExistErr: exists with another conf
 class PermissionDenied(Permission, PermissionError):
     """nats-server refused a publish or subscription of this NATS user (its permissions)."""
 
-    def __init__(self, user: str, action: str, subject: str):
-        self.user, self.action, self.subject = user, action, subject
+    def __init__(self, user: str, action: str, subject: str, roles: list[str] | None = None):
+        self.user, self.action, self.subject, self.roles = user, action, subject, roles or []
         who = f"NATS user {user!r}" if user else "this NATS connection"
+        if self.roles:
+            who += f" (role {', '.join(self.roles)})"
+        # nats-py lowercases the server's message: the subject is shown as the server sent it
         super().__init__(f"permission denied: {who} may not {action} {subject!r} "
                          f"(its role does not allow it; see the README's Security section)",
                          op=action, what=subject)
@@ -63,8 +66,8 @@ class _Denials:
     """Permission violations the server reported on one connection (it reports them
     asynchronously: a denied request would otherwise just time out)."""
 
-    def __init__(self, user: str):
-        self.user = user
+    def __init__(self, user: str, roles: list[str] | None = None):
+        self.user, self.roles = user, roles or []
         self.waiters: set[asyncio.Future] = set()
         self.last: tuple[float, str, str] | None = None
 
@@ -102,7 +105,7 @@ async def guarded(nc, aw):
     except BaseException:  # noqa: BLE001 - cancelled on purpose
         pass
     action, subject = fut.result()
-    raise PermissionDenied(d.user, action, subject)
+    raise PermissionDenied(d.user, action, subject, d.roles)
 
 
 @dataclass
@@ -172,7 +175,7 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
         kw["tls"] = ctx
     errors: list[str] = []
 
-    denials = _Denials(opts.user or "")
+    denials = _Denials(opts.user or "", auth.local_roles(opts.url, opts.user) if opts.user else [])
 
     async def _err(e):            # nats-py logs connection errors through this callback
         if denials.record(str(e)):
