@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 
@@ -33,16 +34,19 @@ def approval_notebook(path):
 def embedded(tmp_path_factory):
     """The embedded stack in a fresh data dir, found the way users find it (NBFLOW_HOME)."""
     d = tmp_path_factory.mktemp("secure-home")
-    old = os.environ.get("NBFLOW_HOME")
+    old = {k: os.environ.get(k) for k in ("NBFLOW_HOME", "NBFLOW_TASK_ACK_WAIT")}
     os.environ["NBFLOW_HOME"] = str(d)
+    os.environ["NBFLOW_TASK_ACK_WAIT"] = "3"      # the frozen-worker test: redeliver quickly
     try:
         url = stack.ensure_background()
         yield d, url
     finally:
         stack.down(str(d))
-        os.environ["NBFLOW_HOME"] = old or ""
-        if old is None:
-            os.environ.pop("NBFLOW_HOME")
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +209,49 @@ def test_roles_added_later_author_submits_approver_decides(embedded, tmp_path):
         wait_for(lambda: alice.status(run3).nodes["publish"].state == "awaiting_approval", 120,
                  "the retry to await approval")
         alice.cancel(run3)
+
+
+def _objects(c, run) -> dict[str, bool]:
+    """name -> deleted, for every object of the run in the artifacts store."""
+    from nbflow.worker.artifacts import Artifacts
+
+    async def go():
+        st = await Artifacts(c.aclient.js, c.aclient.L.artifacts_store).store()
+        return {i.name: bool(i.deleted) for i in await st.list(ignore_deletes=False)
+                if i.name.startswith(f"{run}/")}
+    return c._call(go())
+
+
+def test_a_frozen_worker_cannot_replace_an_output_downstream_read(owner, tmp_path):
+    """Issue 13's reproduction: a worker SIGSTOPped past the ack wait, its task redelivered
+    and completed by another worker, downstream reads x; on SIGCONT the late worker finishes
+    too — and neither replaces x nor leaves its objects behind."""
+    from nbflow.worker.artifacts import written_keys
+
+    nb = write_notebook(tmp_path / "frozen.ipynb", [
+        "%%task a\nimport random, time\ntime.sleep(6)\nx = random.random()",
+        "%%task b\ny = x",
+        "%%task c\nprint(y)",
+    ])
+    run = owner.submit(str(nb), {})
+    started = wait_for(lambda: [e for e in owner.history(run) if e.type == "TaskStarted"], 120,
+                       "task a to start")
+    pid = int(started[0]["worker"].rsplit("-", 1)[1])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        st = owner.wait(run, timeout=240)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert st.state == "succeeded"
+    hist = owner.history(run)
+    assert len([e for e in hist if e.type == "TaskStarted" and e["key"] == "a"]) == 2
+    y = owner.load_output(run, "b", "y")                   # what downstream read
+    # the late worker wakes, finishes, finds the result recorded and removes what it wrote
+    wait_for(lambda: any(_objects(owner, run).values()), 180,
+             "the late worker to write and remove its result")
+    assert owner.load_output(run, "a", "x") == y
+    named = {k for e in hist if e.type in ("TaskSucceeded", "TaskFailed", "TaskSkipped")
+             for k in written_keys(e)}
+    live = {k for k, deleted in _objects(owner, run).items() if not deleted}
+    assert live == named
+    assert len([e for e in owner.history(run) if e.type == "TaskSucceeded"]) == 3   # a, b, c

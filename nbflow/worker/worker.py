@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import threading
@@ -30,7 +31,7 @@ from nbflow.nats.layout import MSG_ID, Layout
 from nbflow.errors import BundleError
 from nbflow.worker import bundles, environment
 from nbflow.worker import workdirs
-from nbflow.worker.artifacts import Artifacts, notebook_key, output_key
+from nbflow.worker.artifacts import Artifacts, notebook_key, output_key, written_keys
 
 log = logging.getLogger("nbflow.worker")
 
@@ -201,7 +202,7 @@ class Worker:
             if ev:
                 ev.set()
 
-    async def _publish(self, ev, msg_id: str, patience: float = 120.0) -> None:
+    async def _publish(self, ev, msg_id: str, patience: float = 120.0):
         """Publish to history, riding out a NATS restart: a finished task's result is never
         thrown away because the server was briefly gone (the msg id makes retries safe)."""
         t0 = time.monotonic()
@@ -209,12 +210,12 @@ class Worker:
         delay, failures = 0.2, 0
         while True:
             try:
-                await self.streams.publish(self.L.history_subject(ev.run), ev.encode(),
-                                           headers={MSG_ID: msg_id})
+                ack = await self.streams.publish(self.L.history_subject(ev.run), ev.encode(),
+                                                 headers={MSG_ID: msg_id})
                 if failures:
                     log.info("JetStream reachable again: %s for run %s %s recorded after %.0f s",
                              ev.type, ev.run, ev.get("key", ""), time.monotonic() - t0)
-                return
+                return ack
             except Transient as e:   # timeouts, no responders while reconnecting
                 if time.monotonic() > deadline:
                     raise
@@ -315,6 +316,7 @@ class Worker:
         holder = self._held[(run, key, attempt)] = [msg]     # the latest delivery of this task
         hb = asyncio.create_task(self._heartbeat(holder))
         try:
+            task["delivery"] = secrets.token_hex(4)      # this delivery's artifact keys
             try:
                 ev = await self._execute(task, workdir, cancel)
             except StoreFull as e:       # say which limit, not "worker lost"
@@ -325,7 +327,9 @@ class Worker:
             # a result is held until JetStream takes it (a site may be cut off from the hub
             # for a while); the msg id makes the retries safe
             try:
-                await self._publish(ev, f"done.{run}.{key}.{attempt}", RESULT_PATIENCE_S)
+                ack = await self._publish(ev, f"done.{run}.{key}.{attempt}", RESULT_PATIENCE_S)
+                if getattr(ack, "duplicate", False):
+                    await self._discard_late_result(ev)
             except TooLarge as e:    # never re-run a task because its report does not fit
                 await self._publish(make(
                     "TaskFailed", run, key=key, attempt=attempt, reason="too_big",
@@ -343,6 +347,18 @@ class Worker:
             self._cancels.pop((run, key), None)
             self._held.pop((run, key, attempt), None)
             shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _discard_late_result(self, ev) -> None:
+        """Another delivery's result of this attempt was recorded first (this worker was frozen
+        or cut off past the ack wait): what it wrote is not named by any recorded completion.
+        Remove it; what cannot be removed is left to ``orphan_artifacts``/`nbflow gc`."""
+        log.warning("task %s of run %s: a result was recorded by another delivery; discarding "
+                    "this late one", ev["key"], ev.run)
+        for k in written_keys(ev):
+            try:
+                await self.art.delete(k)
+            except Exception as e:  # noqa: BLE001 - not allowed or gone: gc finds it
+                log.warning("could not remove late artifact %s (%s)", k, e)
 
     async def _heartbeat(self, holder: list) -> None:
         while True:
@@ -417,7 +433,7 @@ class Worker:
             cancel=cancel, engine=self.engine, isolation=task.get("isolation"), scope=run))
         nb_key = ""
         if res.notebook_path and os.path.exists(res.notebook_path):
-            nb_key = notebook_key(run, key, attempt)
+            nb_key = notebook_key(run, key, attempt, task.get("delivery", ""))
             await self.art.put_file(nb_key, res.notebook_path)
         if res.status == "succeeded":
             outputs, lens = {}, {}
@@ -439,7 +455,7 @@ class Worker:
             for name in node.outputs:
                 p = os.path.join(res.outputs_dir or "", f"{name}.pkl")
                 if os.path.exists(p):
-                    ok = output_key(run, key, attempt, name)
+                    ok = output_key(run, key, attempt, name, task.get("delivery", ""))
                     await self.art.put_file(ok, p)
                     outputs[name] = ok
             return make("TaskSucceeded", run, key=key, attempt=attempt, outputs=outputs,
