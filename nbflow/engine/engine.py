@@ -378,7 +378,7 @@ class Engine:
 
         try:
             rec = json.loads((await self.defs_kv.get(f"start.{ev.run}")).value)
-        except Exception:  # noqa: BLE001 - no record
+        except NotFound:         # a failed read (Transient) propagates: the batch is redelivered
             rec = {}
         if rec == start_record(ev["wf"], ev.get("params") or {}):
             return True
