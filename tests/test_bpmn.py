@@ -150,11 +150,14 @@ def test_export_is_bpmn_shaped(check):
     assert etree.QName(gw).localname == "exclusiveGateway" and gw.get("default")
     assert flow.get("targetRef") == "maybe"
     assert "size > 10" in conds
-    # fan-out of start (3 branches) and fan-in of end (3) go through parallel gateways
+    # fan-out of start (3 branches): a parallel gateway; fan-in of end (3): an inclusive join
     starts = [f for f in tags(text, "sequenceFlow") if f.get("sourceRef") == "start"]
     assert len(starts) == 1 and by_id[starts[0].get("targetRef")] == "parallelGateway"
     ends = [f for f in tags(text, "sequenceFlow") if f.get("targetRef") == "end"]
-    assert len(ends) == 1 and by_id[ends[0].get("sourceRef")] == "parallelGateway"
+    assert len(ends) == 1 and by_id[ends[0].get("sourceRef")] == "inclusiveGateway"
+    # a --when task's default flow ends (what only it feeds is skipped, as in the engine)
+    skip = proc.find(f"*[@id='{gw.get('default')}']")
+    assert by_id[skip.get("targetRef")] == "endEvent"
     # data names are shown on the flows
     assert any(f.get("name") == "t" for f in tags(text, "sequenceFlow"))
 

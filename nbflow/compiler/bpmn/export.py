@@ -5,12 +5,16 @@ Export (:func:`to_bpmn`)
 Each IR node becomes one *main* BPMN element, plus a few synthesized *parts* that show in BPMN what
 the IR keeps as task options. Reading left to right, a task node exports as::
 
-    [join +]  [when ×]  [signal catch]  [timer catch]  serviceTask | userTask  [merge ×]  [fork +]
+    [join ○]  [when ×]  [signal catch]  [timer catch]  serviceTask | userTask  [fork +]
+                  └─ default flow ─> (skipped) end event
 
-* ``parallelGateway`` join / fork when ≥2 edges come in / go out (BPMN would otherwise treat
-  several incoming flows as "either", the IR waits for all of them);
-* ``--when``: an ``exclusiveGateway`` whose conditional flow (``tFormalExpression``, language
-  ``python``) leads to the task and whose default flow bypasses it to a merging gateway;
+* ``inclusiveGateway`` join when ≥2 edges come in: the engine starts a node once every
+  predecessor is resolved and runs it if any of them ran, which is what an inclusive join means
+  (it waits for the tokens that can still arrive); a ``parallelGateway`` fork when ≥2 go out;
+* ``--when``: an ``exclusiveGateway`` whose conditional flow (``tFormalExpression``, nbflow's
+  Python language URI) leads to the task and whose default flow ends in an end event
+  ("skipped"): a skipped task's token goes no further, so what only it feeds is skipped too, as
+  in the engine;
 * ``--wait-signal``: an ``intermediateCatchEvent`` with a ``signalEventDefinition`` (the ``signal``
   is declared at definitions level); ``--sleep``/``--at``: one with a ``timerEventDefinition``
   (``timeDuration`` ISO-8601 such as ``PT2H``, or ``timeDate``);
@@ -47,6 +51,7 @@ from nbflow.core.ir import Node, Workflow, WorkflowError
 _SIZE = {"event": (36, 36), "gateway": (50, 50), "activity": (100, 80)}
 _KIND_OF_TAG = {"startEvent": "event", "endEvent": "event", "intermediateCatchEvent": "event",
                 "parallelGateway": "gateway", "exclusiveGateway": "gateway",
+                "inclusiveGateway": "gateway",
                 "serviceTask": "activity", "userTask": "activity", "task": "activity"}
 
 
@@ -103,7 +108,7 @@ def to_bpmn(wf: Workflow) -> str:
             chain.append(_El(tag, ids.fresh(f"{n.id}__{role}"), n, role))
 
         if n.kind in ("task", "end") and indeg[n.id] >= 2:
-            part("parallelGateway", "join")
+            part("inclusiveGateway", "join")
         if n.kind == "task":
             if n.when:
                 part("exclusiveGateway", "when")
@@ -123,8 +128,6 @@ def to_bpmn(wf: Workflow) -> str:
             if not last_wait_is_main:
                 tag = "userTask" if n.approval is not None else "serviceTask"
                 chain.append(_El(tag, main_id[n.id], n, None))
-            if n.when:
-                part("exclusiveGateway", "merge")
         else:
             tag = {"start": "startEvent", "end": "endEvent", "parallel": "parallelGateway",
                    "exclusive": "exclusiveGateway"}.get(n.kind)
@@ -137,6 +140,7 @@ def to_bpmn(wf: Workflow) -> str:
 
     # flows: one per IR edge (document order = edge order), then the internal ones of each chain
     flows: list[dict] = []
+    extras: list[_El] = []          # the end events that skipped tasks' tokens go to
     for e in wf.edges:
         if e.source not in chains or e.target not in chains:
             raise WorkflowError(f"edge {e.source!r} -> {e.target!r} names an unknown node")
@@ -151,8 +155,9 @@ def to_bpmn(wf: Workflow) -> str:
             flows.append(f)
         if n.when:
             split = next(el for el in chain if el.role == "when")
-            merge = next(el for el in chain if el.role == "merge")
-            flows.append({"id": ids.fresh(f"Flow_{n.id}__skip"), "src": split, "tgt": merge,
+            skip = _El("endEvent", ids.fresh(f"{n.id}__skip"), n, "skip")
+            extras.append(skip)
+            flows.append({"id": ids.fresh(f"Flow_{n.id}__skip"), "src": split, "tgt": skip,
                           "edge": None, "condition": None, "default": True})
     for f in flows:
         f["src"].outgoing.append(f["id"])
@@ -181,7 +186,7 @@ def to_bpmn(wf: Workflow) -> str:
     for cell in wf.setup:
         _set_text(etree.SubElement(ext, _n("setup")), cell)
 
-    elements = [el for n in wf.nodes for el in chains[n.id]]
+    elements = [el for n in wf.nodes for el in chains[n.id]] + extras
     for el in elements:
         _write_flow_node(proc, el, signals)
     for f in flows:
@@ -208,7 +213,7 @@ def _write_flow_node(proc, el: _El, signals: dict[str, str]) -> None:
     n = el.node
     x = etree.SubElement(proc, _b(el.tag), id=el.id)
     label = n.label if el.role is None else {
-        "join": "", "fork": "", "merge": "", "when": f"{n.label}?",
+        "join": "", "fork": "", "skip": "skipped", "when": f"{n.label}?",
         "signal": f"signal {n.wait_signal}", "timer": f"wait {n.label}"}[el.role]
     if label:
         x.set("name", _display(label))
@@ -304,7 +309,7 @@ def _graphviz_layout(elements: list[_El], flows: list[dict], names: dict[str, st
     lines = ['digraph bpmn {',
              '  graph [rankdir=LR splines=polyline nodesep=0.45 ranksep=0.55 forcelabels=true '
              'fontsize=11 fontname="Helvetica"];',
-             '  node [fixedsize=true label="" fontsize=11 fontname="Helvetica"];',
+             '  node [fixedsize=true label="" fontsize=13 fontname="Helvetica"];',
              '  edge [fontsize=11 fontname="Helvetica" arrowhead=none];']
     for el in elements:
         w, h = _SIZE[kinds[el.id]]
