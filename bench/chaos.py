@@ -4,6 +4,7 @@ each task's success recorded once, replay must equal the snapshot, every artifac
 history must exist and the dead-letter stream must hold nothing unexplained.
 
     python -m bench.chaos --runs 200 --kills 120 [--seed N] [--json]
+    python -m bench.chaos --runs 20 --load      # idle, then beside one CPU hog per core
 
 With ``--json`` the last stdout line is one JSON object (runs, kills, runs_lost,
 duplicate_completions, recovery_s_p50, recovery_s_p99, ...). ``tests/chaos`` runs the same code at
@@ -142,6 +143,7 @@ class Report:
             "recovery_s_p50": _pct(rec, 50), "recovery_s_p99": _pct(rec, 99),
             "recovery_s_max": round(rec[-1], 3) if rec else None,
             "recovery_s_p50_by_kind": {k: _pct(self.recoveries(k), 50) for k in KINDS},
+            "recovery_s_p99_by_kind": {k: _pct(self.recoveries(k), 99) for k in KINDS},
             "kills_measured": len(rec),
             "approval_repairs": self.approval_repairs, "failed_once": self.failed_once,
             "process_restarts": self.restarts, "wall_s": round(self.wall_s, 1),
@@ -532,7 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="seconds (default: scales)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, store)")
     ap.add_argument("--json", action="store_true", help="last stdout line: the figures as JSON")
+    ap.add_argument("--load", nargs="?", type=int, const=-1, default=None, metavar="HOGS",
+                    help="run twice: idle, then beside HOGS busy-looping processes (default: one "
+                         "per CPU); report recovery p50/p99 of both")
     a = ap.parse_args(argv)
+    if a.load is not None:
+        return _idle_and_loaded(a)
     kills = a.kills if a.kills is not None else max(3, a.runs * 2 // 3)
     timeout = a.timeout or 120 + 6 * a.runs
     echo = (lambda m: print(m, file=sys.stderr)) if a.json else print
@@ -547,6 +554,51 @@ def main(argv: list[str] | None = None) -> int:
     if not rep.ok:
         print(rep.problems(), file=sys.stderr)
     return 0 if rep.ok else 1
+
+
+def cpu_hogs(n: int) -> list:
+    """``n`` processes that spin a CPU each (the --load of a busy machine)."""
+    import subprocess
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def _idle_and_loaded(a) -> int:
+    """--load: the same chaos idle, then beside CPU hogs; one line of figures per phase."""
+    hogs_n = a.load if a.load and a.load > 0 else (os.cpu_count() or 1)
+    seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2 ** 32)
+    base = ["--runs", str(a.runs), "--workers", str(a.workers), "--engines", str(a.engines),
+            "--isolation", a.isolation, "--seed", str(seed)]
+    if a.kills is not None:
+        base += ["--kills", str(a.kills)]
+    if a.timeout:
+        base += ["--timeout", str(a.timeout)]
+    out: dict[str, Any] = {}
+    code = 0
+    for phase in ("idle", "loaded"):
+        hogs = cpu_hogs(hogs_n) if phase == "loaded" else []
+        try:
+            import contextlib
+            import io
+
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                code |= main(base + ["--json"])
+            fig = json.loads(buf.getvalue().strip().splitlines()[-1])
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+        fig["load_hogs"] = len(hogs)
+        out[phase] = fig
+        print(f"{phase:>6} ({len(hogs)} CPU hogs): recovery p50 {fig['recovery_s_p50']} s, "
+              f"p99 {fig['recovery_s_p99']} s; engine kills p50 "
+              f"{fig['recovery_s_p50_by_kind']['engine']} s, p99 "
+              f"{fig['recovery_s_p99_by_kind']['engine']} s; runs lost {fig['runs_lost']}, "
+              f"duplicates {fig['duplicate_completions']}, ok {fig['ok']}", flush=True)
+    if a.json:
+        print(json.dumps(out))
+    return code
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ from nbflow.core.state import RunState, apply
 log = logging.getLogger("nbflow.engine")
 
 # An event not acked within this time (engine died or stalled) goes to another engine.
-ACK_WAIT_S = float(os.environ.get("NBFLOW_ENGINE_ACK_WAIT", "30"))
+# Short, so events a killed engine held reach another engine within seconds; a batch that takes
+# longer is kept alive with in_progress() (_keep_alive), so a slow engine is not duplicated.
+ACK_WAIT_S = float(os.environ.get("NBFLOW_ENGINE_ACK_WAIT", "5"))
 
 
 def _crash_point(name: str) -> None:
@@ -127,7 +129,21 @@ class Engine:
             by_run: dict[str, list] = {}
             for m in msgs:
                 by_run.setdefault(m.subject.rsplit(".", 1)[-1], []).append(m)
-            await asyncio.gather(*(self._guarded(run, ms) for run, ms in by_run.items()))
+            hb = asyncio.create_task(self._keep_alive(msgs))
+            try:
+                await asyncio.gather(*(self._guarded(run, ms) for run, ms in by_run.items()))
+            finally:
+                hb.cancel()
+
+    async def _keep_alive(self, msgs: list) -> None:
+        """While a batch is being handled, tell JetStream we are alive (AckWait is short)."""
+        while True:
+            await asyncio.sleep(ACK_WAIT_S / 3)
+            for m in msgs:
+                try:
+                    await m.in_progress()
+                except Exception:  # noqa: BLE001 - acked meanwhile, or reconnecting
+                    pass
 
     async def _guarded(self, run: str, msgs: list) -> None:
         try:
