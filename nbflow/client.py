@@ -125,6 +125,10 @@ class Client(Runs):
     # --- reading ------------------------------------------------------------------------------
     async def _resolve_run(self, run: str) -> str:
         """Accept a unique prefix of a run id."""
+        if not isinstance(run, str) or not run or not all(ch.isalnum() or ch in "-_"
+                                                          for ch in run):
+            raise NbflowError(f"no run {run!r}: a run id is letters and digits "
+                              f"(see `nbflow runs` for recent runs)")
         runs = await self.kv(self.L.runs_bucket)
         if await runs.get_or_none(run) is not None:
             return run

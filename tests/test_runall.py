@@ -89,3 +89,60 @@ def test_flow_run_uses_the_cells_as_the_kernel_ran_them_and_says_so(nats_server,
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_run_all_of_every_flow_command(nats_server, stack, tmp_path):
+    """Each %flow subcommand, in a notebook run top to bottom by nbclient in a real kernel: no
+    error, and the gated payout never runs in the kernel."""
+    from nbflow.magics.core import FLOW_COMMANDS
+
+    paid = tmp_path / "paid.txt"
+    cells = [
+        "%load_ext nbflow",
+        "%%task prepare\nvalue = len(xs)",
+        "%%task each --map x in xs\nsq = x * x",
+        f'%%task pay --approval "Pay?"\nopen({str(paid)!r}, "w").write("paid")\npaid = value',
+        "%%task bank_in --wait-signal bank --example 2\nrate = bank * 10",
+        "%flow help",
+        "%flow show",
+        "%flow run",
+        "from nbflow.widgets import last_view\nfrom nbflow.widgets.runview import shared_client\n"
+        "import time\nrun, c = last_view().run, shared_client()\n"
+        "for _ in range(1200):\n    st = c.status(run)\n"
+        "    if st.nodes['pay'].state == 'awaiting_approval' or st.is_final:\n        break\n"
+        "    time.sleep(0.1)\nprint('pay is', st.nodes['pay'].state)",
+        "%flow watch {run}",
+        "%flow runs",
+        "%flow signal {run} bank 3",
+        "%flow approve {run} pay --reject --comment 'not today'",
+        "print('first run', c.wait(run, timeout=120).state)",
+        "%flow retry {run}",
+        "retried = last_view().run",
+        "%flow cancel {retried}",
+        "print('retry', c.wait(retried, timeout=120).state)",
+        '%flow schedule --cron "0 6 1 1 *" --name runall_every_command',
+        "%flow schedules",
+    ]
+    nb = write_notebook(tmp_path / "every.ipynb", cells, params="xs = [1, 2, 3]")
+    skip_code_cells(nb)
+    used = {c.split()[1] for c in cells if c.startswith("%flow ")}
+    assert used == set(FLOW_COMMANDS), set(FLOW_COMMANDS) - used   # a new command: add it here
+    out = run_all(nb, nats_server.url, timeout=180)
+    said = text(out)
+    assert not outputs(out, "error"), said
+    assert "pay is awaiting_approval" in said, said
+    assert "first run rejected" in said and "retry cancelled" in said
+    assert not paid.exists()
+
+
+def skip_code_cells(path):
+    """Tag the notebook's plain Python cells 'skip': they drive the test in the kernel and are
+    not setup code of the pipeline (a setup cell runs in every task)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for c in nb.cells:
+        if c.cell_type == "code" and not c.source.startswith("%") and \
+                "parameters" not in c.metadata.get("tags", []):
+            c.metadata["tags"] = ["skip"]
+    nbformat.write(nb, str(path))
