@@ -214,6 +214,9 @@ def test_console_opens_from_the_jupyterlab_launcher(lab, client, tmp_path):
             assert user
             card.locator("button.approve").click()
             frame.locator(".flash").wait_for(timeout=60_000)
+            # the page after the decision shows it decided, not waiting
+            frame.locator(f"article.decided[data-run='{run}']").wait_for(timeout=60_000)
+            assert frame.locator(f"article.pending[data-run='{run}']").count() == 0
             page.screenshot(path=str(tmp_path / "console-jupyterlab.png"))
         finally:
             browser.close()

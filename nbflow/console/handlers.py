@@ -207,6 +207,7 @@ class RunActionHandler(ConsoleMixin):
                                              f"(approvers: {', '.join(sorted(self.console.approvers or []))})")
                 d = await self.console.decide(run, task, decision == "approve", user,
                                               self.get_argument("comment", ""))
+                await self.console.settled(run, task)   # the page we return shows it decided
                 self.back(f"{d['state'].capitalize()} {task} of run {run} as {d['by']}.")
             else:
                 raise web.HTTPError(404)

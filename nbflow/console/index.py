@@ -297,6 +297,17 @@ class Console:
         # side checks the approver role instead of trusting this process's credential.
         return await self.client.approve(run, task, approved, by=user, comment=comment)
 
+    async def settled(self, run: str, node: str, timeout: float = 5.0) -> bool:
+        """Wait (briefly) until the index sees ``node`` of ``run`` leave awaiting_approval: the
+        engine applies the decision a moment after it is recorded."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            st = self.runs.get(run)
+            if st is None or node not in st.nodes or st.nodes[node].state != "awaiting_approval":
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     async def schedule_rows(self) -> list[dict[str, Any]]:
         """Schedules with next fire, last run (and its state, from the index) and lag."""
         from nbflow.schedules.api import Schedules
