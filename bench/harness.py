@@ -90,6 +90,9 @@ class Env:
         self.ns = f"b{name[:12]}{secrets.token_hex(3)}".replace("_", "")
         self.L = Layout(self.ns)
         self.dir = Path(tempfile.mkdtemp(prefix=f"nbflow-bench-{name}-"))
+        # the benches' notebooks live here, next to the nats store and the workers' homes:
+        # keep those out of the notebooks' bundles
+        (self.dir / ".nbflowignore").write_text("nats/\nhome/\n*.log\n")
         self.keep = keep
         self.server = None
         self.procs: dict[str, subprocess.Popen] = {}

@@ -22,6 +22,11 @@ from nbflow.stack import Supervisor
 
 # --- packing (pure) ------------------------------------------------------------------------
 
+def _bundles_in(cache) -> list[str]:
+    """What a bundle cache holds, without its CACHEDIR.TAG."""
+    return sorted(n for n in os.listdir(cache) if n != "CACHEDIR.TAG")
+
+
 def _tree(root, files: dict[str, str | bytes]):
     for rel, body in files.items():
         p = root / rel
@@ -50,6 +55,7 @@ def test_defaults_and_nbflowignore(tmp_path):
         "data/raw/big.parquet": "x", "data/raw/keep.parquet": "x", "data/small.csv": "",
         "logs/run.log": "", "sub/logs/other.log": "", "out/a.txt": "", "docs/out/b.txt": "",
         "notes.tmp": "", "deep/er/notes.tmp": "",
+        "cache/CACHEDIR.TAG": "Signature: 8a477f597d28d172789f06886806bc55", "cache/b/x.py": "",
     })
     (root / ".nbflowignore").write_text(
         "# comment\n*.tmp\ndata/raw/*\n!data/raw/keep.parquet\nlogs/\n/out/\n**/er/**\n")
@@ -152,14 +158,14 @@ def test_a_worker_without_the_notebooks_folder_runs_it_from_the_bundle(hidden_wo
         # the worker is blind to the folder (False), yet imported the module and read the data
         assert effects.read_text().splitlines() == ["extract v1", "total v1 10 False"]
         h1 = c.workflow(st.wf).bundle
-        assert h1 and sorted(os.listdir(cache)) == [h1]
+        assert h1 and _bundles_in(cache) == [h1]
         # the task's relative write went to its own copy, not into the shared unpacked bundle
         assert not (cache / h1 / "scratch.txt").exists()
 
         run2 = c.submit(str(nb))                      # same folder: same bundle, no new unpack
         assert finish(c, run2).state == "succeeded"
         assert c.workflow(c.status(run2).wf).bundle == h1
-        assert sorted(os.listdir(cache)) == [h1]
+        assert _bundles_in(cache) == [h1]
 
         (proj / "salesutil.py").write_text((proj / "salesutil.py").read_text()
                                            .replace("'v1'", "'v2'"))
@@ -168,7 +174,7 @@ def test_a_worker_without_the_notebooks_folder_runs_it_from_the_bundle(hidden_wo
         assert st3.state == "succeeded"
         h3 = c.workflow(st3.wf).bundle
         assert h3 != h1
-        assert sorted(os.listdir(cache)) == sorted([h1, h3])
+        assert _bundles_in(cache) == sorted([h1, h3])
         assert effects.read_text().splitlines() == ["extract v1", "total v1 10 False"] * 2 + \
             ["extract v2", "total v2 10 False"]
 
@@ -280,17 +286,17 @@ def test_racing_unpacks_end_with_one_complete_bundle_and_old_leftovers_are_swept
     assert len(set(paths)) == 1 and (root / b.hash / "d" / "x.txt").read_text() == "hi"
     assert a.unpacked + c.unpacked == 1                  # the loser's rename found it there
     assert store.gets == 2                               # one per process, not per task
-    assert sorted(os.listdir(root)) == [b.hash]          # no temp dir left behind
+    assert _bundles_in(root) == [b.hash]          # no temp dir left behind
     # a worker killed mid-unpack leaves only a dot-dir; a corrupt blob is refused
     (root / f".{b.hash}.killed").mkdir()
     old = time.time() - 2 * 86400
     os.utime(root / f".{b.hash}.killed", (old, old))
     a.sweep()
-    assert sorted(os.listdir(root)) == [b.hash]
+    assert _bundles_in(root) == [b.hash]
     bad = _Store({packing.bundle_key("f" * 32): b.data})
     with pytest.raises(packing.BundleError, match="corrupt"):
         asyncio.run(BundleCache(bad, str(root)).get("f" * 32))
-    assert sorted(os.listdir(root)) == [b.hash]
+    assert _bundles_in(root) == [b.hash]
 
 
 def test_notebooks_a_task_runs_are_found_in_the_bundle(tmp_path):

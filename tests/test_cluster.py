@@ -335,8 +335,8 @@ def test_the_deploy_recipe_runs_on_loopback(tmp_path):
         # each worker that ran tasks unpacked the notebook's folder once, into its own cache
         for name in ran_on:
             cache = tmp_path / f"worker-{name}" / "bundles"
-            assert len([d for d in cache.iterdir() if not d.name.startswith(".")]) == 1
-            assert (next(cache.iterdir()) / "salesutil.py").exists()
+            unpacked = [d for d in cache.iterdir() if d.is_dir() and not d.name.startswith(".")]
+            assert len(unpacked) == 1 and (unpacked[0] / "salesutil.py").exists()
     finally:
         for p in procs:
             if p.poll() is None:

@@ -143,7 +143,10 @@ def ignored(rel: str, is_dir: bool, rules: list[_Rule]) -> bool:
 # --- packing ---------------------------------------------------------------------------------
 
 def _is_venv(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "pyvenv.cfg"))
+    """A virtualenv, or a cache dir tagged per the Cache Directory Tagging spec (CACHEDIR.TAG:
+    nbflow's own bundle cache carries one, so a cache inside a notebook's folder never travels)."""
+    return os.path.isfile(os.path.join(path, "pyvenv.cfg")) or \
+        os.path.isfile(os.path.join(path, "CACHEDIR.TAG"))
 
 
 def walk(folder: str, skip: tuple[str, ...] = ()
@@ -219,12 +222,15 @@ def pack(folder: str, skip: tuple[str, ...] = ()) -> Bundle:
             f"(NBFLOW_BUNDLE=0) if the workers share this filesystem")
     h = hashlib.sha256()
     buf = io.BytesIO()
+    packed: list[str] = []
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as z:
         for rel, p, _ in files:
             try:
                 with open(p, "rb") as f:
                     data = f.read()
                 mode = os.stat(p).st_mode
+            except FileNotFoundError:
+                continue                # deleted since the walk (a log rotated, a temp file)
             except OSError as e:
                 raise BundleError(f"cannot read {p} to bundle it: {e.strerror}; list it in "
                                   f"{os.path.join(folder, IGNORE_FILE)}") from None
@@ -235,7 +241,8 @@ def pack(folder: str, skip: tuple[str, ...] = ()) -> Bundle:
             info.external_attr = (stat.S_IFREG | x) << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             z.writestr(info, data)
-    return Bundle(h.hexdigest()[:32], buf.getvalue(), [r for r, _, _ in files], big, total)
+            packed.append(rel)
+    return Bundle(h.hexdigest()[:32], buf.getvalue(), packed, big, total)
 
 
 def content_hash_of(zf: zipfile.ZipFile) -> str:

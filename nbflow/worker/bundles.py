@@ -106,6 +106,7 @@ class BundleCache:
             if os.path.isdir(dest):
                 return dest
             os.makedirs(self.root, exist_ok=True)
+            _tag(self.root)
             tmp = tempfile.mkdtemp(prefix=f".{h}.", dir=self.root)
             try:
                 zpath = os.path.join(tmp, "bundle.zip")
@@ -125,6 +126,18 @@ class BundleCache:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return dest
+
+
+def _tag(root: str) -> None:
+    """Mark the cache as one (CACHEDIR.TAG): backups skip it, and so does bundling."""
+    p = os.path.join(root, "CACHEDIR.TAG")
+    if not os.path.exists(p):
+        try:
+            with open(p, "w") as f:
+                f.write("Signature: 8a477f597d28d172789f06886806bc55\n"
+                        "# nbflow's cache of unpacked notebook bundles\n")
+        except OSError:
+            pass
 
 
 def _touch(path: str) -> None:
