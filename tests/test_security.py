@@ -255,3 +255,51 @@ def test_a_frozen_worker_cannot_replace_an_output_downstream_read(owner, tmp_pat
     live = {k for k, deleted in _objects(owner, run).items() if not deleted}
     assert live == named
     assert len([e for e in owner.history(run) if e.type == "TaskSucceeded"]) == 3   # a, b, c
+
+
+# --- small items: secrets in URLs, bad URLs, odd names -------------------------------------------
+
+def test_credentials_are_redacted_in_every_url_form():
+    from click.testing import CliRunner
+
+    from nbflow.cli.main import main as cli
+
+    for url in ("bob:S3CRETPW@127.0.0.1:1", "nats://bob:S3CRETPW@127.0.0.1:1",
+                "tls://S3CRETPW@h1:4222,nats://h2:4223", "S3CRETPW@127.0.0.1:1"):
+        out = infra.redact(url)
+        assert "S3CRETPW" not in out and "bob" not in out and "***@" in out, out
+    r = CliRunner().invoke(cli, ["runs", "--nats", "bob:S3CRETPW@127.0.0.1:1"])
+    assert r.exit_code == 2 and "S3CRETPW" not in r.output and "***@127.0.0.1:1" in r.output
+
+
+def test_bad_ports_and_hosts_are_one_clear_error():
+    from click.testing import CliRunner
+
+    from nbflow.cli.main import main as cli
+
+    for url in ("nats://127.0.0.1:99999", "nats://127.0.0.1:abc", "nats://::1:4222"):
+        with pytest.raises(infra.ConnectError, match="port must be a number"):
+            _raw(url)
+    with pytest.raises(infra.ConnectError, match="(?i)connect call failed"):
+        _raw("nats://[::1]:1")                          # IPv6 in brackets is understood
+    r = CliRunner().invoke(cli, ["runs", "--nats", "nats://127.0.0.1:99999"])
+    assert r.exit_code == 2 and "port must be a number" in r.output
+    assert "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["up", "--port", "99999"])
+    assert r.exit_code == 2 and "99999" in r.output
+
+
+def test_reserved_namespace_names_are_refused():
+    from nbflow.nats.layout import Layout
+
+    for ns in ("tasks", "timers", "history", "decide", "Tasks"):
+        with pytest.raises(ValueError, match="reserved"):
+            Layout(ns)
+    Layout("tasks2")                                     # only the exact names
+
+
+def test_odd_signal_names_are_a_clear_error(owner, awaiting_run):
+    run, _ = awaiting_run
+    for name in ("a*b", "go>", "two words", "naïve", "a.b", ""):
+        with pytest.raises(NbflowError, match="signal name .* is invalid"):
+            owner.signal(run, name, 1)

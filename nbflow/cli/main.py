@@ -213,7 +213,8 @@ def _summary(st, wf) -> None:
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count; 0: nats-server and engine only).")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Data dir (default: NBFLOW_HOME or ~/.local/share/nbflow).")
-@click.option("--port", type=int, default=0, help="nats-server port (default: 4222 if free).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0,
+              help="nats-server port (default: 4222 if free).")
 @click.option("--namespace", envvar="NBFLOW_NAMESPACE", default=None)
 def up(workers, data, port, namespace):
     """Run the embedded stack in the foreground: nats-server, engine, workers."""

@@ -173,6 +173,7 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
             raise ConnectError(f"cannot load the TLS files (NBFLOW_NATS_CA/CERT/KEY): "
                                f"{e.strerror or e}") from None
         kw["tls"] = ctx
+    _check_urls(opts.url)
     errors: list[str] = []
 
     denials = _Denials(opts.user or "", auth.local_roles(opts.url, opts.user) if opts.user else [])
@@ -202,6 +203,26 @@ async def connect(opts: ConnectOptions | str, *, name: str = "nbflow", timeout: 
         nc.jetstream = functools.partial(nc.jetstream, domain=opts.domain)
     nc._nbflow_denials = denials
     return nc
+
+
+def _check_urls(url: str) -> None:
+    """A bad port or host is one sentence naming it (nats-py says 'invalid connect url')."""
+    from urllib.parse import urlsplit
+
+    for part in (p.strip() for p in url.split(",")):
+        if not part:
+            continue
+        shown = redact(part)
+        try:
+            u = urlsplit(part if "://" in part else f"nats://{part}")
+            port = u.port
+        except ValueError:
+            raise ConnectError(f"NATS URL {shown!r}: the port must be a number from 1 to "
+                               f"65535 (IPv6 hosts go in brackets: nats://[::1]:4222)") from None
+        if port == 0:
+            raise ConnectError(f"NATS URL {shown!r}: the port must be a number from 1 to 65535")
+        if not u.hostname:
+            raise ConnectError(f"NATS URL {shown!r} names no host (e.g. nats://127.0.0.1:4222)")
 
 
 def _check_credential_files(opts: ConnectOptions) -> None:

@@ -13,6 +13,10 @@ _NS_RE = re.compile(r"^[A-Za-z0-9_-]{0,32}$")
 # a signal's name is one KV key token: no dots, wildcards, spaces or non-ASCII
 SIGNAL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
+# nbflow.<ns>.… must never be a subject of the default namespace (nbflow.tasks.<q>.<run>, …)
+RESERVED_NAMESPACES = frozenset({"history", "tasks", "timers", "control", "decide",
+                                 "deadletter", "triggers"})
+
 # Headers
 MSG_ID = "Nats-Msg-Id"
 SCHEDULE = "Nats-Schedule"
@@ -39,6 +43,10 @@ class Layout:
             raise ValueError(
                 f"namespace {self.namespace!r} is invalid: use up to 32 letters, digits, '_' or '-'"
             )
+        if self.namespace.lower() in RESERVED_NAMESPACES:
+            raise ValueError(
+                f"namespace {self.namespace!r} is reserved: its subjects would fall inside the "
+                f"default namespace's ({', '.join(sorted(RESERVED_NAMESPACES))}); pick another")
 
     # --- name helpers -------------------------------------------------------------------------
     @property
