@@ -303,3 +303,62 @@ def test_odd_signal_names_are_a_clear_error(owner, awaiting_run):
     for name in ("a*b", "go>", "two words", "naïve", "a.b", ""):
         with pytest.raises(NbflowError, match="signal name .* is invalid"):
             owner.signal(run, name, 1)
+
+
+# --- the same roles on your own server: the documented template ----------------------------------
+
+def test_the_cluster_template_enforces_the_same_roles(tmp_path, monkeypatch):
+    import secrets
+
+    from support import REPO
+
+    from nbflow.nats.auth import TEMPLATE_USERS, template_conf
+    from nbflow.stack import NatsServer, Supervisor
+
+    doc = REPO / "docs" / "nats-roles.conf"
+    assert doc.read_text() == template_conf()        # the docs show what the code enforces
+    pw = {u: "pw-" + secrets.token_hex(8) for u in TEMPLATE_USERS}
+    for u, p in pw.items():
+        monkeypatch.setenv(f"NBFLOW_{u.upper()}_PASSWORD", p)
+    store = tmp_path / "nats"
+    store.mkdir()
+    shutil.copy(doc, store / "nats-roles.conf")
+    srv = NatsServer(store, extra_conf='include "nats-roles.conf"').start()
+
+    def creds(u):
+        return {"NBFLOW_NATS_USER": u, "NBFLOW_NATS_PASSWORD": pw[u]}
+    sup = None
+    try:
+        with pytest.raises(infra.ConnectError, match="(?i)authorization violation"):
+            _raw(srv.url)
+        with SyncClient(srv.url, namespace="", user="engine", password=pw["engine"]):
+            pass                                          # creates the streams
+        sup = Supervisor(srv.url, workers=1, namespace="", log_file=tmp_path / "stack.log",
+                         env={"NBFLOW_TASK_ACK_WAIT": "3"},
+                         role_env={"engine": creds("engine"), "worker": creds("worker")})
+        sup.start().supervise()
+        nb = approval_notebook(tmp_path / "nb" / "cluster.ipynb")
+        with SyncClient(srv.url, namespace="", user="alice", password=pw["alice"]) as alice, \
+                SyncClient(srv.url, namespace="", user="bob", password=pw["bob"]) as bob, \
+                SyncClient(srv.url, namespace="", user="worker", password=pw["worker"]) as w, \
+                SyncClient(srv.url, namespace="", user="viewer", password=pw["viewer"]) as v:
+            run = alice.submit(str(nb), {})
+            wait_for(lambda: alice.status(run).nodes["publish"].state == "awaiting_approval",
+                     120, "the run to await approval")
+            with pytest.raises(NbflowError, match="permission denied.*alice"):
+                alice.approve(run, "publish", True)
+            with pytest.raises(NbflowError, match="permission denied.*viewer"):
+                v.approve(run, "publish", True)
+            with pytest.raises(infra.PermissionDenied):
+                w.submit(str(nb), {})
+            bob.approve(run, "publish", True)
+            wait_for(lambda: alice.status(run).nodes["show"].state == "waiting_signal", 120,
+                     "the run to wait for its signal")
+            alice.signal(run, "go", 1)
+            st = alice.wait(run, timeout=120)
+            assert st.state == "succeeded" and st.nodes["publish"].approval["by"] == "bob"
+            assert v.load_output(run, "publish", "published") == "NUMBERS"
+    finally:
+        if sup:
+            sup.stop()
+        srv.stop()
