@@ -133,6 +133,10 @@ def test_standalone_ui_pages_token_metrics_and_stats(ui, client, nats_server):
     assert st["notebooks"]["chain"]["succeeded"] >= 1 and st["notebooks"]["chain"]["p50_s"] > 0
     assert {t["task"] for t in st["tasks"] if t["notebook"] == "chain"} >= \
         {t.node for t in client.status(run).tasks.values()}
+    out = subprocess.run([sys.executable, "-m", "nbflow", "stats", "--window", "1h"],
+                         env=stack_env(nats_server.url), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and re.search(r"^chain\s+\d+\s+\d+%", out.stdout, re.M), out.stdout
     out = subprocess.run([sys.executable, "-m", "nbflow", "stats", "--window", "soon"],
                          env=stack_env(nats_server.url), capture_output=True, text=True,
                          timeout=60)

@@ -75,3 +75,24 @@ def test_pages_escape_user_text():
     html = views.inbox(ctx, [(st, "publish")], [], {st.wf: wf}) + \
         views.runs_table(ctx, runs, 3, {}, 0)
     assert "<script>" not in html and "<img" not in html and "&lt;script&gt;" in html
+
+
+def test_install_enables_the_server_extension_and_ships_the_launcher_entry():
+    """What `pip install` places (an editable install does not place data files, so this reads
+    the declarations): the server extension enabled, the prebuilt JupyterLab extension."""
+    import json
+    import tomllib
+
+    proj = tomllib.loads((REPO / "pyproject.toml").read_text())
+    files = proj["tool"]["setuptools"]["data-files"]
+    conf = files["etc/jupyter/jupyter_server_config.d"]
+    assert len(conf) == 1
+    enabled = json.loads((REPO / conf[0]).read_text())["ServerApp"]["jpserver_extensions"]
+    assert enabled == {"nbflow.console": True}
+    import nbflow.console as ext
+
+    assert ext._jupyter_server_extension_points() == [{"module": "nbflow.console"}]
+    lab = REPO / "nbflow" / "console" / "labextension"
+    assert json.loads((lab / "package.json").read_text())["name"] == "nbflow-console"
+    assert list((lab / "static").glob("remoteEntry.*.js"))
+    assert "share/jupyter/labextensions/nbflow-console/static" in files
