@@ -81,11 +81,14 @@ class Client(Runs):
         return c
 
     auth_user = ""
+    delegate = False      # a host that authenticates its users itself (the runs console)
 
     def principal(self, by: str | None = None) -> str:
         """Who decides, as the decide service will record it: the authenticated NATS user
         (``--as`` may not claim anyone else); on a server without users, the declared name."""
         claimed = _subject_token(by) if by else ""
+        if self.delegate and claimed:
+            return claimed      # nats-server decides whether this user may delegate
         if self.auth_user:
             if claimed and claimed != _subject_token(self.auth_user):
                 raise NbflowError(

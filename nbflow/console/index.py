@@ -78,6 +78,7 @@ class Console:
         loop = asyncio.get_running_loop()
         url = await loop.run_in_executor(None, resolve_url, self.url)   # may start a stack
         c = await Client.connect(url, self.namespace, reconnect=True)
+        c.delegate = True          # decisions are recorded as the user this host signed in
         self.client = c
         self._tasks = [asyncio.ensure_future(self._follow_runs()),
                        asyncio.ensure_future(self._follow_workers())]
@@ -293,8 +294,8 @@ class Console:
                      comment: str = "") -> dict[str, Any]:
         """Record a decision as the signed-in user. The console's own NATS credential writes it;
         ``user`` is who the host (Jupyter, or `nbflow ui`'s token) authenticated."""
-        # TODO(security): use the engine's decide service once it has landed, so the server
-        # side checks the approver role instead of trusting this process's credential.
+        # through the engine's decide service as ``user``: nats-server lets this process do
+        # that only when its NATS user has the delegate role (decide.*.approve)
         return await self.client.approve(run, task, approved, by=user, comment=comment)
 
     async def settled(self, run: str, node: str, timeout: float = 5.0) -> bool:

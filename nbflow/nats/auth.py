@@ -11,6 +11,8 @@ Roles (the same in the embedded stack and in the cluster template, docs/nats-rol
                decide service.
 - ``approver`` decides approvals (and sends signals) through the decide service; reads.
 - ``viewer``   reads only.
+- ``delegate`` decides on behalf of users it authenticated itself (the runs console, which
+               records the signed-in Jupyter user): may publish ``decide.*.approve``.
 
 Decisions (approvals, signals) are requests on ``<root>.decide.<user>.…``; a user may publish
 only under its own name, so the engine takes the decider from the subject, never the payload.
@@ -31,7 +33,7 @@ from urllib.parse import urlparse
 
 from nbflow.nats.layout import Layout
 
-ROLES = ("engine", "worker", "author", "approver", "viewer")
+ROLES = ("engine", "worker", "author", "approver", "viewer", "delegate")
 CREDENTIALS_FILE = "credentials.json"
 STACK_FILE = "stack.json"
 _USER_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -76,15 +78,15 @@ def load_credentials(data: Path) -> dict | None:
 
 def ensure_credentials(data: Path, owner: str) -> dict:
     """The stack's users (generated on first start): one per service role, and the owner, who
-    has author + approver (the person who started the stack)."""
+    has author + approver (the person who started the stack) + delegate (their console)."""
     creds = load_credentials(data)
     if creds and creds.get("users"):
         return creds
     owner = owner if owner not in ROLES else f"{owner}-owner"
     users = {r: {"password": secrets.token_urlsafe(24), "roles": [r]}
              for r in ("engine", "worker", "viewer")}
-    users[check_user_name(owner)] = {"password": secrets.token_urlsafe(24),
-                                     "roles": ["author", "approver"]}
+    users[check_user_name(owner)] = {"password": secrets.token_urlsafe(24),   # + the console
+                                     "roles": ["author", "approver", "delegate"]}
     creds = {"v": 1, "owner": owner, "users": users}
     _write_private(Path(data) / CREDENTIALS_FILE, json.dumps(creds, indent=1))
     return creds
@@ -184,6 +186,8 @@ def role_permissions(role: str, L: Layout, user: str) -> tuple[list[str], list[s
         pub += [L.decide_subject(user, "approve"), L.decide_subject(user, "signal")]
     if role == "author":
         pub += [L.decide_subject(user, "signal")]
+    if role == "delegate":
+        pub += [L.decide_subject("*", "approve"), L.decide_subject("*", "signal")]
     if role == "author":
         # definitions, and the notebook folder's bundle in the object store (so authors, like
         # workers, can write artifacts: see the pickle trust model in the README)
