@@ -66,6 +66,15 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240)
             time.sleep(0.3)
 
 
+def _started(url: str, proc: subprocess.Popen, log: Path) -> None:
+    """Wait for the server; one that never answers is stopped, not left behind."""
+    try:
+        wait_http(url, proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -89,7 +98,7 @@ def start_ui(tmp: Path, nats_url: str, port: int, token: str, **env) -> subproce
         [sys.executable, "-m", "nbflow", "ui", "--port", str(port), "--token", token,
          "--no-browser"], env=stack_env(nats_url, **env), stdout=open(log, "wb"),
         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    wait_http(f"http://127.0.0.1:{port}/nbflow/login", proc, log)
+    _started(f"http://127.0.0.1:{port}/nbflow/login", proc, log)
     return proc
 
 
@@ -125,5 +134,5 @@ def start_jupyter(tmp: Path, nats_url: str, port: int, app: str = "server", args
                 "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     proc = subprocess.Popen(cmd, env=jupyter_env(tmp, nats_url, **env), stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    wait_http(f"http://127.0.0.1:{port}/api/status", proc, log)
+    _started(f"http://127.0.0.1:{port}/api/status", proc, log)
     return proc
