@@ -158,8 +158,8 @@ def client_watch_until(client, run, cond, timeout=60.0):
 
 
 def test_retry_reuses_what_succeeded(client, tmp_path):
-    flag = tmp_path / "fixed.txt"
-    nb = write_notebook(tmp_path / "retry.ipynb", [
+    flag = tmp_path / "fixed.txt"     # outside the notebook's folder (its bundle is fingerprinted)
+    nb = write_notebook(tmp_path / "project" / "retry.ipynb", [
         "%%task expensive\nvalue = 41",
         f"%%task fragile\nimport os\nassert os.path.exists({str(flag)!r}), 'input missing'\n"
         "answer = value + 1",

@@ -274,3 +274,25 @@ def test_signal_panel_sends(client, tmp_path):
     assert st.state == "succeeded" and st.signals["go_ahead"] == {"n": 7}
     assert "value {'n': 7}" in client.logs(run, "go")
     view.close()
+
+
+def test_a_reused_task_has_its_own_state_and_colour_in_the_runview_model():
+    from statehelpers import Sim, chain
+
+    from nbflow.compiler.render import STATE_COLOURS
+    from nbflow.widgets.model import RunModel, table_rows
+
+    wf = chain(2)
+    first = Sim(wf, run="old1")
+    first.start()
+    first.run_workers()
+    t0 = {k: dict(t.__dict__) for k, t in first.st.tasks.items() if t.node == "t0"}
+    sim = Sim(wf, run="r2")
+    sim.start(reuse={"t0": {"state": "succeeded", "count": None, "tasks": t0, "from": "old1"}})
+    rows = {r["node"]: r for r in table_rows(sim.st, wf)}
+    assert rows["t0"]["state"] == "reused" and rows["t0"]["worker"] == "from run old1"
+    assert rows["t1"]["state"] != "reused"
+    m = RunModel(wf, render_svg=lambda wf, states: "")
+    m.apply(None, sim.st, wf)
+    assert m.node_states["t0"] == "reused"
+    assert STATE_COLOURS["reused"] not in (STATE_COLOURS["succeeded"], STATE_COLOURS["skipped"])
