@@ -22,7 +22,7 @@ from nbflow.errors import AlreadyDecided, Conflict, NatsError, NbflowError, NotF
 from nbflow.core.fingerprint import fingerprints
 from nbflow.runs import BundleWarning, Runs, _reuse_entry, _task_ids, new_run_id, whoami  # noqa: F401
 from nbflow.nats import infra
-from nbflow.core.events import Event, decode, make, task_key
+from nbflow.core.events import Event, cancel_msg_id, decode, make, task_key
 from nbflow.nats.layout import MSG_ID, SIGNAL_NAME_RE, Layout, default_namespace
 from nbflow.core.state import RUN_FINAL, RunState, apply
 
@@ -310,7 +310,7 @@ class Client(Runs):
         st = await self._running(run, "cancel")
         ev = make("CancelRequested", st.run, by=by or whoami())
         await self.streams.publish(self.L.history_subject(st.run), ev.encode(),
-                                   headers={MSG_ID: f"cancel.{st.run}"})
+                                   headers={MSG_ID: cancel_msg_id(st.run)})
 
     async def approve(self, run: str, task: str, approved: bool = True, by: str | None = None,
                       comment: str = "") -> dict[str, Any]:

@@ -13,7 +13,7 @@ import os
 import secrets
 from typing import Any
 
-from nbflow.core.events import make, start_record, task_key
+from nbflow.core.events import make, start_msg_id, start_record, task_key
 from nbflow.core.fingerprint import fingerprints, reusable_across_runs
 from nbflow.core.ir import Workflow
 from nbflow.core.state import RunState
@@ -154,7 +154,7 @@ class Runs:
                   retry_of=retry_of, reuse=reuse or None,
                   fps={k: v for k, v in fps.items() if v and k in _task_ids(workflow)})
         ack = await self.streams.publish(self.L.history_subject(run), ev.encode(),
-                                         headers={MSG_ID: msg_id or f"start.{run}"})
+                                         headers={MSG_ID: msg_id or start_msg_id(run)})
         if ack.duplicate and msg_id:
             return run          # this start was already recorded (idempotent trigger)
         return run

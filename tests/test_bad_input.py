@@ -344,6 +344,7 @@ TASK_GARBAGE = [
     ("missing fields", b'{"v": 1, "run": "MARK"}'),
     ("wrong types", b'{"v": 1, "run": "MARK", "key": "a", "node": "a", "attempt": "one"}'),
     ("a list", b'["MARK"]'),
+    ("another version", b'{"v": 2, "run": "MARK", "key": "a", "node": "a", "attempt": 1, "wf": "w"}'),
 ]
 
 

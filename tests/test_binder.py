@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,9 +50,15 @@ def test_start_brings_a_stack_up_then_execs(tmp_path):
 
 @pytest.mark.slow
 def test_postbuild_in_a_fresh_virtualenv(tmp_path):
+    # Binder's environment has the requirements installed before postBuild runs: the new venv
+    # sees the packages of the Python running this suite (itself maybe a venv, whose packages
+    # `--system-site-packages` would not show), after its own
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "_outer_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
            "VIRTUAL_ENV": str(venv), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("PYTHONHOME", None)

@@ -5,7 +5,8 @@ what the engine must do next (returned by ``state.apply``). Both are plain JSON 
 ``{"v": 1, "type": ..., "run": ..., "ts": <unix seconds>, ...fields}``.
 
 A message that does not decode raises ``BadMessage`` with a sentence saying what is wrong; the
-engine dead-letters it and carries on.
+engine dead-letters it and carries on. The task message (engine -> worker) is :class:`TaskMessage`,
+decoded as strictly; every ``Nats-Msg-Id`` nbflow publishes is built by a ``*_msg_id`` function.
 """
 from __future__ import annotations
 
@@ -129,6 +130,125 @@ def decode(raw: bytes, seq: int | None = None) -> Event:
                float(ts), seq)
     validate(ev)
     return ev
+
+
+# --- the task message (engine -> tasks stream -> worker) ----------------------------------------
+
+TASK_VERSION = 1
+# field -> (type(s), required); a task message is one attempt of one task
+_TASK_FIELDS: dict[str, tuple[Any, bool]] = {
+    "run": (str, True), "key": (str, True), "node": (str, True), "attempt": (int, True),
+    "wf": (str, True), "queue": (str, False), "params": (dict, False), "inputs": (dict, False),
+    "timeout": ((int, float), False), "isolation": (str, False), "map": (dict, False),
+    "signal": (dict, False),
+}
+
+
+@dataclass
+class TaskMessage:
+    """What the engine publishes on ``tasks.<queue>.<run>`` for a worker to run. ``inputs`` maps
+    a name to the artifact key(s) of its value; ``map`` is ``{var, over, index}`` for a --map
+    instance; ``signal`` is ``{var, value}`` for a task that waited for a signal."""
+    run: str
+    key: str
+    node: str
+    attempt: int
+    wf: str                                  # workflow content hash (defs KV)
+    queue: str = "default"
+    params: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+    isolation: str | None = None
+    map: dict[str, Any] | None = None
+    signal: dict[str, Any] | None = None
+
+    @classmethod
+    def for_dispatch(cls, run: str, params: dict[str, Any], data: dict[str, Any]) -> "TaskMessage":
+        """From a ``dispatch`` command of ``state.apply`` (its data holds the task fields)."""
+        return cls(run=run, params=params, **{k: v for k, v in data.items() if k in _TASK_FIELDS})
+
+    def encode(self) -> bytes:
+        d: dict[str, Any] = {"v": TASK_VERSION}
+        for name in _TASK_FIELDS:
+            v = getattr(self, name)
+            if v is not None or name in ("timeout", "isolation"):
+                d[name] = v
+        return json.dumps(d, separators=(",", ":"), default=str).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "TaskMessage":
+        """Strict: a JSON object of version 1 with every required field of the right type."""
+        try:
+            d = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadMessage(f"task message is not JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise BadMessage("a task message must be a JSON object")
+        if d.get("v") != TASK_VERSION:
+            raise BadMessage(f"unsupported task message version {d.get('v')!r} "
+                             f"(expected {TASK_VERSION})")
+        for name, (typ, required) in _TASK_FIELDS.items():
+            v = d.get(name)
+            if v is None:
+                if required:
+                    raise BadMessage(f"task message: missing field {name!r}")
+                continue
+            if isinstance(v, bool) or not isinstance(v, typ):
+                tname = typ.__name__ if isinstance(typ, type) else "number"
+                raise BadMessage(f"task message: field {name!r} must be {tname}, "
+                                 f"got {type(v).__name__}")
+        return cls(**{k: v for k, v in d.items() if k in _TASK_FIELDS and v is not None})
+
+
+# --- Nats-Msg-Id: the stream drops a second message with the same id (idempotent publishing) ---
+
+def start_msg_id(run: str) -> str:
+    return f"start.{run}"
+
+
+def task_msg_id(run: str, key: str, attempt: int) -> str:
+    return f"task.{run}.{key}.{attempt}"
+
+
+def started_msg_id(run: str, key: str, attempt: int, delivered: int) -> str:
+    """Per delivery: a task picked up again after its worker died is started again."""
+    return f"started.{run}.{key}.{attempt}.{delivered}"
+
+
+def done_msg_id(run: str, key: str, attempt: int) -> str:
+    return f"done.{run}.{key}.{attempt}"
+
+
+def timer_msg_id(timer: str) -> str:
+    return f"timer.{timer}"
+
+
+def timer_schedule_msg_id(timer: str) -> str:
+    return f"sched.{timer}"
+
+
+def cancel_msg_id(run: str) -> str:
+    return f"cancel.{run}"
+
+
+def approval_msg_id(run: str, task: str) -> str:
+    return f"approval.{run}.{task}"
+
+
+def signal_msg_id(run: str, name: str) -> str:
+    return f"signal.{run}.{name}"
+
+
+def fire_msg_id(schedule: str, fire_iso: str) -> str:
+    return f"sched.{schedule}.{fire_iso}"
+
+
+def trigger_msg_id(trigger: str, seq: int) -> str:
+    return f"trig.{trigger}.{seq}"
+
+
+def schedule_log_msg_id(schedule: str, fire: str, what: str) -> str:
+    return f"log.{schedule}.{fire}.{what}"
 
 
 # --- commands (state.apply -> engine) ----------------------------------------------------------

@@ -29,7 +29,8 @@ from nbflow.errors import Conflict, NotFound, Transient
 from nbflow.nats import infra
 from nbflow.nats.kv import KV
 from nbflow.nats.streams import Streams
-from nbflow.core.events import Command, Event, decode, make
+from nbflow.core.events import (Command, Event, TaskMessage, decode, make, task_msg_id, timer_msg_id,
+                                 timer_schedule_msg_id)
 from nbflow.errors import BadMessage
 from nbflow.nats.layout import MSG_ID, SCHEDULE, SCHEDULE_TARGET, Layout
 from nbflow.core.state import RunState, apply
@@ -172,7 +173,7 @@ class Engine:
                     ev.ts = time.time()     # it went off now (it was made when it was set)
                     tid = ev["timer"]
                     await self.streams.publish(self.L.history_subject(ev.run), ev.encode(),
-                                               headers={MSG_ID: f"timer.{tid}"})
+                                               headers={MSG_ID: timer_msg_id(tid)})
                     await m.ack()
                 except BadMessage as e:
                     await self.dead_letter(m, f"timer message: {e}")
@@ -316,11 +317,10 @@ class Engine:
         futs = []
         for c in cmds:
             if c.kind == "dispatch":
-                msg = {"v": 1, "run": st.run, "params": st.params, **c.data}
-                subj = self.L.task_subject(c["queue"], st.run)
+                task = TaskMessage.for_dispatch(st.run, st.params, c.data)
                 futs.append(await self.streams.publish_async(
-                    subj, json.dumps(msg, separators=(",", ":")).encode(),
-                    headers={MSG_ID: f"task.{st.run}.{c['key']}.{c['attempt']}"}))
+                    self.L.task_subject(task.queue, st.run), task.encode(),
+                    headers={MSG_ID: task_msg_id(st.run, task.key, task.attempt)}))
             elif c.kind == "timer":
                 futs.append(await self.schedule_timer(st.run, c))
             elif c.kind == "approval":
@@ -354,14 +354,14 @@ class Engine:
         at = c["at"]
         if at <= time.time() + 0.5:      # already due: record it now
             return await self.streams.publish_async(self.L.history_subject(run), ev.encode(),
-                                                    headers={MSG_ID: f"timer.{c['id']}"})
+                                                    headers={MSG_ID: timer_msg_id(c["id"])})
         # message schedules have one-second resolution: round up so we never fire early
         iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(at)))
         tid = c["id"].replace(".", "_")
         return await self.streams.publish_async(
             self.L.timer_schedule_subject(tid), ev.encode(),
             headers={SCHEDULE: f"@at {iso}", SCHEDULE_TARGET: self.L.timer_fire_subject(tid),
-                     MSG_ID: f"sched.{c['id']}"})
+                     MSG_ID: timer_schedule_msg_id(c["id"])})
 
     async def _decision_recorded(self, ev: Event) -> bool:
         """An approval counts only when the decide service recorded it (authenticated decider,

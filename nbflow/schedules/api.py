@@ -17,6 +17,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from nbflow.client import Client, parse_param, whoami
+from nbflow.core.events import fire_msg_id
 from nbflow.errors import Conflict, NbflowError, NotFound, ScheduleError
 from nbflow.nats.calls import call
 from nbflow.schedules.cron import check_name, default_name, iso, parse_spec, schedule_run_id, utcnow
@@ -167,7 +168,7 @@ class Schedules:
         fire = iso(utcnow())
         rid = schedule_run_id(name, f"now|{fire}")
         rid = await Starter(self.c).start(d, fire, run_id=rid, by=by or whoami(),
-                                          msg_id=f"sched.{name}.now.{fire}")
+                                          msg_id=fire_msg_id(name, f"now.{fire}"))
         await self.store.log(name, "started", fire, run=rid, manual=True, by=by or whoami())
         await self.store.update_state(name, lambda st: {**st, "last_run": rid,
                                                         "last_run_fire": fire})

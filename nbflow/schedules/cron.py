@@ -162,5 +162,3 @@ def trigger_run_id(name: str, seq: int) -> str:
     return "t-" + hashlib.sha256(f"{name}|{seq}".encode()).hexdigest()[:12]
 
 
-def fire_msg_id(name: str, fire_iso: str) -> str:
-    return f"sched.{name}.{fire_iso}"

@@ -25,12 +25,13 @@ import os
 from datetime import timedelta
 from typing import Any
 
+from nbflow.core.events import fire_msg_id, trigger_msg_id
 from nbflow.errors import NatsError, NbflowError, TooLarge
 from nbflow.nats import infra
 from nbflow.nats.layout import SCHEDULE_NEXT, Layout
 from nbflow.runs import Runs
 from nbflow.schedules import decide
-from nbflow.schedules.cron import (fire_msg_id, iso, parse_iso, parse_spec, schedule_run_id,
+from nbflow.schedules.cron import (iso, parse_iso, parse_spec, schedule_run_id,
                                    trigger_run_id, utcnow)
 from nbflow.schedules.store import Store
 
@@ -330,7 +331,7 @@ class Scheduler:
             if d.get("param") and not decide.declares(wf, d["param"]):
                 params.pop(d["param"])
             try:
-                await self.runs.submit(wf, params, run_id=rid, msg_id=f"trig.{name}.{seq}",
+                await self.runs.submit(wf, params, run_id=rid, msg_id=trigger_msg_id(name, seq),
                                        by=f"trigger:{name}", schedule=f"trigger:{key}")
             except NbflowError as e:
                 if not refusal(e):

@@ -10,6 +10,7 @@ import json
 import time
 from typing import Any
 
+from nbflow.core.events import schedule_log_msg_id
 from nbflow.errors import Conflict, NotFound
 from nbflow.nats.calls import CLIENT_RETRY, Retrying, call
 from nbflow.nats.kv import KV
@@ -90,7 +91,7 @@ class Store:
     async def log(self, name: str, what: str, fire: str | None = None, **data: Any) -> None:
         """Append to the schedule's log; one event per (name, fire, what) thanks to msg-id dedup."""
         ev = {"type": what, "schedule": name, "fire": fire, "ts": time.time(), **data}
-        mid = f"log.{name}.{fire or time.time()}.{what}"
+        mid = schedule_log_msg_id(name, fire or str(time.time()), what)
         await self.streams.publish(self.L.schedule_log_subject(name),
                                    json.dumps(ev, separators=(",", ":"), default=str).encode(),
                                    headers={MSG_ID: mid, "Nats-TTL": LOG_TTL})

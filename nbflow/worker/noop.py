@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import socket
 import time
 
 from nbflow.nats import infra
-from nbflow.core.events import make
+from nbflow.core.events import TaskMessage, done_msg_id, make, started_msg_id
+from nbflow.errors import BadMessage
 from nbflow.nats.layout import MSG_ID, Layout
 
 log = logging.getLogger("nbflow.worker.noop")
@@ -77,21 +77,22 @@ class NoopWorker:
         futs, todo = [], []
         for m in msgs:
             try:
-                t = json.loads(m.data)
-                run, key, attempt = t["run"], t["key"], int(t["attempt"])
-            except (ValueError, KeyError, TypeError):
+                t = TaskMessage.decode(m.data)
+            except BadMessage:
                 await m.term()            # not a task: the real worker dead-letters it
                 continue
+            run, key, attempt = t.run, t.key, t.attempt
             subj = self.L.history_subject(run)
             now = time.time()
             if self.started:
                 ev = make("TaskStarted", run, ts=now, key=key, attempt=attempt, worker=self.name)
                 futs.append(await self.js.publish_async(
-                    subj, ev.encode(), headers={MSG_ID: f"started.{run}.{key}.{attempt}"}))
+                    subj, ev.encode(), headers={MSG_ID: started_msg_id(run, key, attempt,
+                                                             m.metadata.num_delivered)}))
             ev = make("TaskSucceeded", run, ts=now, key=key, attempt=attempt, outputs={},
                       exec_s=0.0, duration=0.0, worker=self.name)
             futs.append(await self.js.publish_async(
-                subj, ev.encode(), headers={MSG_ID: f"done.{run}.{key}.{attempt}"}))
+                subj, ev.encode(), headers={MSG_ID: done_msg_id(run, key, attempt)}))
             todo.append(m)
         for f in futs:
             await f                       # raises if JetStream did not store it: no ack then

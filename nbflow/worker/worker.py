@@ -25,10 +25,9 @@ from nbflow.nats import infra
 from nbflow.nats.calls import Retrying
 from nbflow.nats.kv import KV
 from nbflow.nats.streams import Streams
-from nbflow.core.events import make
-from nbflow.errors import BadMessage
+from nbflow.core.events import TaskMessage, done_msg_id, make, started_msg_id
+from nbflow.errors import BadMessage, BundleError
 from nbflow.nats.layout import MSG_ID, Layout
-from nbflow.errors import BundleError
 from nbflow.worker import bundles, environment
 from nbflow.worker import workdirs
 from nbflow.worker.artifacts import Artifacts, notebook_key, output_key, written_keys
@@ -282,11 +281,11 @@ class Worker:
 
     async def _handle_inner(self, msg) -> None:
         try:
-            task = json.loads(msg.data)
-            run, key, attempt, node = task["run"], task["key"], int(task["attempt"]), task["node"]
-        except (ValueError, KeyError, TypeError) as e:
-            await self._dead_letter(msg, f"malformed task message: {e!r}")
+            task = TaskMessage.decode(msg.data)
+        except BadMessage as e:
+            await self._dead_letter(msg, f"malformed task message: {e}")
             return
+        run, key, attempt = task.run, task.key, task.attempt
         held = self._held.get((run, key, attempt))
         if held is not None:
             # redelivered while it still runs here: heartbeats could not reach the server (a
@@ -299,7 +298,7 @@ class Worker:
             ev = make("TaskFailed", run, key=key, attempt=attempt, reason="lost",
                       error=f"WorkerLost: the task was picked up {delivered - 1} times and its "
                             f"worker died each time (killed, out of memory? see the worker's log)")
-            await self._publish(ev, f"done.{run}.{key}.{attempt}")
+            await self._publish(ev, done_msg_id(run, key, attempt))
             await msg.ack()
             return
         # a redelivery may be stale (its result recorded before a crash, or the run over);
@@ -309,7 +308,7 @@ class Worker:
             return
         wall0 = time.time()
         await self._publish(make("TaskStarted", run, key=key, attempt=attempt, worker=self.name),
-                            f"started.{run}.{key}.{attempt}.{delivered}")
+                            started_msg_id(run, key, attempt, delivered))
         workdir = workdirs.make(run, key)
         cancel = threading.Event()
         self._cancels[(run, key)] = cancel
@@ -327,7 +326,7 @@ class Worker:
             # a result is held until JetStream takes it (a site may be cut off from the hub
             # for a while); the msg id makes the retries safe
             try:
-                ack = await self._publish(ev, f"done.{run}.{key}.{attempt}", RESULT_PATIENCE_S)
+                ack = await self._publish(ev, done_msg_id(run, key, attempt), RESULT_PATIENCE_S)
                 if getattr(ack, "duplicate", False):
                     await self._discard_late_result(ev)
             except TooLarge as e:    # never re-run a task because its report does not fit
@@ -336,7 +335,7 @@ class Worker:
                     notebook=ev.get("notebook") or "", worker=self.name,
                     error=f"ResultTooLarge: the task's {ev.type} event is over the NATS max "
                           f"payload ({e}); see its executed notebook"),
-                    f"done.{run}.{key}.{attempt}")
+                    done_msg_id(run, key, attempt))
             try:
                 await holder[0].ack()
             except Exception:  # noqa: BLE001 - redelivery is harmless: the result is recorded
@@ -368,18 +367,18 @@ class Worker:
             except Exception:  # noqa: BLE001 - reconnecting; the next beat retries
                 pass
 
-    async def _execute(self, task: dict, workdir: str, cancel: threading.Event):
+    async def _execute(self, task: TaskMessage, workdir: str, cancel: threading.Event):
         from nbflow.worker.runner import run_task
 
-        run, key, attempt, node_id = task["run"], task["key"], int(task["attempt"]), task["node"]
+        run, key, attempt, node_id = task.run, task.key, task.attempt, task.node
         # a NATS hiccup reading the definition propagates (Transient: the task is nakked and
         # runs later); only a definition that is missing or cannot be built fails the attempt
         try:
-            wf = await self.workflow(task["wf"])
+            wf = await self.workflow(task.wf)
         except NotFound:
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
                         error=f"cannot build the task notebook for {node_id!r}: its workflow "
-                              f"definition {task['wf']} is not in {self.L.defs_bucket}")
+                              f"definition {task.wf} is not in {self.L.defs_bucket}")
         try:
             unpacked = await self.bundles.get(wf.bundle) if wf.bundle else None
         except BundleError as e:
@@ -389,14 +388,14 @@ class Worker:
             # other notebooks a task runs (BPMN imports) are found in the bundle, not on the
             # submitter's disk
             here = wf if unpacked is None else bundles.located(wf, unpacked)
-            nb = self.task_notebook(here, task["wf"], node_id)
+            nb = self.task_notebook(here, task.wf, node_id)
         except Exception as e:  # noqa: BLE001 - a definition we cannot build is a failed attempt
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
                         error=f"cannot build the task notebook for {node_id!r}: {e}")
         node = wf.node(node_id)
         inputs: dict[str, Any] = {}
         os.makedirs(os.path.join(workdir, "in"), exist_ok=True)
-        for name, ref in (task.get("inputs") or {}).items():
+        for name, ref in task.inputs.items():
             if isinstance(ref, list):
                 files = []
                 for i, r in enumerate(ref):
@@ -412,7 +411,7 @@ class Worker:
                 await self.art.get_file(ref, os.path.join(workdir, rel))
                 inputs[name] = rel
         io = {"task": node_id, "key": key, "run": run, "dir": workdir, "inputs": inputs,
-              "map": task.get("map"), "signal": task.get("signal"), "outputs": node.outputs}
+              "map": task.map, "signal": task.signal, "outputs": node.outputs}
         try:
             cwd = await self._task_cwd(wf, workdir, unpacked)
         except BundleError as e:
@@ -429,8 +428,8 @@ class Worker:
         nb = environment.with_warnings(nb, warnings)
         loop = asyncio.get_running_loop()
         res = await loop.run_in_executor(None, lambda: run_task(
-            nb, params=task.get("params") or {}, io=io, cwd=cwd, timeout=task.get("timeout"),
-            cancel=cancel, engine=self.engine, isolation=task.get("isolation"), scope=run))
+            nb, params=task.params, io=io, cwd=cwd, timeout=task.timeout,
+            cancel=cancel, engine=self.engine, isolation=task.isolation, scope=run))
         nb_key = ""
         if res.notebook_path and os.path.exists(res.notebook_path):
             nb_key = notebook_key(run, key, attempt, task.get("delivery", ""))

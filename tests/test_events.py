@@ -1,0 +1,48 @@
+"""The wire contracts of core/events.py: the task message (engine -> worker) decodes strictly and
+by version; message ids are built in one place."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nbflow.core import events
+from nbflow.core.events import TaskMessage
+from nbflow.errors import BadMessage
+
+DISPATCH = {"key": "b#2", "node": "b", "attempt": 3, "queue": "gpu", "wf": "abc123",
+            "inputs": {"x": "out/r1/a/x.pkl"}, "timeout": 60.0, "isolation": None,
+            "map": {"var": "r", "over": "regions", "index": 2}}
+
+
+def test_a_dispatched_task_round_trips():
+    t = TaskMessage.for_dispatch("r1", {"day": "2026-11-20"}, DISPATCH)
+    wire = json.loads(t.encode())
+    assert wire["v"] == 1 and wire["run"] == "r1" and wire["params"] == {"day": "2026-11-20"}
+    assert "signal" not in wire                      # absent, as the engine always sent it
+    back = TaskMessage.decode(t.encode())
+    assert back == t and (back.queue, back.attempt, back.map["index"]) == ("gpu", 3, 2)
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"{", "not JSON"),
+    (b"[1]", "JSON object"),
+    (b'{"run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w"}', "version None"),
+    (b'{"v": 2, "run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w"}', "version 2"),
+    (b'{"v": 1, "run": "r", "key": "a", "node": "a", "wf": "w"}', "missing field 'attempt'"),
+    (b'{"v": 1, "run": "r", "key": "a", "node": "a", "attempt": true, "wf": "w"}',
+     "'attempt' must be int"),
+    (b'{"v": 1, "run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w", "inputs": []}',
+     "'inputs' must be dict"),
+])
+def test_a_bad_task_message_says_what_is_wrong(body, why):
+    with pytest.raises(BadMessage, match=why):
+        TaskMessage.decode(body)
+
+
+def test_message_ids():
+    assert events.task_msg_id("r1", "b#2", 3) == "task.r1.b#2.3"
+    # a task picked up again after its worker died is started again: the id has the delivery
+    assert events.started_msg_id("r1", "a", 1, 1) != events.started_msg_id("r1", "a", 1, 2)
+    assert events.done_msg_id("r1", "a", 1) == "done.r1.a.1"
+    assert events.fire_msg_id("daily", "2026-11-20T06:00:00Z") == "sched.daily.2026-11-20T06:00:00Z"
