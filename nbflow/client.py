@@ -24,7 +24,7 @@ from nbflow.runs import BundleWarning, Runs, _reuse_entry, _task_ids, new_run_id
 from nbflow.nats import infra
 from nbflow.core.events import Event, cancel_msg_id, decode, make, task_key
 from nbflow.nats.layout import MSG_ID, SIGNAL_NAME_RE, Layout, default_namespace
-from nbflow.core.state import RUN_FINAL, RunState, apply
+from nbflow.core.state import RUN_FINAL, RunState, fold, refusal
 
 def parse_param(value: str, default: Any = None) -> Any:
     """A -p value from the shell: JSON when it parses (numbers, lists, true/false), else text.
@@ -188,13 +188,12 @@ class Client(Runs):
                 pass
 
     async def replay(self, run: str) -> RunState | None:
-        st = None
-        async for ev in self._events(run, follow=False):
-            if st is None and ev.type != "RunStarted":
-                continue                    # stray events before a start are not a run
-            wf = await self.workflow(ev["wf"] if st is None else st.wf)
-            st, _ = apply(st, ev, wf)
-        return st
+        """The run's history folded (core.state.fold, as the engine does)."""
+        events = [ev async for ev in self._events(run, follow=False)]
+        start = next((ev for ev in events if ev.type == "RunStarted"), None)
+        if start is None:
+            return None                     # stray events without a start are not a run
+        return fold(events, await self.workflow(start["wf"]))[0]
 
     async def watch(self, run: str) -> AsyncIterator[tuple[Event, RunState]]:
         """Every event of the run from the start, live, with the state after it; ends when the
@@ -202,10 +201,9 @@ class Client(Runs):
         run = await self._resolve_run(run)
         st = None
         async for ev in self._events(run, follow=True):
-            if st is None and ev.type != "RunStarted":
+            if refusal(st, ev):
                 continue
-            wf = await self.workflow(ev["wf"] if st is None else st.wf)
-            st, _ = apply(st, ev, wf)
+            st, _ = fold([ev], await self.workflow(ev["wf"] if st is None else st.wf), st)
             yield ev, st
             if st.is_final:
                 return

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
 from nbflow.core.events import make
-from nbflow.core.state import RunState, apply, replay, states_by_node
+from nbflow.core.state import RunState, apply, fold, replay, states_by_node
 from statehelpers import (WF_HASH, Sim, build, chain, diamond, essence, fanout_params,
                           fanout_upstream, gate, norm, ref, task)
 
@@ -1127,3 +1127,24 @@ def test_a_name_error_for_an_input_of_a_skipped_task_says_it_was_skipped():
     assert sim.st.state == "failed"
     assert sim.st.error["error"].startswith(
         "NameError: `big` comes from task `outliers`, which was skipped (its --when was false)")
+
+
+def test_fold_is_the_replay_with_the_engines_filters():
+    sim = Sim(approval_wf(code="p()", approval_timeout=99.0, retries=1))
+    sim.start()
+    sim.succeed("a")
+    sim.approve("ok")
+    sim.run_workers()
+    decision = next(ev for ev in sim.history if ev.type == "ApprovalDecided")
+    stray = make("TaskStarted", "r1", ts=1.0, key="a", attempt=1)
+    stray.seq = 0
+    # a stray event before the start is skipped, not fatal; a verified history folds to the state
+    skipped: list = []
+    st, cmds = fold([stray] + sim.history, sim.wf, skipped=skipped)
+    assert st.to_dict() == sim.st.to_dict() and st.state == "succeeded"
+    assert [(ev.type, why) for ev, why in skipped] == [("TaskStarted", "TaskStarted before RunStarted")]
+    assert [c.kind for c in cmds] == [c.kind for c in sim.commands]
+    # a decision the approvals bucket does not know is dropped: the run still waits for one
+    skipped = []
+    st, _ = fold(sim.history, sim.wf, verified=lambda ev: ev is not decision, skipped=skipped)
+    assert [ev for ev, _ in skipped][:1] == [decision] and st.state == "running"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from nbflow.core.fingerprint import reusable_across_runs
 from nbflow.core.ir import Node, Workflow
@@ -648,12 +648,45 @@ def apply(state: RunState | None, ev: Event, wf: Workflow) -> tuple[RunState, li
     return state, step.cmds
 
 
-def replay(events, wf: Workflow) -> RunState | None:
-    """Fold a run's whole history: what the snapshot must equal."""
-    st = None
+def refusal(state: RunState | None, ev: Event, verified: bool = True) -> str:
+    """Why ``ev`` must not be applied to ``state``, or "" when it may: a decision not made
+    through the approvals bucket or a start its submitter did not record (``verified`` False),
+    or any event of a run before its ``RunStarted``."""
+    if ev.type == "ApprovalDecided" and not verified:
+        return "decision not recorded in the approvals bucket"
+    if ev.type == "RunStarted" and state is None and not verified:
+        return "RunStarted without a matching start record"
+    if state is None and ev.type != "RunStarted":
+        return f"{ev.type} before RunStarted"
+    return ""
+
+
+def fold(events: Iterable[Event], wf: Workflow, state: RunState | None = None, *,
+         verified: Callable[[Event], bool] = lambda ev: True,
+         skipped: list[tuple[Event, str]] | None = None) -> tuple[RunState | None, list[Command]]:
+    """The one replay: apply ``events`` in order to ``state`` (None: from the start), with the
+    engine's filters (:func:`refusal`); an event that cannot apply is skipped, its sequence
+    still counted. Returns the state and the commands; ``skipped`` collects (event, why)."""
+    cmds: list[Command] = []
     for ev in events:
-        st, _ = apply(st, ev, wf)
-    return st
+        why = refusal(state, ev, verified(ev))
+        if not why:
+            try:
+                state, c = apply(state, ev, wf)
+                cmds.extend(c)
+                continue
+            except (KeyError, ValueError, TypeError) as e:
+                why = f"cannot apply: {e!r}"
+                if state is not None:
+                    state.seq = max(state.seq, ev.seq or 0)
+        if skipped is not None:
+            skipped.append((ev, why))
+    return state, cmds
+
+
+def replay(events: Iterable[Event], wf: Workflow) -> RunState | None:
+    """A run's whole history folded: what the snapshot must equal."""
+    return fold(events, wf)[0]
 
 
 def shown_state(st: RunState, node_id: str) -> str:

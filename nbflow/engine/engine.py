@@ -33,7 +33,7 @@ from nbflow.core.events import (Command, Event, TaskMessage, decode, make, task_
                                  timer_schedule_msg_id)
 from nbflow.errors import BadMessage
 from nbflow.nats.layout import MSG_ID, SCHEDULE, SCHEDULE_TARGET, Layout
-from nbflow.core.state import RunState, apply
+from nbflow.core.state import RunState, fold
 
 log = logging.getLogger("nbflow.engine")
 
@@ -270,33 +270,38 @@ class Engine:
                 events += await self._events_between(run, prev, ev.seq)
             events.append(ev)
             prev = ev.seq
-        cmds: list[Command] = []
-        wf: Workflow | None = None
+        # an approval counts only when decided through the approvals bucket, a start only when
+        # its submitter recorded it (checked, and a forgery dead-lettered, before the fold)
+        forged: set[int | None] = set()
+        started = st is not None
         for ev in events:
             if ev.type == "ApprovalDecided" and not await self._decision_recorded(ev):
-                continue
-            if st is None and ev.type == "RunStarted" and not await self._start_recorded(ev):
-                continue
-            if st is None and ev.type != "RunStarted":
-                log.error("run %s: %s before RunStarted; dead-lettering", run, ev.type)
-                await self._dead_letter_raw(run, ev.encode(), "event before RunStarted")
-                continue
-            if wf is None:
-                wf_hash = ev["wf"] if st is None else st.wf
-                try:
-                    wf = await self.workflow(wf_hash)
-                except NotFound:     # only a missing definition; transient errors: redelivery
-                    await self._dead_letter_raw(run, ev.encode(),
-                                                f"unknown workflow version {wf_hash}")
-                    return True
+                forged.add(ev.seq)
+            elif ev.type == "RunStarted" and not started:
+                if await self._start_recorded(ev):
+                    started = True
+                else:
+                    forged.add(ev.seq)
+        first = next((ev for ev in events if ev.seq not in forged and
+                      (st is not None or ev.type == "RunStarted")), None)
+        wf_hash = st.wf if st is not None else (first["wf"] if first is not None else None)
+        wf: Workflow | None = None
+        if first is not None:
             try:
-                st, c = apply(st, ev, wf)
-            except (KeyError, ValueError, TypeError) as e:
-                await self._dead_letter_raw(run, ev.encode(), f"cannot apply: {e!r}")
-                if st is not None:
-                    st.seq = max(st.seq, ev.seq or 0)
-                continue
-            cmds.extend(c)
+                wf = await self.workflow(wf_hash)
+            except NotFound:     # only a missing definition; transient errors: redelivery
+                await self._dead_letter_raw(run, first.encode(),
+                                            f"unknown workflow version {wf_hash}")
+                return True
+        skipped: list[tuple[Event, str]] = []
+        st, cmds = fold(events, wf, st, verified=lambda ev: ev.seq not in forged, skipped=skipped)
+        for ev, why in skipped:
+            if ev.seq in forged:
+                continue                            # dead-lettered by the check above
+            if "before RunStarted" in why:
+                log.error("run %s: %s; dead-lettering", run, why)
+                why = "event before RunStarted"
+            await self._dead_letter_raw(run, ev.encode(), why)
         if st is None:
             return True
         await self.execute(st, cmds)
