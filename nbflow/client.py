@@ -38,13 +38,20 @@ def parse_param(value: str, default: Any = None) -> Any:
 
 
 def resolve_url(url: str | None = None) -> str:
-    """--nats, else NBFLOW_NATS_URL, else the embedded stack (started on demand)."""
+    """``url``, else NBFLOW_NATS_URL, else a running embedded stack. The client starts no
+    process: the faces (``nbflow ...``, ``%flow``) start the stack on demand before connecting
+    (:func:`nbflow.stack.nats_url`)."""
     url = url or os.environ.get("NBFLOW_NATS_URL")
     if url:
         return url
-    from nbflow import stack
+    from nbflow.stack import running_url
 
-    return stack.ensure_background()
+    url = running_url()
+    if url is None:
+        raise NbflowError("no NATS server to connect to: pass a URL, set NBFLOW_NATS_URL, or "
+                          "start the embedded stack with `nbflow up` (the CLI and %flow start "
+                          "it for you)")
+    return url
 
 
 def _local_time(ts: float | None) -> str:
@@ -248,21 +255,9 @@ class Client(Runs):
         ``("", None)`` once the snapshots that existed at the start are all delivered, and
         ``(run, None)`` when a snapshot is deleted. A console keeps an index from this
         instead of reading thousands of keys per page."""
-        runs = await self.kv(self.L.runs_bucket)
-        w = await runs.watchall()
-        try:
-            async for e in w:
-                if e is None:
-                    yield "", None
-                elif e.operation in ("DEL", "PURGE"):
-                    yield e.key, None
-                else:
-                    try:
-                        yield e.key, RunState.from_dict(json.loads(e.value))
-                    except (ValueError, TypeError):
-                        continue            # a snapshot from another version: skip it
-        finally:
-            await w.stop()
+        async for item in self._watch_bucket(self.L.runs_bucket,
+                                             lambda v: RunState.from_dict(json.loads(v))):
+            yield item
 
     async def workers(self) -> list[dict[str, Any]]:
         """Live workers (their last heartbeat, within the bucket's TTL), by name."""
@@ -280,7 +275,13 @@ class Client(Runs):
     async def watch_workers(self) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
         """Worker heartbeats (name, queue, concurrency, pid, ts, ...): those in the bucket,
         then each new one, live. ``("", None)`` marks the end of the initial ones."""
-        kv = await self.kv(self.L.workers_bucket)
+        async for item in self._watch_bucket(self.L.workers_bucket, json.loads):
+            yield item
+
+    async def _watch_bucket(self, bucket: str, parse) -> AsyncIterator[tuple[str, Any]]:
+        """(key, parse(value)) for each entry, then live; ("", None) after the initial ones,
+        (key, None) for a deletion; a value that does not parse (another version) is skipped."""
+        kv = await self.kv(bucket)
         w = await kv.watchall()
         try:
             async for e in w:
@@ -290,8 +291,8 @@ class Client(Runs):
                     yield e.key, None
                 else:
                     try:
-                        yield e.key, json.loads(e.value)
-                    except ValueError:
+                        yield e.key, parse(e.value)
+                    except (ValueError, TypeError):
                         continue
         finally:
             await w.stop()
@@ -539,6 +540,17 @@ def check_signal_name(name: str) -> str:
 def _decided_msg(run: str, task: str, rec: dict[str, Any]) -> str:
     return (f"task {task!r} of run {run} was already {rec.get('state')} by "
             f"{rec.get('by', '?')} at {_local_time(rec.get('at'))}")
+
+
+def run_once(fn, url: str | None = None, namespace: str | None = None):
+    """Blocking, for one-shot callers (a CLI command): connect, ``await fn(client)``, close."""
+    async def go():
+        c = await Client.connect(url, namespace)
+        try:
+            return await fn(c)
+        finally:
+            await c.close()
+    return asyncio.run(go())
 
 
 class SyncClient:

@@ -560,6 +560,18 @@ def _default_port() -> int:
         return free_port()
 
 
+def nats_url(url: str | None = None) -> str:
+    """What the faces (CLI, magics, console) connect to: ``--nats``, else NBFLOW_NATS_URL, else the
+    embedded stack, started in the background on demand. (The client itself starts nothing.)"""
+    return url or os.environ.get("NBFLOW_NATS_URL") or ensure_background()
+
+
+def running_url(data: str | None = None) -> str | None:
+    """The URL of the embedded stack when one is running (nothing is started)."""
+    info = read_stack(data_dir(data))
+    return info["url"] if info and _connectable(info["url"]) else None
+
+
 def ensure_background(data: str | None = None, timeout: float = 60.0) -> str:
     """Return the URL of the embedded stack, starting it in the background if needed."""
     d = data_dir(data)

@@ -8,18 +8,13 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from support import wait_for
+
 SCHED = Path(__file__).parent / "data" / "sched"
 
 
 def until(pred, timeout: float = 20.0, what: str = "condition", every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
+    return wait_for(pred, timeout, what, every)
 
 
 class S:

@@ -45,16 +45,24 @@ def success_counts(client, run: str) -> dict[str, int]:
     return counts
 
 
-def wait_for(cond, timeout=60.0, what="condition"):
-    """Poll ``cond`` until it returns something truthy (for states only visible by polling:
-    widget traitlets, snapshots); fails the test with ``what`` after ``timeout`` seconds."""
+def wait_for(cond, timeout=60.0, what="condition", every=0.05, retry=()):
+    """The one polling helper: call ``cond`` until it returns something truthy (for states only
+    visible by polling: widget traitlets, snapshots, a cluster forming) and return that; fail the
+    test with ``what`` after ``timeout`` seconds. Exceptions of the types in ``retry`` count as
+    "not yet" (the last one is named in the failure)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
+    last = None
+    while True:
+        try:
+            v = cond()
+        except retry as e:
+            last, v = e, None
         if v:
             return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
+                                 + (f" (last error: {last!r})" if last is not None else ""))
+        time.sleep(every)
 
 
 def ipython_shell():

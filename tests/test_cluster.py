@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import support
 from support import check_replay, success_counts
 from nbhelpers import write_notebook
 
@@ -24,17 +25,8 @@ FAST = {"NBFLOW_TASK_ACK_WAIT": "3", "NBFLOW_ENGINE_ACK_WAIT": "3"}
 
 
 def wait_for(cond, timeout=60.0, what="condition", every=0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            v = cond()
-        except Exception as e:  # noqa: BLE001 - the cluster is still forming
-            last, v = e, None
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last!r})")
+    # errors while the cluster is still forming mean "not yet"
+    return support.wait_for(cond, timeout, what, every, retry=(Exception,))
 
 
 class Cluster:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from consolehelpers import start_jupyter, start_ui, stop
-from support import REPO
+from support import REPO, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -44,13 +44,8 @@ def _shots(tmp_path, names):
 
 
 def _wait_node(client, run, node, state, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ns = client.status(run).nodes.get(node)
-        if ns and ns.state == state:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{node} of {run} never reached {state}")
+    wait_for(lambda: getattr(client.status(run).nodes.get(node), "state", None) == state,
+             timeout, f"{node} of {run} to reach {state}", every=0.2)
 
 
 def _publish_fill(page) -> str:

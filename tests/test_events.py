@@ -27,8 +27,8 @@ def test_a_dispatched_task_round_trips():
 @pytest.mark.parametrize("body, why", [
     (b"{", "not JSON"),
     (b"[1]", "JSON object"),
-    (b'{"run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w"}', "version None"),
-    (b'{"v": 2, "run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w"}', "version 2"),
+    (b'{"run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w"}', "task message version None"),
+    (b'{"v": 2, "run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w"}', "task message version 2"),
     (b'{"v": 1, "run": "r", "key": "a", "node": "a", "wf": "w"}', "missing field 'attempt'"),
     (b'{"v": 1, "run": "r", "key": "a", "node": "a", "attempt": true, "wf": "w"}',
      "'attempt' must be int"),

@@ -34,7 +34,10 @@ async def _with_client(nats_url, namespace, fn):
 
 
 def _call(nats_url, namespace, fn):
-    return _arun(_with_client(nats_url, namespace, fn))
+    """Connect (starting the embedded stack on demand), ``await fn(client)``, close."""
+    from nbflow.stack import nats_url as face_url
+
+    return _arun(_with_client(face_url(nats_url), namespace, fn))
 
 
 def _dur(seconds) -> str:

@@ -272,7 +272,7 @@ def engine(nats_url, namespace, replicas):
     """Run the engine against a NATS server or cluster (run as many as you like)."""
     import logging
 
-    from nbflow.client import resolve_url
+    from nbflow.stack import nats_url as resolve_url
     from nbflow.engine.engine import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
@@ -299,7 +299,7 @@ def worker(nats_url, namespace, queue, concurrency, name, min_kernels, max_kerne
     """Run a worker: pulls tasks and executes them with papermill."""
     import logging
 
-    from nbflow.client import resolve_url
+    from nbflow.stack import nats_url as resolve_url
     from nbflow.worker.worker import serve
 
     scale = None

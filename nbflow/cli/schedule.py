@@ -13,7 +13,9 @@ from nbflow.errors import UserError
 def _call(nats_url, namespace, fn):
     from nbflow.schedules.api import run_sync
 
-    return run_sync(fn, nats_url, namespace)
+    from nbflow.stack import nats_url as face_url
+
+    return run_sync(fn, face_url(nats_url), namespace)
 
 
 def _ts(dt) -> str:

@@ -13,7 +13,8 @@ import os
 import time
 from typing import Any
 
-from nbflow.client import Client, NbflowError, resolve_url
+from nbflow.client import Client, NbflowError
+from nbflow.stack import nats_url
 from nbflow.core.ir import Workflow
 from nbflow.core.state import RunState
 
@@ -76,7 +77,7 @@ class Console:
 
     async def _connect(self) -> Client:
         loop = asyncio.get_running_loop()
-        url = await loop.run_in_executor(None, resolve_url, self.url)   # may start a stack
+        url = await loop.run_in_executor(None, nats_url, self.url)   # may start a stack
         c = await Client.connect(url, self.namespace, reconnect=True)
         c.delegate = True          # decisions are recorded as the user this host signed in
         self.client = c

@@ -114,15 +114,22 @@ def validate(ev: Event) -> None:
             raise BadMessage(f"{ev.type}: field {name!r} must be {tname}, got {type(v).__name__}")
 
 
-def decode(raw: bytes, seq: int | None = None) -> Event:
+def _versioned_object(raw: bytes, version: int, noun: str, kind: str) -> dict[str, Any]:
+    """``raw`` as a JSON object of ``version`` (its ``v`` field), else BadMessage saying why;
+    ``noun`` names one ("an event"), ``kind`` the schema ("event schema")."""
     try:
         d = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadMessage(f"not JSON: {e}") from None
     if not isinstance(d, dict):
-        raise BadMessage("an event must be a JSON object")
-    if d.get("v") != SCHEMA_VERSION:
-        raise BadMessage(f"unsupported event schema version {d.get('v')!r} (expected 1)")
+        raise BadMessage(f"{noun} must be a JSON object")
+    if d.get("v") != version:
+        raise BadMessage(f"unsupported {kind} version {d.get('v')!r} (expected {version})")
+    return d
+
+
+def decode(raw: bytes, seq: int | None = None) -> Event:
+    d = _versioned_object(raw, SCHEMA_VERSION, "an event", "event schema")
     ts = d.pop("ts", 0.0)
     if not isinstance(ts, (int, float)) or isinstance(ts, bool):
         raise BadMessage("field 'ts' must be a number")
@@ -178,15 +185,7 @@ class TaskMessage:
     @classmethod
     def decode(cls, raw: bytes) -> "TaskMessage":
         """Strict: a JSON object of version 1 with every required field of the right type."""
-        try:
-            d = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadMessage(f"task message is not JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise BadMessage("a task message must be a JSON object")
-        if d.get("v") != TASK_VERSION:
-            raise BadMessage(f"unsupported task message version {d.get('v')!r} "
-                             f"(expected {TASK_VERSION})")
+        d = _versioned_object(raw, TASK_VERSION, "a task message", "task message")
         for name, (typ, required) in _TASK_FIELDS.items():
             v = d.get(name)
             if v is None:

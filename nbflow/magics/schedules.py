@@ -37,7 +37,9 @@ def _call(fn):
     from nbflow.client import SyncClient
     from nbflow.schedules.api import Schedules
 
-    sc = SyncClient()
+    from nbflow.stack import nats_url
+
+    sc = SyncClient(nats_url())
     try:
         return sc._call(fn(Schedules(sc.aclient)))
     except NbflowError as e:

@@ -44,6 +44,14 @@ class PermissionDenied(Permission, PermissionError):
                          op=action, what=subject)
 
 
+async def pull_tasks(js, layout: Layout, queue: str, ack_wait: float):
+    """A worker's pull subscription on its queue's durable consumer (one per queue, shared)."""
+    durable = layout.worker_consumer(queue)
+    subject = layout.task_subject(queue)
+    return await js.pull_subscribe(subject, durable=durable, stream=layout.tasks_stream,
+                                   config=consumer_config(durable, subject, ack_wait, 10_000))
+
+
 def redact(url: str) -> str:
     """A URL safe to print: user:password and tokens replaced by ***, with or without a
     scheme (``bob:pw@host:4222``)."""

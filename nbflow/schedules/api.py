@@ -16,7 +16,7 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from nbflow.client import Client, parse_param, whoami
+from nbflow.client import Client, parse_param, run_once, whoami
 from nbflow.core.events import fire_msg_id
 from nbflow.errors import Conflict, NbflowError, NotFound, ScheduleError
 from nbflow.nats.calls import call
@@ -355,14 +355,8 @@ async def _run_starts(c: Client):
 
 
 def run_sync(coro_fn, url: str | None = None, namespace: str | None = None):
-    """For the CLI: connect, call ``coro_fn(Schedules)``, close."""
-    async def go():
-        c = await Client.connect(url, namespace)
-        try:
-            return await coro_fn(Schedules(c))
-        finally:
-            await c.close()
-    return asyncio.run(go())
+    """Blocking: connect, ``await coro_fn(Schedules)``, close (``url`` as the client takes it)."""
+    return run_once(lambda c: coro_fn(Schedules(c)), url, namespace)
 
 
 __all__ = ["Schedules", "ScheduleError", "run_sync"]

@@ -38,7 +38,9 @@ def shared_client(url: str | None = None, namespace: str | None = None) -> SyncC
     with _CLIENTS_LOCK:
         c = _CLIENTS.get(key)
         if c is None or not c.loop.is_running():
-            c = _CLIENTS[key] = SyncClient(url, namespace=namespace)
+            from nbflow.stack import nats_url       # the magics' face: start it on demand
+
+            c = _CLIENTS[key] = SyncClient(nats_url(url), namespace=namespace)
         return c
 
 

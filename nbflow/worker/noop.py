@@ -46,11 +46,7 @@ class NoopWorker:
     async def start(self, ensure: bool = True) -> None:
         if ensure:
             await infra.ensure(self.js, self.L)
-        durable = self.L.worker_consumer(self.queue)
-        subject = self.L.task_subject(self.queue)
-        self.sub = await self.js.pull_subscribe(
-            subject, durable=durable, stream=self.L.tasks_stream,
-            config=infra.consumer_config(durable, subject, ACK_WAIT_S, 10_000))
+        self.sub = await infra.pull_tasks(self.js, self.L, self.queue, ACK_WAIT_S)
 
     def stop(self) -> None:
         self._stop.set()

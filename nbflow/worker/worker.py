@@ -112,11 +112,7 @@ class Worker:
             kernels.configure(concurrency=self.concurrency)  # warm kernels: one per slot + a spare
         self.bundles.sweep()
         await infra.ensure(self.js, self.L)
-        durable = self.L.worker_consumer(self.queue)
-        subject = self.L.task_subject(self.queue)
-        self.sub = await self.js.pull_subscribe(
-            subject, durable=durable, stream=self.L.tasks_stream,
-            config=infra.consumer_config(durable, subject, ACK_WAIT_S, 10_000))
+        self.sub = await infra.pull_tasks(self.js, self.L, self.queue, ACK_WAIT_S)
         self.defs_kv = await KV.open(self.js, self.L.defs_bucket, role="worker",
                                      retrying=self.reads)
         self.runs_kv = await KV.open(self.js, self.L.runs_bucket, role="worker",
