@@ -218,6 +218,10 @@ def done_msg_id(run: str, key: str, attempt: int) -> str:
     return f"done.{run}.{key}.{attempt}"
 
 
+def finished_msg_id(run: str) -> str:
+    return f"finished.{run}"
+
+
 def timer_msg_id(timer: str) -> str:
     return f"timer.{timer}"
 

@@ -29,8 +29,8 @@ from nbflow.errors import Conflict, NotFound, Transient
 from nbflow.nats import infra
 from nbflow.nats.kv import KV
 from nbflow.nats.streams import Streams
-from nbflow.core.events import (Command, Event, TaskMessage, decode, make, task_msg_id, timer_msg_id,
-                                 timer_schedule_msg_id)
+from nbflow.core.events import (Command, Event, TaskMessage, decode, finished_msg_id, make,
+                                 task_msg_id, timer_msg_id, timer_schedule_msg_id)
 from nbflow.errors import BadMessage
 from nbflow.nats.layout import MSG_ID, SCHEDULE, SCHEDULE_TARGET, Layout
 from nbflow.core.state import RunState, fold
@@ -348,7 +348,7 @@ class Engine:
                 ev = make("RunFinished", st.run, state=c["state"])
                 futs.append(await self.streams.publish_async(
                     self.L.history_subject(st.run), ev.encode(),
-                    headers={MSG_ID: f"finished.{st.run}"}))
+                    headers={MSG_ID: finished_msg_id(st.run)}))
         for f in futs:
             if f is not None:
                 await f
