@@ -234,8 +234,8 @@ def cancel_msg_id(run: str) -> str:
     return f"cancel.{run}"
 
 
-def approval_msg_id(run: str, task: str) -> str:
-    return f"approval.{run}.{task}"
+def approval_msg_id(run: str, node: str, decision: str) -> str:
+    return f"approval.{run}.{node}.{decision}"
 
 
 def signal_msg_id(run: str, name: str) -> str:

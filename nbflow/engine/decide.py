@@ -15,14 +15,10 @@ import secrets
 import time
 from typing import Any
 
-from nbflow.core.events import make
+from nbflow.core.events import approval_msg_id, make, signal_msg_id
 from nbflow.nats.layout import MSG_ID, SIGNAL_NAME_RE
 
 log = logging.getLogger("nbflow.engine")
-
-
-def approval_msg_id(run: str, node: str, decision: str) -> str:
-    return f"approval.{run}.{node}.{decision}"
 
 
 class DecideService:
@@ -116,7 +112,7 @@ class DecideService:
             {"value": value, "by": user, "at": time.time()}).encode())
         ev = make("SignalSent", run, name=name, value=value, by=user)
         await self.e.js.publish(self.L.history_subject(run), ev.encode(),
-                                headers={MSG_ID: f"signal.{run}.{name}"})
+                                headers={MSG_ID: signal_msg_id(run, name)})
         return {"ok": True}
 
 
