@@ -168,6 +168,7 @@ class TaskMessage:
     isolation: str | None = None
     map: dict[str, Any] | None = None
     signal: dict[str, Any] | None = None
+    delivery: str = ""                       # the worker's, per delivery (artifact keys): not sent
 
     @classmethod
     def for_dispatch(cls, run: str, params: dict[str, Any], data: dict[str, Any]) -> "TaskMessage":

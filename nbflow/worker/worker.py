@@ -311,7 +311,7 @@ class Worker:
         holder = self._held[(run, key, attempt)] = [msg]     # the latest delivery of this task
         hb = asyncio.create_task(self._heartbeat(holder))
         try:
-            task["delivery"] = secrets.token_hex(4)      # this delivery's artifact keys
+            task.delivery = secrets.token_hex(4)      # this delivery's artifact keys
             try:
                 ev = await self._execute(task, workdir, cancel)
             except StoreFull as e:       # say which limit, not "worker lost"
@@ -413,7 +413,7 @@ class Worker:
         except BundleError as e:
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
                         error=f"{type(e).__name__}: {e}")
-        env_key = (task["wf"], node_id)
+        env_key = (task.wf, node_id)
         if env_key not in self._env_checks:       # the first check scans installed packages
             self._env_checks[env_key] = await asyncio.get_running_loop().run_in_executor(
                 None, environment.check, wf, node_id, cwd)
@@ -428,7 +428,7 @@ class Worker:
             cancel=cancel, engine=self.engine, isolation=task.isolation, scope=run))
         nb_key = ""
         if res.notebook_path and os.path.exists(res.notebook_path):
-            nb_key = notebook_key(run, key, attempt, task.get("delivery", ""))
+            nb_key = notebook_key(run, key, attempt, task.delivery)
             await self.art.put_file(nb_key, res.notebook_path)
         if res.status == "succeeded":
             outputs, lens = {}, {}
@@ -450,7 +450,7 @@ class Worker:
             for name in node.outputs:
                 p = os.path.join(res.outputs_dir or "", f"{name}.pkl")
                 if os.path.exists(p):
-                    ok = output_key(run, key, attempt, name, task.get("delivery", ""))
+                    ok = output_key(run, key, attempt, name, task.delivery)
                     await self.art.put_file(ok, p)
                     outputs[name] = ok
             return make("TaskSucceeded", run, key=key, attempt=attempt, outputs=outputs,
