@@ -109,18 +109,24 @@ class Client(Runs):
         import nats.errors
 
         who = self.principal(by)
-        try:
-            msg = await infra.guarded(self.nc, self.nc.request(
-                self.L.decide_subject(who, what), json.dumps(body).encode(), timeout=15))
-        except infra.PermissionDenied as e:
-            raise NbflowError(f"{e}: this user may not {what} as {who!r}") from None
-        except nats.errors.NoRespondersError:
-            raise NbflowError(f"no nbflow engine is running for namespace "
-                              f"{self.L.namespace or '(default)'} to record the {what}; "
-                              f"start one (`nbflow up` or `nbflow engine`)") from None
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
-            raise NbflowError(f"the engine did not answer the {what} request within 15 s; "
-                              f"try again") from None
+        deadline = time.monotonic() + 30       # an engine starting or restarting: wait for it
+        while True:
+            try:
+                msg = await infra.guarded(self.nc, self.nc.request(
+                    self.L.decide_subject(who, what), json.dumps(body).encode(), timeout=15))
+                break
+            except infra.PermissionDenied as e:
+                raise NbflowError(f"{e}: this user may not {what} as {who!r}") from None
+            except nats.errors.NoRespondersError:
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    continue
+                raise NbflowError(f"no nbflow engine is running for namespace "
+                                  f"{self.L.namespace or '(default)'} to record the {what}; "
+                                  f"start one (`nbflow up` or `nbflow engine`)") from None
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                raise NbflowError(f"the engine did not answer the {what} request within 15 s; "
+                                  f"try again") from None
         return json.loads(msg.data)
 
     async def close(self) -> None:

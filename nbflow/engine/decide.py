@@ -102,9 +102,10 @@ class DecideService:
         run, name = str(req.get("run", "")), str(req.get("name", ""))
         if not SIGNAL_NAME_RE.match(name):
             return {"error": f"signal name {name!r} is invalid", "kind": "bad_request"}
-        st, _ = await self.e.load_snapshot(run)
-        if st is None:
-            return {"error": f"no run {run!r}", "kind": "not_found"}
+        if not run:
+            return {"error": "no run named", "kind": "bad_request"}
+        # no snapshot check: a run just submitted may not have one yet (the client checked the
+        # run exists; a signal for no run is dead-lettered as an event before RunStarted)
         value = req.get("value")
         if not hasattr(self, "signals_kv"):
             self.signals_kv = await self.e.js.key_value(self.L.signals_bucket)
