@@ -206,7 +206,9 @@ class Chaos:
 
     async def run(self) -> Report:
         t0 = time.monotonic()
-        nb = write_mixed_notebook(self.dir / "mixed.ipynb")
+        # the notebook in a folder of its own: its folder is bundled with every run, and the
+        # store, the logs and the markers must not be part of it
+        nb = write_mixed_notebook(self.dir / "project" / "mixed.ipynb")
         (self.dir / "markers").mkdir(exist_ok=True)
         self.server = self._start_server()
         self._nats_up.set()
