@@ -82,8 +82,12 @@ def test_parameters_reach_every_task(client, tmp_path):
 
 
 def test_retries_then_success(client, tmp_path):
-    nb = write_notebook(tmp_path / "flaky.ipynb", [
-        "import pathlib\ncounter = pathlib.Path('attempts.txt')",
+    # the counter lives outside the notebook's folder: a task's relative writes land in its own
+    # copy of the run's bundle (see the README on bundles), so each attempt starts afresh
+    counter = tmp_path / "state" / "attempts.txt"
+    counter.parent.mkdir()
+    nb = write_notebook(tmp_path / "nb" / "flaky.ipynb", [
+        f"import pathlib\ncounter = pathlib.Path({str(counter)!r})",
         "%%task flaky --retries 3 --retry-delay 1s\n"
         "n = int(counter.read_text()) + 1 if counter.exists() else 1\n"
         "counter.write_text(str(n))\n"
@@ -309,7 +313,9 @@ def test_cancel_removes_queued_tasks_from_the_work_queue(client, tmp_path):
 
 def test_a_decision_recorded_but_never_published_is_completed_by_the_next_approve(client,
                                                                                    tmp_path):
-    """The decider died between taking the approval (KV compare-and-set) and publishing it."""
+    """The decider (the engine's decide service) died between taking the approval (KV
+    compare-and-set, with its fresh decision id) and publishing it."""
+    import asyncio
     import json as _json
 
     nb = write_notebook(tmp_path / "half.ipynb", ['%%task gate --approval "Go?"',
@@ -319,8 +325,14 @@ def test_a_decision_recorded_but_never_published_is_completed_by_the_next_approv
 
     async def take_it_and_die():
         kv = await client.aclient.kv(client.aclient.L.approvals_bucket)
-        e = await kv.get(f"{run}.gate")
-        rec = {**_json.loads(e.value), "state": "approved", "by": "ghost", "comment": ""}
+        for _ in range(200):       # the engine writes the request right after the snapshot
+            try:
+                e = await kv.get(f"{run}.gate")
+                break
+            except Exception:  # noqa: BLE001 - not written yet
+                await asyncio.sleep(0.05)
+        rec = {**_json.loads(e.value), "state": "approved", "by": "ghost", "comment": "",
+               "decision": "d1ed"}
         rec.pop("token")
         await kv.update(f"{run}.gate", _json.dumps(rec).encode(), last=e.revision)
     client._call(take_it_and_die())
