@@ -24,7 +24,7 @@ def test_files_are_there_and_executable():
         assert os.access(BINDER / name, os.X_OK), f"binder/{name} is not executable"
 
 
-def test_start_brings_a_stack_up_then_execs(tmp_path):
+def test_start_brings_a_stack_up_then_execs(tmp_path, monkeypatch):
     from nbflow import stack
 
     home = tmp_path / "home"
@@ -41,6 +41,7 @@ def test_start_brings_a_stack_up_then_execs(tmp_path):
             pass
         from nbflow.client import SyncClient
 
+        monkeypatch.setenv("NBFLOW_HOME", str(home))   # where the stack's credentials are
         with SyncClient(info["url"]) as c:     # a real JetStream answers
             assert c.runs() == []
     finally:

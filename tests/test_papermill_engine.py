@@ -100,8 +100,9 @@ def test_autosave_saves_while_a_cell_runs(tmp_path, monkeypatch):
 def test_start_timeout_is_honoured(tmp_path, monkeypatch):
     from nbflow.worker.kernels import pool as pool_mod
 
+    # a pool that never gets a kernel (patched before it is made: its constructor starts one)
+    monkeypatch.setattr(pool_mod.KernelPool, "_fill", lambda self, urgent=False: None)
     p = pool_mod.KernelPool(size=1, isolation="fresh")
-    monkeypatch.setattr(p, "_fill", lambda urgent=False: None)   # a pool that never gets a kernel
     with pytest.raises(RuntimeError, match="Kernel didn't respond in 1 seconds"):
         run(notebook(tmp_path / "n.ipynb", "x = 1"), tmp_path / "o.ipynb", start_timeout=1,
             nbflow_pool=p)

@@ -20,7 +20,8 @@ def _children(pid: int) -> list[str]:
     return [Path(f"/proc/{k}/cmdline").read_bytes().replace(b"\0", b" ").decode() for k in kids]
 
 
-def test_up_with_zero_workers_is_a_hub_and_a_worker_joining_later_runs_the_tasks(tmp_path):
+def test_up_with_zero_workers_is_a_hub_and_a_worker_joining_later_runs_the_tasks(tmp_path,
+                                                                                 monkeypatch):
     from nbflow.client import SyncClient
     from nbflow.stack import free_port
 
@@ -42,6 +43,9 @@ def test_up_with_zero_workers_is_a_hub_and_a_worker_joining_later_runs_the_tasks
         nb = write_notebook(tmp_path / "proj" / "hello.ipynb", [
             f"%%task hello\nopen({str(effects)!r}, 'a').write('hello\\n')"])
         url = f"nats://127.0.0.1:{port}"
+        # the hub requires credentials: this client (the owner) and the worker (its role) find
+        # them in the hub's data dir
+        monkeypatch.setenv("NBFLOW_HOME", str(home))
         with SyncClient(url) as c:
             run = c.submit(str(nb))
             # a worker on "another host": its own working dir, away from the notebook's folder
@@ -49,7 +53,8 @@ def test_up_with_zero_workers_is_a_hub_and_a_worker_joining_later_runs_the_tasks
             elsewhere.mkdir()
             worker = subprocess.Popen(
                 [sys.executable, "-m", "nbflow", "worker", "--nats", url], cwd=elsewhere,
-                env={**env, "NBFLOW_BUNDLE_CACHE": str(elsewhere / "cache")},
+                env={**env, "NBFLOW_BUNDLE_CACHE": str(elsewhere / "cache"),
+                     "NBFLOW_HOME": str(home), "NBFLOW_NATS_USER": "worker"},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             st = finish(c, run)
             assert st.state == "succeeded"
