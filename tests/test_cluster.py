@@ -123,8 +123,8 @@ def test_worker_and_client_ensure_keep_replicas_3(cluster):
 _R3_SHIM = (
     "import sys, nbflow.nats.infra as i\n"
     "_ensure = i.ensure\n"
-    "async def ensure(js, layout, replicas=1):\n"
-    "    return await _ensure(js, layout, max(replicas, 3))\n"
+    "async def ensure(js, layout, replicas=1, **kw):\n"
+    "    return await _ensure(js, layout, max(replicas or 1, 3), **kw)\n"
     "i.ensure = ensure\n"
     "from nbflow.cli.main import main\n"
     "sys.argv[0] = 'nbflow'\n"
@@ -160,8 +160,8 @@ def test_kill_one_node_mid_run_every_run_completes(cluster, tmp_path, monkeypatc
     L = Layout(ns)
     real_ensure = infra.ensure
 
-    async def r3_ensure(js, layout, replicas=1):          # the shim, for this process's client
-        return await real_ensure(js, layout, max(replicas, 3))
+    async def r3_ensure(js, layout, replicas=1, **kw):    # the shim, for this process's client
+        return await real_ensure(js, layout, max(replicas or 1, 3), **kw)
     monkeypatch.setattr(infra, "ensure", r3_ensure)
     asyncio.run(_ensure(cluster.url, L, 3))
     sup = ShimSupervisor(cluster.url, workers=2, engines=1, namespace=ns, env=FAST,
