@@ -15,28 +15,13 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 pytest.importorskip("jupyter_client")
 
+from runall import execute  # noqa: E402 - the one kernel execute helper of the tests
+
 
 def run_cell(kc, code: str, timeout: float = 60) -> dict:
-    """Execute; return {'ok', 'stdout', 'error', 'data'} from the iopub replies."""
-    msg_id = kc.execute(code)
-    out = {"stdout": "", "stderr": "", "error": "", "data": []}
-    deadline = time.monotonic() + timeout
-    while True:
-        msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        t, c = msg["msg_type"], msg["content"]
-        if t == "stream":
-            out[c["name"]] += c["text"]
-        elif t == "error":
-            out["error"] = f"{c['ename']}: {c['evalue']}"
-        elif t in ("display_data", "execute_result"):
-            out["data"].append(c["data"])
-        elif t == "status" and c["execution_state"] == "idle":
-            break
+    """Execute; return {'ok', 'stdout', 'error', 'data', 'problem'} from the kernel's replies."""
+    out = execute(kc, code, timeout=timeout)
     out["problem"] = out["error"] + out["stderr"]   # UsageError is printed, not raised
-    reply = kc.get_shell_msg(timeout=timeout)
-    out["ok"] = reply["content"]["status"] == "ok"
     return out
 
 
