@@ -1090,6 +1090,29 @@ def test_a_rejection_ends_the_run_when_only_a_gate_of_the_skipped_branch_still_w
     assert sim.node_states()["bank"] == "skipped" and sim.node_states()["settle_up"] == "skipped"
 
 
+def test_a_rejection_ends_the_run_when_a_task_with_code_waits_only_for_the_skipped_branch():
+    wf = build([
+        task("pay", "paid = 1", approval="Pay?"),
+        task("bank_in", "r = bank", wait_signal="bank"),
+        task("nap", "z = 1", sleep=3600),
+        task("settle_up", "done = (paid, r, z)",
+             sources={"paid": "pay", "r": "bank_in", "z": "nap"}),
+    ])
+    sim = Sim(wf)
+    sim.start()
+    assert sim.node_states()["bank_in"] == "waiting_signal"
+    assert sim.node_states()["nap"] == "sleeping"
+    cmds = sim.approve("pay", approved=False)
+    assert sim.dispatches(cmds) == []
+    assert sim.st.state == "rejected" and sim.finished() == ["rejected"]
+    states = sim.node_states()
+    assert states["settle_up"] == "skipped" and states["bank_in"] == "skipped"
+    assert states["nap"] == "skipped"
+    assert sim.st.nodes["bank_in"].reason == "not needed: upstream rejected"
+    assert "bank_in" not in sim.st.tasks            # its code never ran
+    assert sim.signal("bank", 1) == []              # a late signal changes nothing
+
+
 def test_a_waiting_task_with_code_still_runs_after_a_rejection_elsewhere():
     wf = build([task("pay", "paid = 1", approval="Pay?"),
                 task("bank_in", "r = bank", wait_signal="bank")])

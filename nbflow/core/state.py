@@ -375,17 +375,20 @@ class _Step:
 
     # --- after every event: is the run over? --------------------------------------------------
     def drop_needless_gates(self) -> None:
-        """After a rejection: a pure gate (no code) still waiting for a signal or a timer whose
-        every successor is already skipped or rejected can change nothing; skip it, so the run
-        ends instead of waiting for a signal only the skipped branch needed."""
+        """After a rejection: a node still waiting for a signal or a timer (a pure gate, or a
+        task with code that has not started) whose every successor is already skipped or
+        rejected only fed the rejected branch; skip it, so the run ends instead of waiting for a
+        signal only the skipped branch needed. A leaf (its successor is ``end``) still runs."""
         changed = True
         while changed:
             changed = False
             for n in self.wf.nodes:
                 ns = self.st.nodes.get(n.id)
-                if ns is None or ns.state not in ("waiting_signal", "sleeping") or n.needs_worker:
+                if ns is None or ns.state not in ("waiting_signal", "sleeping"):
                     continue
                 succ = self.succ(n.id)
+                if n.needs_worker and any(self.wf.node(s).kind == "end" for s in succ):
+                    continue            # a leaf with code: its own effect is the point
                 if succ and all(self.st.nodes[s].state in ("skipped", "rejected") for s in succ):
                     self.resolve(n.id, "skipped", "not needed: upstream rejected")
                     changed = True
