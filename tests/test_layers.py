@@ -21,6 +21,9 @@ FORBIDDEN = [
                                     "nbflow.magics", "nbflow.console")),   # the engine side
     ("nbflow.widgets", ("nbflow.engine", "nbflow.nats", "nbflow.worker")),  # runs via the client
     ("nbflow.worker", ("nbflow.widgets", "nbflow.magics", "nbflow.cli", "nbflow.console")),
+    ("nbflow.stack", ("nbflow.engine", "nbflow.client", "nbflow.worker", "nbflow.cli",
+                      "nbflow.widgets", "nbflow.magics", "nbflow.console",
+                      "nbflow.schedules")),    # it starts those as processes, never imports them
     ("nbflow.nats", ("nbflow.engine", "nbflow.client", "nbflow.cli", "nbflow.widgets",
                      "nbflow.magics", "nbflow.console", "nbflow.worker", "nbflow.schedules")),
 ]
