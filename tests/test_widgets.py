@@ -13,7 +13,8 @@ from nbflow.compiler import compile_notebook
 from nbflow.compiler.render import STATE_COLOURS
 from nbflow.core.events import make
 from nbflow.core.state import apply
-from nbflow.widgets.model import RunModel, human_duration, runs_rows
+from nbflow.core.durations import elapsed
+from nbflow.widgets.model import RunModel, runs_rows
 
 from support import finish, wait_for
 
@@ -65,11 +66,6 @@ def rows_by_task(model):
     return {r["task"].split(" ")[0] if r["level"] == 0 else r["task"]: r for r in model.rows}
 
 
-def test_human_duration():
-    assert [human_duration(x) for x in (None, 3.24, 65, 7380, 90000)] == \
-        ["", "3.2s", "1m 05s", "2h 03m", "1d 01h"]
-
-
 def test_map_instances_group_under_their_task_with_a_count():
     f = Feed()
     f.start()
@@ -119,7 +115,7 @@ def test_approval_panel_signal_panel_and_colours():
         m = f("TaskSucceeded", key=key, attempt=1)
     assert m.run_state == "succeeded"
     assert (m.progress_value, m.progress_max) == (6, 6)
-    assert m.elapsed == human_duration(f.t - (T0 + 1.5))
+    assert m.elapsed == elapsed(f.t - (T0 + 1.5))
     assert STATE_COLOURS["succeeded"].lower() in m.svg.lower()
     assert STATE_COLOURS["awaiting_approval"].lower() not in m.svg.lower().split("</title>", 1)[1] \
         or "legend" in m.svg.lower()
@@ -154,7 +150,7 @@ def test_runs_rows_newest_first():
     rows = runs_rows([a, f2.st], now=T0 + 200)
     assert [r["state"] for r in rows] == ["running", "running"]
     assert rows[0]["started"] > rows[1]["started"]
-    assert rows[0]["duration"] == human_duration(200 - 101.5)
+    assert rows[0]["duration"] == elapsed(200 - 101.5)
 
 
 # --- the view against a real engine -------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from nbflow.core.durations import elapsed as _dur  # noqa: F401 (the commands' name for it)
+
 
 def nats_options(f):
     f = click.option("--namespace", envvar="NBFLOW_NAMESPACE", default="",
@@ -38,21 +40,6 @@ def _call(nats_url, namespace, fn):
     from nbflow.stack import nats_url as face_url
 
     return _arun(_with_client(face_url(nats_url), namespace, fn))
-
-
-def _dur(seconds) -> str:
-    if seconds is None:
-        return ""
-    s = float(seconds)
-    if s < 1:
-        return f"{s * 1000:.0f} ms"
-    if s < 60:
-        return f"{s:.1f} s"
-    m, s = divmod(int(s), 60)
-    if m < 60:
-        return f"{m}m {s:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h {m:02d}m"
 
 
 def _local(ts) -> str:

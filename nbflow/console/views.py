@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from nbflow.core.durations import elapsed
 from nbflow.core.state import RUN_FINAL, RunState
 
 PAGE_SIZE = 100
@@ -50,22 +51,8 @@ def when_iso(text: str | None) -> str:
 
 
 def dur(seconds: float | None) -> str:
-    """Human-readable: 340 ms, 4.2 s, 3 min 05 s, 2 h 10 min, 3 d 4 h."""
-    if seconds is None:
-        return '<span class="muted">–</span>'
-    s = max(0.0, float(seconds))
-    if s < 1:
-        return f"{s * 1000:.0f} ms"
-    if s < 60:
-        return f"{s:.1f} s"
-    m, s = divmod(int(s), 60)
-    if m < 60:
-        return f"{m} min {s:02d} s"
-    h, m = divmod(m, 60)
-    if h < 48:
-        return f"{h} h {m:02d} min"
-    d, h = divmod(h, 24)
-    return f"{d} d {h} h"
+    """core.durations.elapsed (340ms, 4.2s, 3m 05s, 2h 10m, 3d 04h); a muted dash when unknown."""
+    return elapsed(seconds) or '<span class="muted">–</span>'
 
 
 def badge(state: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from traitlets import Dict, Float, HasTraits, Int, List, Unicode
 
+from nbflow.core.durations import elapsed
 from nbflow.core.ir import Workflow
 from nbflow.core.state import (
     NODE_FINAL,
@@ -23,23 +24,6 @@ from nbflow.core.state import (
 )
 
 BOOKKEEPING = ("start", "end")
-
-
-def human_duration(seconds: float | None) -> str:
-    """3.2s, 1m 05s, 2h 03m, 1d 04h; '' when unknown."""
-    if seconds is None:
-        return ""
-    s = max(0.0, float(seconds))
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(int(round(s)), 60)
-    if m < 60:
-        return f"{m}m {sec:02d}s"
-    h, m = divmod(m, 60)
-    if h < 24:
-        return f"{h}h {m:02d}m"
-    d, h = divmod(h, 24)
-    return f"{d}d {h:02d}h"
 
 
 def local_time(ts: float | None) -> str:
@@ -78,7 +62,7 @@ def table_rows(st: RunState, wf: Workflow, now: float | None = None) -> list[dic
                 "key": nid, "node": nid, "task": f"{nid} {done}/{ns.count}", "state": ns.state,
                 "attempt": max((t.attempt for t in tasks), default=""),
                 "started": local_time(min(starts) if starts else ns.started),
-                "duration": human_duration(_duration(ns.started, ns.finished, now)),
+                "duration": elapsed(_duration(ns.started, ns.finished, now)),
                 "worker": ", ".join(sorted({t.worker for t in tasks if t.worker})),
                 "level": 0, "done": done, "count": ns.count,
             })
@@ -89,7 +73,7 @@ def table_rows(st: RunState, wf: Workflow, now: float | None = None) -> list[dic
         if t is None:
             rows.append({"key": nid, "node": nid, "task": nid, "state": ns.state, "attempt": "",
                          "started": local_time(ns.started),
-                         "duration": human_duration(_duration(ns.started, ns.finished, now)
+                         "duration": elapsed(_duration(ns.started, ns.finished, now)
                                                     if ns.state != "pending" else None),
                          "worker": "", "level": 0})
         else:
@@ -107,7 +91,7 @@ def table_rows(st: RunState, wf: Workflow, now: float | None = None) -> list[dic
 def _task_row(t, label: str, now: float | None, level: int) -> dict[str, Any]:
     return {"key": t.key, "node": t.node, "task": label, "state": t.state,
             "attempt": t.attempt, "started": local_time(t.started),
-            "duration": human_duration(_duration(t.started, t.finished, now)),
+            "duration": elapsed(_duration(t.started, t.finished, now)),
             "worker": t.worker, "level": level}
 
 
@@ -207,7 +191,7 @@ class RunModel(HasTraits):
         with self.hold_trait_notifications():
             self.run, self.name, self.run_state = state.run, state.name or wf.name, state.state
             self.started, self.finished = state.started, state.finished or 0.0
-            self.elapsed = human_duration(_duration(state.started, state.finished, now))
+            self.elapsed = elapsed(_duration(state.started, state.finished, now))
             done, total = progress(st=state, wf=wf)
             self.progress_max, self.progress_value = max(total, 1), done
             self.rows = table_rows(state, wf, now)
@@ -228,7 +212,7 @@ class RunModel(HasTraits):
     def tick(self, now: float) -> None:
         """Refresh the elapsed time of a running run (the view calls it every second)."""
         if self.state is not None and not self.state.is_final:
-            self.elapsed = human_duration(_duration(self.state.started, None, now))
+            self.elapsed = elapsed(_duration(self.state.started, None, now))
 
 
 def _default_svg(wf: Workflow, states: dict[str, str]) -> str:
@@ -245,6 +229,6 @@ def runs_rows(states: list[RunState], now: float | None = None) -> list[dict[str
     now = now if now is not None else time.time()
     return [{"run": s.run, "name": s.name, "state": s.state,
              "started": local_datetime(s.started),
-             "duration": human_duration(_duration(s.started, s.finished, now)),
+             "duration": elapsed(_duration(s.started, s.finished, now)),
              "notebook": s.source, "by": s.by}
             for s in sorted(states, key=lambda s: s.started, reverse=True)]
