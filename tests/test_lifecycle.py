@@ -77,5 +77,8 @@ def test_tracebacks_and_logs_name_the_users_cell_numbers(on_stack, tmp_path):
     r = nbflow("run", str(nb), env=on_stack)
     assert r.returncode == 1
     assert "cell 6 (task boom), line 3" in r.stdout and "Cell In[" not in r.stdout, r.stdout
+    # the listing under it numbers the lines as Jupyter shows the cell (the %%task line is 1)
+    assert "      2 y = x + 1\n----> 3 raise ValueError" in r.stdout, r.stdout
     logs = nbflow("logs", run_id(r.stderr + r.stdout), "boom", env=on_stack).stdout
     assert "--- cell 6 [failed]: y = x + 1" in logs and "Cell In[" not in logs, logs
+    assert "cell 6 (task boom), line 3\n      2 y = x + 1\n----> 3 raise" in logs, logs

@@ -114,6 +114,20 @@ def test_failing_cell_gives_error_line_traceback_and_cell(pool, tmp_path):
     assert "about to fail" in logs and "ZeroDivisionError: division by zero" in logs
 
 
+def test_traceback_lines_are_numbered_as_the_users_cell(pool, tmp_path):
+    """Header and listing agree with Jupyter's numbering of the user's cell, where the %%task
+    line is line 1: the body's line 9 is line 10 (and the listing stays aligned)."""
+    nb = task_nb("\n".join(f"v{i} = {i}" for i in range(1, 9)) + "\nratio = 1 / 0\nafter = 1")
+    task = next(c for c in nb.cells if "nbflow-task" in c.metadata["tags"])
+    task.metadata["nbflow"] = {"task": "boom", "cell": 4}
+    res = run(pool, nb, tmp_path, outputs=["ratio"])
+    assert res.status == "failed"
+    assert "cell 4 (task boom), line 10\n" in res.traceback, res.traceback
+    assert "      9 v8 = 8\n----> 10 ratio = 1 / 0\n     11 after = 1" in res.traceback, \
+        res.traceback
+    assert "Cell In[" not in res.traceback
+
+
 def test_when_false_skips_the_task(pool, tmp_path):
     res = run(pool, task_nb("ran = True", when="x > 5", params="x = 0\n"), tmp_path,
               params={"x": 1}, outputs=["ran"])

@@ -236,6 +236,7 @@ def _cell_label(cell, n: int) -> str:
 
 
 _CELL_IN = re.compile(r"Cell In\[(\d+)\](, line (\d+))?")
+_LISTING = re.compile(r"(---->\s*|\s+)(\d+)(?= |$)")      # "      2 code" / "----> 3 code"
 
 
 def user_cells(nb, text: str) -> str:
@@ -255,7 +256,27 @@ def user_cells(nb, text: str) -> str:
             return m.group(0)
         label, shift = labels[m.group(1)]
         return label + (f", line {int(m.group(3)) + shift}" if m.group(3) else "")
-    return _CELL_IN.sub(sub, text)
+
+    out: list[str] = []
+    shift = 0                       # of the source listing under the last "Cell In[..]" header
+    for line in text.split("\n"):
+        m = _CELL_IN.match(line)
+        if m:
+            shift = labels[m.group(1)][1] if m.group(1) in labels else 0
+            out.append(_CELL_IN.sub(sub, line))
+            continue
+        n = _LISTING.match(line) if shift else None
+        if n is None:
+            shift = 0 if not line.strip() else shift
+            out.append(_CELL_IN.sub(sub, line))
+            continue
+        # the listing numbers the task body from 1: number it as the user's cell (%%task = 1)
+        head, num = n.group(1), str(int(n.group(2)) + shift)
+        width = len(head) + len(n.group(2))
+        pre = (("---->" + num.rjust(max(width - 5, len(num) + 1))) if head.startswith("-")
+               else num.rjust(width))
+        out.append(pre + line[n.end(2):])
+    return "\n".join(out)
 
 
 def notebook_logs(nb) -> str:
