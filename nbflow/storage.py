@@ -10,8 +10,11 @@ What is kept (defaults; environment variables change them):
 
 `nbflow gc [--dry-run]` removes finished runs past retention, orphaned artifacts (objects of a
 finished or deleted run that no recorded completion names: a worker killed mid-upload, an
-attempt whose result never made it), orphaned object chunks (an upload cut off before its
-metadata was written, older than an hour) and stale work dirs. An object still named by any
+attempt whose result never made it; :func:`nbflow.worker.artifacts.orphan_artifacts`),
+notebook-folder bundles that no kept run, pending submit or schedule names and that were last
+uploaded or reused more than NBFLOW_BUNDLE_GRACE_S (3600) seconds ago
+(:func:`nbflow.worker.bundles.orphan_bundles`), orphaned object chunks (an upload cut off before
+its metadata was written, older than an hour) and stale work dirs. An object still named by any
 kept run (its own outputs, or outputs another run reuses) is never removed.
 """
 from __future__ import annotations
@@ -45,6 +48,8 @@ class GcReport:
     object_bytes: int = 0
     chunk_subjects: int = 0                                 # orphaned upload chunks
     workdirs: list[str] = field(default_factory=list)
+    bundles: list[str] = field(default_factory=list)        # bundle hashes removed
+    bundle_bytes: int = 0
 
     def lines(self) -> list[str]:
         verb = "would remove" if self.dry_run else "removed"
@@ -52,6 +57,8 @@ class GcReport:
                 + (f": {', '.join(self.runs[:10])}" + (" ..." if len(self.runs) > 10 else "")
                    if self.runs else ""),
                 f"{verb} {len(self.objects)} artifact(s), {self.object_bytes / 2**20:.1f} MB",
+                f"{verb} {len(self.bundles)} unused notebook-folder bundle(s), "
+                f"{self.bundle_bytes / 2**20:.1f} MB",
                 f"{verb} {self.chunk_subjects} orphaned upload(s) of object chunks",
                 f"{verb} {len(self.workdirs)} stale work dir(s)"]
 
@@ -71,7 +78,8 @@ async def gc(client, *, dry_run: bool = False, days: float | None = None,
              now: float | None = None) -> GcReport:
     """Collect garbage in ``client``'s namespace (see the module doc). ``client``: a
     :class:`nbflow.runs.Runs` (the client)."""
-    from nbflow.worker import workdirs
+    from nbflow.worker import bundles, workdirs
+    from nbflow.worker.artifacts import orphan_artifacts
 
     L = client.L
     now = now or time.time()
@@ -110,20 +118,24 @@ async def gc(client, *, dry_run: bool = False, days: float | None = None,
                     _strings(rec, referenced)
 
     # artifacts: objects of finished/expired/deleted runs that nothing kept names
-    for info in await client.artifacts.list():
-        name = info.name
-        run, sep, _ = name.partition("/")
-        if not sep or run == "bundles" or name in referenced:
-            continue
+    async def keep_run(run: str) -> bool:
         d = snaps.get(run)
-        if d is not None and d.get("state") == "running":
-            continue
-        if d is None and run not in expired and await client.has_run(run):
-            continue                                   # the engine has not caught up yet
-        rep.objects.append(name)
+        if d is not None:
+            return d.get("state") == "running"
+        return run not in expired and await client.has_run(run)   # the engine is behind
+    for info in await orphan_artifacts(client.artifacts, referenced, keep_run):
+        rep.objects.append(info.name)
         rep.object_bytes += int(getattr(info, "size", 0) or 0)
         if not dry_run:
-            await client.artifacts.delete(name)
+            await client.artifacts.delete(info.name)
+
+    # bundles: what no kept run, pending submit or schedule names, past the grace period
+    wanted = await _wanted_bundles(client, snaps, expired, dry_run)
+    for info in await bundles.orphan_bundles(client.artifacts, wanted, now):
+        rep.bundles.append(bundles.hash_of(info.name) or info.name)
+        rep.bundle_bytes += int(getattr(info, "size", 0) or 0)
+        if not dry_run:
+            await client.artifacts.delete(info.name)
 
     rep.chunk_subjects = await _orphan_chunks(client, dry_run, now)
 
@@ -142,6 +154,60 @@ async def gc(client, *, dry_run: bool = False, days: float | None = None,
 
     rep.workdirs = workdirs.clean_stale(dry_run=dry_run)
     return rep
+
+
+async def _wanted_bundles(client, snaps: dict[str, dict], expired: set[str],
+                          dry_run: bool) -> set[str]:
+    """Bundle hashes still needed: of the definitions of kept runs (their snapshots), of runs
+    submitted but not yet folded (their start records, while their history exists), and of
+    schedules and triggers. Start records of expired runs are removed (not in a dry run)."""
+    L = client.L
+    wfs = {d["wf"] for r, d in snaps.items() if r not in expired and d.get("wf")}
+    defs = await client.kv(L.defs_bucket)
+    for k in await defs.keys():
+        if not k.startswith("start."):
+            continue
+        run = k[len("start."):]
+        if run in expired:
+            if not dry_run:
+                await defs.purge(k)
+            continue
+        if run in snaps:
+            continue                                    # its snapshot named its definition
+        e = await defs.get_or_none(k)
+        if e is None or not e.value:
+            continue
+        try:
+            rec = json.loads(e.value)
+        except ValueError:
+            continue
+        # a start record without history: a submit in progress (the bundle's grace period
+        # covers it) or a run gc already removed
+        if rec.get("wf") and await client.has_run(run):
+            wfs.add(rec["wf"])
+    try:
+        sched = await client.kv(L.schedules_bucket)
+        sched_keys = await sched.keys()
+    except NotFound:                                    # no schedule was ever made
+        sched_keys = []
+    for k in sched_keys:
+        if k.startswith(("sched.", "trig.")):
+            e = await sched.get_or_none(k)
+            try:
+                d = json.loads(e.value) if e is not None and e.value else {}
+            except ValueError:
+                continue
+            if d.get("wf"):
+                wfs.add(d["wf"])
+    out = set()
+    for h in wfs:
+        try:
+            wf = await client.workflow(h)
+        except NotFound:
+            continue
+        if wf.bundle:
+            out.add(wf.bundle)
+    return out
 
 
 async def _orphan_chunks(client, dry_run: bool, now: float) -> int:

@@ -23,8 +23,8 @@ from nbflow.stack import Supervisor
 # --- packing (pure) ------------------------------------------------------------------------
 
 def _bundles_in(cache) -> list[str]:
-    """What a bundle cache holds, without its CACHEDIR.TAG."""
-    return sorted(n for n in os.listdir(cache) if n != "CACHEDIR.TAG")
+    """What a bundle cache holds, without its CACHEDIR.TAG and its (empty) lock files' dir."""
+    return sorted(n for n in os.listdir(cache) if n not in ("CACHEDIR.TAG", ".locks"))
 
 
 def _tree(root, files: dict[str, str | bytes]):
@@ -326,9 +326,10 @@ def test_a_bundle_already_in_the_store_is_not_uploaded_again(tmp_path):
 
     class Art:
         def __init__(self):
-            self.objects, self.puts = {}, 0
+            self.objects, self.puts, self.touched = {}, 0, []
 
-        async def exists(self, name):
+        async def touch(self, name):             # renews its grace period against gc
+            self.touched.append(name)
             return name in self.objects
 
         async def put_bytes(self, name, data):
@@ -341,3 +342,35 @@ def test_a_bundle_already_in_the_store_is_not_uploaded_again(tmp_path):
     assert asyncio.run(upload(art, one)) is True
     assert asyncio.run(upload(art, same)) is False
     assert art.puts == 1 and list(art.objects) == [one.key]
+    assert art.touched == [one.key, one.key]       # the reuse renewed it
+
+
+def test_the_cache_is_bounded_and_never_evicts_a_bundle_in_use(tmp_path, monkeypatch):
+    import asyncio
+
+    from nbflow.worker.bundles import BundleCache
+
+    big = os.urandom(300 * 1024)
+    packs = [packing.pack(str(_tree(tmp_path / f"p{i}", {"m.py": f"X = {i}\n", "blob": big})))
+             for i in range(3)]
+    store = _Store({b.key: b.data for b in packs})
+    root = tmp_path / "cache"
+    monkeypatch.setenv("NBFLOW_BUNDLE_CACHE_MB", "0.5")     # room for one bundle
+    worker, other = BundleCache(store, str(root)), BundleCache(store, str(root))
+
+    async def scenario():
+        # another worker process of the host runs a task with bundle 0 ...
+        async with other.using(packs[0].hash):
+            for b in packs[1:]:                  # ... while this one runs tasks with 1, then 2
+                async with worker.using(b.hash) as path:
+                    assert (root / b.hash / "m.py").exists() and path == str(root / b.hash)
+            # 0 is in use elsewhere, 2 was used last: 1 (least recently used) went
+            assert _bundles_in(root) == sorted([packs[0].hash, packs[2].hash])
+            # over the limit still: 0 is in use, 2 no longer is, so 2 goes
+            assert worker.trim() == [packs[2].hash]
+            assert _bundles_in(root) == [packs[0].hash]
+        # released: a task of bundle 1 brings it back and evicts 0
+        async with worker.using(packs[1].hash):
+            assert _bundles_in(root) == [packs[1].hash]
+    asyncio.run(scenario())
+    assert worker.evicted == 3 and store.gets == 4

@@ -45,9 +45,15 @@ def dead_pid() -> int:
     return p.pid
 
 
-def gc_cli(nats_server, ns, *args) -> str:
+def bundles(c) -> set[str]:
+    """Names of the notebook-folder bundles in the object store."""
+    return {i.name for i in c._call(c.aclient.artifacts.list()) if i.name.startswith("bundles/")}
+
+
+def gc_cli(nats_server, ns, *args, env: dict | None = None) -> str:
     res = subprocess.run([sys.executable, "-m", "nbflow", "gc", "--nats", nats_server.url,
-                          "--namespace", ns, *args], capture_output=True, text=True, timeout=120)
+                          "--namespace", ns, *args], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **(env or {})})
     assert res.returncode == 0, res.stderr
     return res.stdout
 
@@ -65,18 +71,21 @@ def test_gc_removes_orphans_and_expired_runs_only(nats_server, private, tmp_path
         # and the work dir of a worker killed mid-task
         c._call(c.aclient.artifacts.put_bytes(f"{run}/a/7/out/x.pkl", b"lost upload"))
         c._call(c.aclient.artifacts.put_bytes("zzghost9/a/1/notebook.ipynb", b"{}"))
-        stale = tempfile.mkdtemp(prefix=f"nbflow-w{dead_pid()}-{run}-a-")
+        # (in a temp dir of its own: any worker starting on this machine sweeps /tmp's)
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        stale = tempfile.mkdtemp(prefix=f"nbflow-w{dead_pid()}-{run}-a-", dir=tmp)
         approval_nb = write_notebook(tmp_path / "wait.ipynb", [
             '%%task ask --approval "go?"\nok = 1'])
         waiting = c.submit(str(approval_nb), {})
         wait_for(lambda: c.status(waiting).nodes["ask"].state == "awaiting_approval", 60,
                  "the approval to be requested")
 
-        out = gc_cli(nats_server, ns, "--dry-run")
+        out = gc_cli(nats_server, ns, "--dry-run", env={"TMPDIR": str(tmp)})
         assert "would remove 0 finished run(s)" in out and "would remove 2 artifact(s)" in out
         assert objects(c) >= kept | {f"{run}/a/7/out/x.pkl"} and os.path.isdir(stale)
 
-        out = gc_cli(nats_server, ns)                        # default retention: 30 days
+        out = gc_cli(nats_server, ns, env={"TMPDIR": str(tmp)})   # default retention: 30 days
         assert "removed 2 artifact(s)" in out and "removed 0 finished run(s)" in out
         assert objects(c) == kept                            # the run's own artifacts stay
         assert not os.path.exists(stale)
@@ -89,6 +98,61 @@ def test_gc_removes_orphans_and_expired_runs_only(nats_server, private, tmp_path
         assert not any(n.startswith(run + "/") for n in objects(c))
         assert c.has_run(waiting) and c.snapshot(waiting).state == "running"   # untouched
         c.cancel(waiting)
+
+
+def test_gc_collects_bundles_no_kept_run_names_after_a_grace_period(nats_server, private,
+                                                                   tmp_path):
+    ns, make = private
+    with make() as c:
+        def project(name, n):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "helper.py").write_text(f"N = {n}\n")
+            return write_notebook(tmp_path / name / "nb.ipynb", [
+                "from helper import N", "%%task a\nx = N * 2", "%%task b\nprint(x)"])
+        kept_nb, waiting_nb = project("kept", 1), project("waiting", 2)
+        # a bundle no run names (its runs were removed)
+        h_gone = "d" * 32
+        c._call(c.aclient.artifacts.put_bytes(f"bundles/{h_gone}.zip", b"stale"))
+        kept = c.submit(str(kept_nb), {})
+        assert c.wait(kept, timeout=120).state == "succeeded"
+        h_kept = c.workflow(c.status(kept).wf).bundle
+        waiting_nb = write_notebook(tmp_path / "waiting" / "nb.ipynb", [
+            "from helper import N", '%%task ask --approval "go?"\nok = N', "%%task b\nprint(ok)"])
+        waiting = c.submit(str(waiting_nb), {})
+        wait_for(lambda: c.status(waiting).nodes["ask"].state == "awaiting_approval", 60,
+                 "the approval to be requested")
+        h_wait = c.workflow(c.status(waiting).wf).bundle
+        # a bundle uploaded by a submit that has not recorded its run yet
+        c._call(c.aclient.artifacts.put_bytes("bundles/" + "e" * 32 + ".zip", b"in flight"))
+        before = bundles(c)
+        assert {f"bundles/{h}.zip" for h in (h_kept, h_wait, h_gone, "e" * 32)} <= before
+
+        # within the grace period nothing unnamed goes (a submit may be naming it right now)
+        out = gc_cli(nats_server, ns)
+        assert "removed 0 unused notebook-folder bundle(s)" in out, out
+        assert bundles(c) == before
+
+        # past it: the two no run names go, the kept run's and the running run's stay
+        out = gc_cli(nats_server, ns, "--dry-run", env={"NBFLOW_BUNDLE_GRACE_S": "0"})
+        assert "would remove 2 unused notebook-folder bundle(s)" in out, out
+        assert bundles(c) == before
+        out = gc_cli(nats_server, ns, env={"NBFLOW_BUNDLE_GRACE_S": "0"})
+        assert "removed 2 unused notebook-folder bundle(s)" in out, out
+        assert bundles(c) == before - {f"bundles/{h_gone}.zip", "bundles/" + "e" * 32 + ".zip"}
+        # the kept run still loads and runs again (its folder's bundle is reused, not re-sent)
+        assert c.load_output(kept, "a", "x") == 2
+        again = c.submit(str(kept_nb), {})
+        assert c.wait(again, timeout=120).state == "succeeded"
+        assert c.load_output(again, "a", "x") == 2
+        assert c.workflow(c.status(again).wf).bundle == h_kept
+
+        # the running run keeps its bundle even when every finished run expires
+        out = gc_cli(nats_server, ns, "--days", "0", env={"NBFLOW_BUNDLE_GRACE_S": "0"})
+        assert "removed 1 unused notebook-folder bundle(s)" in out, out
+        assert bundles(c) == {f"bundles/{h_wait}.zip"}
+        c.approve(waiting, "ask")
+        assert c.wait(waiting, timeout=120).state == "succeeded"
+        assert c.load_output(waiting, "ask", "ok") == 2
 
 
 def test_a_full_artifact_store_says_which_limit_and_how_to_raise_it(nats_server, private,

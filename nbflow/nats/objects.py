@@ -2,6 +2,7 @@
 files, so outputs of hundreds of MB never sit in memory whole. Errors are nbflow's."""
 from __future__ import annotations
 
+import base64
 import os
 
 from nbflow.errors import NotFound
@@ -68,6 +69,35 @@ class Objects:
         except NotFound:
             return []
         return [i for i in infos or [] if not getattr(i, "deleted", False)]
+
+    def _meta_subject(self, name: str) -> str:
+        return f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+
+    async def stored_at(self, name: str) -> float | None:
+        """When the object's metadata was last written (put or :meth:`touch`), as a Unix time
+        from the server's clock; None when it does not exist."""
+        try:
+            msg = await self._do("obj.info", name, lambda st: self.js.get_last_msg(
+                f"OBJ_{self.bucket}", self._meta_subject(name)))
+        except NotFound:
+            return None
+        t = getattr(msg, "time", None)
+        return t.timestamp() if t is not None else None
+
+    async def touch(self, name: str) -> bool:
+        """Rewrite the object's metadata unchanged, so :meth:`stored_at` says now (a reuse of
+        a stored object renews its grace period against `nbflow gc`). False if it is gone."""
+        from nats.js.api import ObjectMeta
+
+        info = await self.info(name)
+        if info is None:
+            return False
+        meta = ObjectMeta(name=name, description=info.description, headers=info.headers)
+        try:
+            await self._do("obj.put", name, lambda st: st.update_meta(name, meta))
+        except NotFound:
+            return False
+        return True
 
     async def delete(self, name: str) -> None:
         try:

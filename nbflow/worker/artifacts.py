@@ -33,13 +33,30 @@ class Artifacts(Objects):
     """The artifacts object store (task outputs and executed notebooks)."""
 
 
-async def orphan_artifacts(art: Artifacts, run: str, events) -> list[str]:
-    """Objects of a FINISHED run that no recorded task result names: results of late (frozen,
-    redelivered) workers that could not remove them. For `nbflow gc`; never call it on a
-    running run (a task in flight has written keys it has not named yet)."""
+def named_by(events) -> set[str]:
+    """The artifact keys a run's recorded task results name."""
     named: set[str] = set()
     for ev in events:
         if ev.type in ("TaskSucceeded", "TaskFailed", "TaskSkipped"):
             named.update(written_keys(ev))
-    return sorted(i.name for i in await art.list()
-                  if i.name.startswith(f"{run}/") and i.name not in named)
+    return named
+
+
+async def orphan_artifacts(art: Artifacts, named: set[str], keep_run) -> list:
+    """THE orphan finder (`nbflow gc`): infos of task artifacts (bundles aside) that no kept
+    run names — results of late (frozen, redelivered) workers that could not remove them,
+    uploads of attempts whose result never made it, objects of deleted or expired runs.
+
+    ``named``: every key the kept runs' recorded results (or reuses of them) name (see
+    :func:`named_by`); ``keep_run(run)`` (async): True for a run whose objects must all stay —
+    a run in flight has written keys it has not named yet."""
+    out, kept = [], {}
+    for info in await art.list():
+        run, sep, _ = info.name.partition("/")
+        if not sep or run == "bundles" or info.name in named:
+            continue
+        if run not in kept:
+            kept[run] = await keep_run(run)
+        if not kept[run]:
+            out.append(info)
+    return out

@@ -7,12 +7,22 @@ dot-dir that the next start sweeps, and two processes racing on one hash both en
 complete copy (the loser's rename fails and it uses the winner's). Each task then gets its own
 copy (:func:`task_folder`) as its cwd, so relative writes land in the task's work dir and never
 change what the next task or run sees.
+
+Bounds: the cache holds at most NBFLOW_BUNDLE_CACHE_MB (1024) of unpacked bundles; the least
+recently used are evicted first, never one a task of any worker process on the host is using (a
+task holds a shared ``flock`` on ``<cache>/.locks/<hash>`` from unpacking to its end; eviction
+takes it exclusively without waiting). In the object store, `nbflow gc` removes bundles that no
+kept run, pending submit or schedule names (:func:`orphan_bundles`), once they are older than a
+grace period, so a folder being submitted right now is safe.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -24,6 +34,18 @@ from nbflow.errors import BundleError
 log = logging.getLogger("nbflow.worker.bundles")
 
 STALE_TMP_S = 3600          # a temp unpack dir older than this is a leftover of a killed worker
+LOCKS = ".locks"            # <cache>/.locks/<hash>: flock'ed (shared) while a task uses it
+PREFIX = "bundles/"
+
+
+def grace_s() -> float:
+    """How long an unreferenced bundle stays in the object store after it was last uploaded or
+    reused (a submit uploads the bundle before it records the run that names it)."""
+    return float(os.environ.get("NBFLOW_BUNDLE_GRACE_S", "3600"))
+
+
+def cache_max_bytes() -> int:
+    return int(float(os.environ.get("NBFLOW_BUNDLE_CACHE_MB", "1024")) * 2**20)
 
 
 def enabled(flag: bool | None = None) -> bool:
@@ -34,11 +56,37 @@ def enabled(flag: bool | None = None) -> bool:
 
 
 async def upload(art, bundle: Bundle) -> bool:
-    """Store the bundle unless the store has it already. True when it was uploaded."""
-    if await art.exists(bundle.key):
+    """Store the bundle unless the store has it already (then renew its grace period against
+    `nbflow gc`: this submit is about to name it). True when it was uploaded."""
+    if await art.touch(bundle.key):
         return False
     await art.put_bytes(bundle.key, bundle.data)
     return True
+
+
+def hash_of(name: str) -> str | None:
+    """The bundle hash an artifact name stands for, or None for a task artifact."""
+    if name.startswith(PREFIX) and name.endswith(".zip"):
+        return name[len(PREFIX):-len(".zip")]
+    return None
+
+
+async def orphan_bundles(art, wanted: set[str], now: float | None = None,
+                         grace: float | None = None) -> list:
+    """Infos of the bundles in the object store that no hash in ``wanted`` names and that were
+    last uploaded or reused longer than the grace period ago (what `nbflow gc` removes)."""
+    now = now or time.time()
+    grace = grace_s() if grace is None else grace
+    out = []
+    for info in await art.list():
+        h = hash_of(info.name)
+        if h is None or h in wanted:
+            continue
+        t = await art.stored_at(info.name)
+        if t is None or t > now - grace:
+            continue
+        out.append(info)
+    return out
 
 
 def default_root() -> str:
@@ -76,10 +124,93 @@ class BundleCache:
         self.root = root or default_root()
         self._locks: dict[str, asyncio.Lock] = {}
         self.unpacked = 0           # how many bundles this process unpacked (tests count it)
+        self.evicted = 0
+        self.in_use: dict[str, int] = {}     # hash -> tasks of this process using it
+
+    def _lockfile(self, h: str) -> int:
+        d = os.path.join(self.root, LOCKS)
+        os.makedirs(d, exist_ok=True)
+        return os.open(os.path.join(d, h), os.O_RDWR | os.O_CREAT, 0o644)
+
+    @contextlib.asynccontextmanager
+    async def using(self, h: str):
+        """``async with cache.using(h) as path``: bundle ``h`` unpacked, and kept (never evicted,
+        by this process or another on the host) until the block ends."""
+        os.makedirs(self.root, exist_ok=True)
+        fd = self._lockfile(h)
+        try:
+            # an evictor holds the lock only while it removes the dir: wait it out
+            await asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd,
+                                                             fcntl.LOCK_SH)
+            self.in_use[h] = self.in_use.get(h, 0) + 1
+            try:
+                path = await self.get(h)
+                await asyncio.get_running_loop().run_in_executor(None, self.trim)
+                yield path
+            finally:
+                self.in_use[h] -= 1
+                if not self.in_use[h]:
+                    del self.in_use[h]
+        finally:
+            os.close(fd)              # releases the lock
+
+    def _evict(self, h: str) -> bool:
+        """Remove unpacked bundle ``h`` unless a task (of any process) is using it."""
+        if h in self.in_use:
+            return False
+        fd = self._lockfile(h)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False          # in use
+            gone = os.path.join(self.root, f".{h}.evict.{secrets.token_hex(3)}")
+            try:
+                os.rename(os.path.join(self.root, h), gone)   # atomic: never half a bundle
+            except OSError:
+                return False
+            shutil.rmtree(gone, ignore_errors=True)
+            self.evicted += 1
+            return True
+        finally:
+            os.close(fd)
+
+    def entries(self) -> list[tuple[float, int, str]]:
+        """(last used, bytes, hash) of each unpacked bundle, least recently used first."""
+        out = []
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return out
+        for n in names:
+            p = os.path.join(self.root, n)
+            if n.startswith(".") or not os.path.isdir(p):
+                continue
+            try:
+                used = os.stat(p).st_mtime
+            except OSError:
+                continue
+            out.append((used, _du(p), n))
+        return sorted(out)
+
+    def trim(self, max_bytes: int | None = None) -> list[str]:
+        """Evict least recently used bundles (not in use) until the cache is under
+        ``max_bytes`` (NBFLOW_BUNDLE_CACHE_MB). Returns the hashes evicted."""
+        limit = cache_max_bytes() if max_bytes is None else max_bytes
+        entries = self.entries()
+        total = sum(b for _, b, _ in entries)
+        out = []
+        for _, size, h in entries:
+            if total <= limit:
+                break
+            if self._evict(h):
+                total -= size
+                out.append(h)
+        return out
 
     def sweep(self) -> None:
-        """Remove temp dirs left by a worker killed mid-unpack, and bundles no task of this
-        host used for NBFLOW_BUNDLE_CACHE_DAYS (7)."""
+        """Remove temp dirs left by a worker killed mid-unpack, bundles no task of this host
+        used for NBFLOW_BUNDLE_CACHE_DAYS (7), and trim the cache to its size limit."""
         try:
             names = os.listdir(self.root)
         except OSError:
@@ -88,15 +219,22 @@ class BundleCache:
         unused = float(os.environ.get("NBFLOW_BUNDLE_CACHE_DAYS", "7")) * 86400
         for n in names:
             p = os.path.join(self.root, n)
+            if n == LOCKS or not os.path.isdir(p):
+                continue
             try:
                 age = now - os.stat(p).st_mtime
-                if age > (STALE_TMP_S if n.startswith(".") else unused):
-                    shutil.rmtree(p, ignore_errors=True)
             except OSError:
-                pass
+                continue
+            if n.startswith("."):
+                if age > STALE_TMP_S:
+                    shutil.rmtree(p, ignore_errors=True)
+            elif age > unused:
+                self._evict(n)
+        self.trim()
 
     async def get(self, h: str) -> str:
-        """The path of bundle ``h`` unpacked (downloading it first if needed)."""
+        """The path of bundle ``h`` unpacked (downloading it first if needed). A task uses
+        :meth:`using` instead, which also keeps the bundle from eviction while it runs."""
         dest = os.path.join(self.root, h)
         if os.path.isdir(dest):
             _touch(dest)
@@ -126,6 +264,17 @@ class BundleCache:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return dest
+
+
+def _du(path: str) -> int:
+    n = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                n += os.lstat(os.path.join(d, f)).st_size
+            except OSError:
+                pass
+    return n
 
 
 def _tag(root: str) -> None:

@@ -9,6 +9,7 @@ dead-lettered as a failed attempt (reason ``lost``), never silently dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -313,7 +314,8 @@ class Worker:
         try:
             task.delivery = secrets.token_hex(4)      # this delivery's artifact keys
             try:
-                ev = await self._execute(task, workdir, cancel)
+                async with contextlib.AsyncExitStack() as leases:   # the bundle in use
+                    ev = await self._execute(task, workdir, cancel, leases)
             except StoreFull as e:       # say which limit, not "worker lost"
                 ev = make("TaskFailed", run, key=key, attempt=attempt, reason="store_full",
                           error=f"StoreFull: {e}")
@@ -363,7 +365,8 @@ class Worker:
             except Exception:  # noqa: BLE001 - reconnecting; the next beat retries
                 pass
 
-    async def _execute(self, task: TaskMessage, workdir: str, cancel: threading.Event):
+    async def _execute(self, task: TaskMessage, workdir: str, cancel: threading.Event,
+                       leases: contextlib.AsyncExitStack):
         from nbflow.worker.runner import run_task
 
         run, key, attempt, node_id = task.run, task.key, task.attempt, task.node
@@ -376,7 +379,8 @@ class Worker:
                         error=f"cannot build the task notebook for {node_id!r}: its workflow "
                               f"definition {task.wf} is not in {self.L.defs_bucket}")
         try:
-            unpacked = await self.bundles.get(wf.bundle) if wf.bundle else None
+            unpacked = (await leases.enter_async_context(self.bundles.using(wf.bundle))
+                        if wf.bundle else None)
         except BundleError as e:
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
                         error=f"{type(e).__name__}: {e}")
