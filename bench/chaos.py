@@ -318,7 +318,7 @@ class Chaos:
                   approved=decision.get("state") == "approved", by=decision.get("by", "?"),
                   comment=decision.get("comment") or None)
         try:
-            await self._call(self.c.js.publish(self.L.history_subject(run), ev.encode(),
+            await self._call(self.c.js.publish(self.L.history_subject(run, ev.type), ev.encode(),
                                                headers={MSG_ID: f"approval.{run}.publish"}))
         except Exception:  # noqa: BLE001
             pass

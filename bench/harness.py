@@ -278,7 +278,7 @@ async def raw_chain(nc, L: Layout, n: int) -> float:
     js = nc.jetstream()
     await infra.ensure(js, L)
     run = "rawchain" + secrets.token_hex(3)
-    tsubj, hsubj = L.task_subject("rawq", run), L.history_subject(run)
+    tsubj, hsubj = L.task_subject("rawq", run), L.history_subject(run, "TaskSucceeded")
     tsub = await js.pull_subscribe(tsubj, durable="raw_worker", stream=L.tasks_stream)
     hsub = await js.pull_subscribe(hsubj, durable="raw_engine", stream=L.history_stream)
     t0 = time.perf_counter()
@@ -325,7 +325,8 @@ async def raw_fanout(nc, L: Layout, runs: int, width: int, batch: int = 64) -> f
             for m in ms:
                 t = json.loads(m.data)
                 futs.append(await js.publish_async(
-                    L.history_subject(t["run"]), _event_bytes(t["run"], t["key"]),
+                    L.history_subject(t["run"], "TaskSucceeded"),
+                    _event_bytes(t["run"], t["key"]),
                     headers={MSG_ID: f"done.{t['run']}.{t['key']}.1"}))
             for f in futs:
                 await f

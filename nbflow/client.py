@@ -22,8 +22,8 @@ from nbflow.errors import AlreadyDecided, Conflict, NatsError, NbflowError, NotF
 from nbflow.core.fingerprint import fingerprints
 from nbflow.runs import BundleWarning, Runs, _reuse_entry, _task_ids, new_run_id, whoami  # noqa: F401
 from nbflow.nats import infra
-from nbflow.core.events import Event, cancel_msg_id, decode, make, task_key
-from nbflow.nats.layout import MSG_ID, SIGNAL_NAME_RE, Layout, default_namespace
+from nbflow.core.events import Event, decode, task_key
+from nbflow.nats.layout import SIGNAL_NAME_RE, Layout, default_namespace
 from nbflow.core.state import RUN_FINAL, RunState, fold, refusal
 
 def parse_param(value: str, default: Any = None) -> Any:
@@ -311,11 +311,18 @@ class Client(Runs):
                               f"running runs")
         return st
 
-    async def cancel(self, run: str, by: str | None = None) -> None:
+    async def cancel(self, run: str, by: str | None = None, reason: str = "") -> None:
+        """Cancel through the engine's decide service: the canceller recorded is the user NATS
+        authenticated (``by`` only names the person when this client is a delegate, the runs
+        console; on a server without users it is the declared name)."""
         st = await self._running(run, "cancel")
-        ev = make("CancelRequested", st.run, by=by or whoami())
-        await self.streams.publish(self.L.history_subject(st.run), ev.encode(),
-                                   headers={MSG_ID: cancel_msg_id(st.run)})
+        out = await self._decide("cancel", by, {"run": st.run, "reason": reason})
+        if out.get("ok"):
+            return
+        if out.get("kind") == "final":
+            raise NbflowError(f"run {st.run} is already {out.get('state')}; cancel only applies "
+                              f"to running runs")
+        raise NbflowError(f"could not cancel run {st.run}: {out.get('error')}")
 
     async def approve(self, run: str, task: str, approved: bool = True, by: str | None = None,
                       comment: str = "") -> dict[str, Any]:

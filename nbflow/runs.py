@@ -153,7 +153,7 @@ class Runs:
                   source=workflow.source, name=workflow.name, schedule=schedule,
                   retry_of=retry_of, reuse=reuse or None,
                   fps={k: v for k, v in fps.items() if v and k in _task_ids(workflow)})
-        ack = await self.streams.publish(self.L.history_subject(run), ev.encode(),
+        ack = await self.streams.publish(self.L.history_subject(run, ev.type), ev.encode(),
                                          headers={MSG_ID: msg_id or start_msg_id(run)})
         if ack.duplicate and msg_id:
             return run          # this start was already recorded (idempotent trigger)

@@ -304,7 +304,7 @@ def test_garbage_on_a_runs_history_subject_is_dead_lettered(client, done_run):
     currently waits 10 s, see the report.)"""
     run, nb = done_run
     before = record(client, run)
-    subj = client.aclient.L.history_subject(run)
+    subj = client.aclient.L.history_subject(run, "TaskStarted")   # a subject workers may use
     for what, body, why in HISTORY_GARBAGE:
         marker = "m" + secrets.token_hex(6)
         _publish_raw(client, subj, body.replace("MARK", marker).replace("RUN", run).encode())
@@ -320,7 +320,8 @@ def _event_for_unknown_run(client) -> tuple[str, str]:
     marker = "m" + secrets.token_hex(6)
     body = {"v": 1, "type": "TaskSucceeded", "run": ghost, "key": "a", "attempt": 1,
             "ts": time.time(), "worker": marker}
-    _publish_raw(client, client.aclient.L.history_subject(ghost), json.dumps(body).encode())
+    _publish_raw(client, client.aclient.L.history_subject(ghost, "TaskSucceeded"),
+                 json.dumps(body).encode())
     return ghost, marker
 
 

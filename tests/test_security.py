@@ -9,10 +9,11 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 
 import pytest
 
-from support import wait_for
+from support import check_replay, wait_for
 from nbhelpers import write_notebook
 
 from nbflow import stack
@@ -133,14 +134,17 @@ def test_a_worker_cannot_submit_approve_overwrite_or_start(embedded, owner, awai
         with pytest.raises(infra.PermissionDenied, match="decide"):
             w._call(infra.guarded(w.aclient.nc, ask_the_decide_service()))
 
-        # history is open to workers (their results): a RunStarted they publish is not a run
+        # workers publish only their tasks' result kinds: RunStarted is refused by nats-server,
+        # and a RunStarted sent on a subject workers may use is not a run either
         fake = "fakerun1"
         ev = make("RunStarted", fake, wf=st.wf, params={}, by="worker")
 
-        async def start_directly():
-            return await w.aclient.js.publish(w.aclient.L.history_subject(fake), ev.encode(),
-                                              headers={MSG_ID: f"start.{fake}"})
-        assert w._call(start_directly()).seq > 0
+        async def start_directly(kind):
+            return await w.aclient.js.publish(w.aclient.L.history_subject(fake, kind),
+                                              ev.encode(), headers={MSG_ID: f"start.{fake}"})
+        with pytest.raises(infra.PermissionDenied, match="history"):
+            w._call(infra.guarded(w.aclient.nc, start_directly("RunStarted")))
+        assert w._call(start_directly("TaskStarted")).seq > 0
     wait_for(lambda: _dead_lettered(owner, fake), 60, "the engine to refuse the forged start")
     with pytest.raises(NbflowError, match="no run"):
         owner.status(fake)
@@ -159,6 +163,117 @@ def _dead_lettered(c, run) -> bool:
                 return True
             seq = m.seq + 1
     return c._call(read())
+
+
+def _dead_letters_of(c, run) -> list[dict]:
+    async def read():
+        L, seq, out = c.aclient.L, 1, []
+        while True:
+            try:
+                m = await c.aclient.js.get_msg(L.deadletter_stream, seq=seq, next=True)
+            except Exception:  # noqa: BLE001 - no more
+                return out
+            rec = json.loads(m.data)
+            if f'"run":"{run}"' in rec.get("data", ""):
+                out.append(rec)
+            seq = m.seq + 1
+    return c._call(read())
+
+
+def _forge(w, run, ev, kind, msg_id):
+    async def go():
+        return await w.aclient.js.publish(w.aclient.L.history_subject(run, kind), ev.encode(),
+                                          headers={MSG_ID: msg_id})
+    return w._call(infra.guarded(w.aclient.nc, go()))
+
+
+def test_a_worker_publishes_only_its_result_kinds_and_cannot_block_the_engines_events(
+        embedded, owner, tmp_path):
+    """A worker-role connection sends RunFinished, TimerFired, RunStarted, CancelRequested,
+    ApprovalDecided and SignalSent: on their own subjects nats-server refuses them; on a subject
+    workers may use (TaskStarted), with the message id the genuine event would have had, each
+    is dead-lettered and removed — and every genuine event still lands: the sleep's timer
+    fires, the approval and signal count, the run finishes once."""
+    _, url = embedded
+    nb = write_notebook(tmp_path / "kinds.ipynb", [
+        "%%task nap --sleep 4s\nx = 1",
+        '%%task publish --approval "Publish?"\ny = x + 1',
+        "%%task show --wait-signal go\nprint(y, go)",
+    ])
+    with SyncClient(url, user="worker") as w:
+        run = owner.submit(str(nb), {})
+        wf = owner.history(run)[0]["wf"]
+        forged = [
+            (make("RunFinished", run, state="failed"), f"finished.{run}"),
+            (make("TimerFired", run, timer=f"{run}.sleep.nap", kind="sleep", key="nap"),
+             f"timer.{run}.sleep.nap"),
+            (make("RunStarted", run, wf=wf, params={"evil": 1}, by="mallory"), f"again.{run}"),
+            (make("CancelRequested", run, by="mallory"), f"cancel.{run}"),
+            (make("ApprovalDecided", run, node="publish", approved=True, by="mallory"),
+             f"approval.{run}.publish"),
+            (make("SignalSent", run, name="go", value=666, by="mallory"), f"signal.{run}.go"),
+        ]
+        for ev, mid in forged:
+            with pytest.raises(infra.PermissionDenied, match="history"):
+                _forge(w, run, ev, ev.type, mid)
+            assert not _forge(w, run, ev, "TaskStarted", mid).duplicate
+    wait_for(lambda: len(_dead_letters_of(owner, run)) >= len(forged), 60,
+             "the engine to dead-letter every forgery")
+    assert {json.loads(d["data"])["type"] for d in _dead_letters_of(owner, run)} == \
+        {ev.type for ev, _ in forged}
+    # the genuine events were not dropped as duplicates of the forgeries
+    wait_for(lambda: owner.status(run).nodes["publish"].state == "awaiting_approval", 120,
+             "the sleep's timer to fire and the run to await approval")
+    owner.approve(run, "publish", True)
+    wait_for(lambda: owner.status(run).nodes["show"].state == "waiting_signal", 120,
+             "the run to wait for its signal")
+    owner.signal(run, "go", 7)
+    st = owner.wait(run, timeout=120)
+    assert st.state == "succeeded"
+    hist = owner.history(run)
+    assert [e["state"] for e in hist if e.type == "RunFinished"] == ["succeeded"]
+    assert [e.get("value") for e in hist if e.type == "SignalSent"] == [7]
+    assert "mallory" not in json.dumps([e.to_dict() for e in hist])
+    assert sum(e.type == "RunStarted" for e in hist) == 1
+    check_replay(owner, run)
+
+
+def test_cancel_records_the_authenticated_user_and_a_forged_cancel_neither_cancels_nor_blocks(
+        embedded, owner, tmp_path):
+    """Cancel goes through the engine's decide service: the CLI, as the stack's owner, cancels;
+    the CancelRequested event names the NATS user; a worker's forged cancel (with the id the
+    genuine one would have had) changes nothing; --as cannot claim another user; a viewer may
+    not cancel."""
+    d, url = embedded
+    stack.add_user("carol", ["author"])
+    nb = approval_notebook(tmp_path / "cancel.ipynb")
+    with SyncClient(url, user="carol") as carol, SyncClient(url, user="worker") as w, \
+            SyncClient(url, user="viewer") as v:
+        run = carol.submit(str(nb), {})
+        wait_for(lambda: carol.status(run).nodes["publish"].state == "awaiting_approval", 120,
+                 "the run to await approval")
+        ev = make("CancelRequested", run, by="mallory")
+        with pytest.raises(infra.PermissionDenied, match="history"):
+            _forge(w, run, ev, "CancelRequested", f"cancel.{run}")
+        assert not _forge(w, run, ev, "TaskStarted", f"cancel.{run}").duplicate
+        wait_for(lambda: _dead_letters_of(owner, run), 60, "the forged cancel's dead letter")
+        assert carol.status(run).state == "running"
+        with pytest.raises(NbflowError, match="permission denied.*viewer"):
+            v.cancel(run)
+        with pytest.raises(NbflowError, match="cannot claim another identity"):
+            carol.cancel(run, by="the-ceo")
+        assert carol.status(run).state == "running"
+        r = subprocess.run([sys.executable, "-m", "nbflow", "cancel", run], capture_output=True,
+                           text=True, env={**os.environ, "NBFLOW_HOME": str(d)}, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        st = carol.wait(run, timeout=120)
+        assert st.state == "cancelled"
+        cancels = [e for e in carol.history(run) if e.type == "CancelRequested"]
+        owner_name = json.loads((d / "credentials.json").read_text())["owner"]
+        assert [e["by"] for e in cancels] == [owner_name]
+        with pytest.raises(NbflowError, match="already cancelled"):
+            carol.cancel(run)
+        check_replay(carol, run)
 
 
 def test_a_viewer_reads_but_cannot_submit_approve_or_signal(embedded, awaiting_run):

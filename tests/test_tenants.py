@@ -168,7 +168,7 @@ def test_a_worker_user_cannot_forge_an_approval_on_history(accounts):
     ev = make("ApprovalDecided", run, node="publish", approved=True, by="forged")
 
     async def publish():
-        return await w.aclient.js.publish(w.aclient.L.history_subject(run), ev.encode(),
+        return await w.aclient.js.publish(w.aclient.L.history_subject(run, ev.type), ev.encode(),
                                           headers={MSG_ID: f"forged.{run}"})
     ack = w._call(publish())
 
@@ -202,7 +202,7 @@ def test_a_forged_decision_with_the_genuine_message_id_neither_decides_nor_block
     ev = make("ApprovalDecided", run, node="publish", approved=True, by="ceo@corp")
 
     async def publish():
-        return await w.aclient.js.publish(w.aclient.L.history_subject(run), ev.encode(),
+        return await w.aclient.js.publish(w.aclient.L.history_subject(run, ev.type), ev.encode(),
                                           headers={MSG_ID: f"approval.{run}.publish"})
     ack = w._call(publish())
     assert not ack.duplicate

@@ -62,6 +62,10 @@ _SPEC: dict[str, dict[str, tuple[Any, bool]]] = {
 }
 
 EVENT_TYPES = tuple(_SPEC)
+# who may publish which kinds to history (the subject carries the kind; nats/auth.py turns this
+# into nats-server permissions); every other kind is the engine's alone
+WORKER_EVENTS = ("TaskStarted", "TaskSucceeded", "TaskFailed", "TaskSkipped")
+AUTHOR_EVENTS = ("RunStarted",)
 
 
 @dataclass

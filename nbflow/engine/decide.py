@@ -1,11 +1,14 @@
-"""The engine's decide service: approvals and signals, with an identity nobody can forge.
+"""The engine's decide service: approvals, signals and cancels, with an identity nobody can
+forge.
 
-A person asks on ``<root>.decide.<user>.approve`` (or ``.signal``); nats-server lets each user
-publish only under its own name (the stack's and the template's permissions), so the decider
-is the ``<user>`` token of the subject — never a field of the payload. The engine then checks
-the approval record's single-use token, records the decision in the approvals bucket with
-compare-and-set, and publishes ``ApprovalDecided`` with a message id that carries a fresh
-decision id: an event forged earlier on history can never occupy the genuine one's id.
+A person asks on ``<root>.decide.<user>.approve`` (or ``.signal``, ``.cancel``); nats-server
+lets each user publish only under its own name (the stack's and the template's permissions),
+so the decider is the ``<user>`` token of the subject — never a field of the payload. The
+engine then checks the approval record's single-use token, records the decision in the
+approvals bucket with compare-and-set, and publishes ``ApprovalDecided`` with a message id
+that carries a fresh decision id. Only the engine may publish these kinds to history, under
+message ids keyed with its secret (Engine.msg_id): a forged event can neither decide nor
+occupy the genuine one's id.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import secrets
 import time
 from typing import Any
 
-from nbflow.core.events import approval_msg_id, make, signal_msg_id
+from nbflow.core.events import approval_msg_id, cancel_msg_id, make, signal_msg_id
+from nbflow.errors import NotFound
 from nbflow.nats.layout import MSG_ID, SIGNAL_NAME_RE
 
 log = logging.getLogger("nbflow.engine")
@@ -46,6 +50,8 @@ class DecideService:
                 out = await self.approve(user, req)
             elif what == "signal":
                 out = await self.signal(user, req)
+            elif what == "cancel":
+                out = await self.cancel(user, req)
             else:
                 out = {"error": f"unknown decide request {what!r}", "kind": "bad_request"}
         except Exception as e:  # noqa: BLE001 - the requester gets the reason, not a timeout
@@ -94,8 +100,8 @@ class DecideService:
     async def _publish(self, run: str, node: str, rec: dict) -> None:
         ev = make("ApprovalDecided", run, node=node, approved=rec["state"] == "approved",
                   by=rec["by"], comment=rec.get("comment") or None, decision=rec["decision"])
-        await self.e.js.publish(self.L.history_subject(run), ev.encode(),
-                                headers={MSG_ID: approval_msg_id(run, node, rec["decision"])})
+        await self.e.js.publish(self.L.history_subject(run, ev.type), ev.encode(), headers={
+            MSG_ID: self.e.msg_id(approval_msg_id(run, node, rec["decision"]))})
 
     # --- signals ------------------------------------------------------------------------------
     async def signal(self, user: str, req: dict) -> dict[str, Any]:
@@ -112,8 +118,32 @@ class DecideService:
         await self.signals_kv.put(f"{run}.{name}", json.dumps(
             {"value": value, "by": user, "at": time.time()}).encode())
         ev = make("SignalSent", run, name=name, value=value, by=user)
-        await self.e.js.publish(self.L.history_subject(run), ev.encode(),
-                                headers={MSG_ID: signal_msg_id(run, name)})
+        await self.e.js.publish(self.L.history_subject(run, ev.type), ev.encode(),
+                                headers={MSG_ID: self.e.msg_id(signal_msg_id(run, name))})
+        return {"ok": True}
+
+    # --- cancel -------------------------------------------------------------------------------
+    async def cancel(self, user: str, req: dict) -> dict[str, Any]:
+        """Record ``CancelRequested`` by the authenticated user. Only the engine may publish
+        that kind to history (nats-server permissions), under a message id nobody else can
+        occupy, so a forged cancel neither cancels nor blocks this one."""
+        run = str(req.get("run", ""))
+        if not run:
+            return {"error": "no run named", "kind": "bad_request"}
+        st, _ = await self.e.load_snapshot(run)
+        if st is None:             # just submitted (no snapshot yet): its start is recorded
+            try:
+                await self.e.defs_kv.get(f"start.{run}")
+            except NotFound:
+                return {"error": f"no run {run!r}", "kind": "not_found"}
+        elif st.is_final:
+            return {"error": f"run {run} is already {st.state}", "kind": "final",
+                    "state": st.state}
+        reason = req.get("reason")
+        ev = make("CancelRequested", run, by=user,
+                  reason=str(reason) if reason else None)
+        await self.e.js.publish(self.L.history_subject(run, ev.type), ev.encode(),
+                                headers={MSG_ID: self.e.msg_id(cancel_msg_id(run))})
         return {"ok": True}
 
 

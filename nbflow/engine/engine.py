@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -92,6 +93,7 @@ class Engine:
         self.defs_kv = await KV.open(self.js, self.L.defs_bucket, role="engine")
         self.approvals_kv = await KV.open(self.js, self.L.approvals_bucket, role="engine")
         self.fps_kv = await KV.open(self.js, self.L.fps_bucket, role="engine")
+        self._mid_key = await _message_id_key(self.js, self.L)
         self.history_sub = await self.js.pull_subscribe(
             self.L.history_wildcard, durable=self.L.engine_consumer,
             stream=self.L.history_stream,
@@ -129,7 +131,7 @@ class Engine:
                 continue
             by_run: dict[str, list] = {}
             for m in msgs:
-                by_run.setdefault(m.subject.rsplit(".", 1)[-1], []).append(m)
+                by_run.setdefault(self.L.history_run(m.subject), []).append(m)
             hb = asyncio.create_task(self._keep_alive(msgs))
             try:
                 await asyncio.gather(*(self._guarded(run, ms) for run, ms in by_run.items()))
@@ -172,8 +174,9 @@ class Engine:
                     ev = decode(m.data)
                     ev.ts = time.time()     # it went off now (it was made when it was set)
                     tid = ev["timer"]
-                    await self.streams.publish(self.L.history_subject(ev.run), ev.encode(),
-                                               headers={MSG_ID: timer_msg_id(tid)})
+                    await self.streams.publish(self.L.history_subject(ev.run, ev.type),
+                                               ev.encode(),
+                                               headers={MSG_ID: self.msg_id(timer_msg_id(tid))})
                     await m.ack()
                 except BadMessage as e:
                     await self.dead_letter(m, f"timer message: {e}")
@@ -190,9 +193,17 @@ class Engine:
         good: list[tuple[Any, Event]] = []
         for m in msgs:
             try:
-                good.append((m, decode(m.data, seq=m.metadata.sequence.stream)))
+                ev = decode(m.data, seq=m.metadata.sequence.stream)
             except BadMessage as e:
                 await self.dead_letter(m, str(e))
+                continue
+            if self.L.history_kind(m.subject) != ev.type:
+                await self._forged(ev, f"{ev.type} published on the subject of "
+                                       f"{self.L.history_kind(m.subject)} events (its publisher "
+                                       f"may not send {ev.type})")
+                await m.ack()
+                continue
+            good.append((m, ev))
         if not good:
             return
         for _ in range(20):
@@ -245,7 +256,9 @@ class Engine:
             if raw.seq >= before:
                 break
             try:
-                out.append(decode(raw.data, seq=raw.seq))
+                ev = decode(raw.data, seq=raw.seq)
+                if raw.subject is None or self.L.history_kind(raw.subject) == ev.type:
+                    out.append(ev)            # (else forged: dead-lettered when delivered)
             except BadMessage:
                 pass                          # was dead-lettered when it was delivered
             seq = raw.seq + 1
@@ -347,8 +360,8 @@ class Engine:
                 log.info("run %s %s", st.run, c["state"])
                 ev = make("RunFinished", st.run, state=c["state"])
                 futs.append(await self.streams.publish_async(
-                    self.L.history_subject(st.run), ev.encode(),
-                    headers={MSG_ID: finished_msg_id(st.run)}))
+                    self.L.history_subject(st.run, ev.type), ev.encode(),
+                    headers={MSG_ID: self.msg_id(finished_msg_id(st.run))}))
         for f in futs:
             if f is not None:
                 await f
@@ -358,8 +371,9 @@ class Engine:
                   attempt=c["attempt"])
         at = c["at"]
         if at <= time.time() + 0.5:      # already due: record it now
-            return await self.streams.publish_async(self.L.history_subject(run), ev.encode(),
-                                                    headers={MSG_ID: timer_msg_id(c["id"])})
+            return await self.streams.publish_async(
+                self.L.history_subject(run, ev.type), ev.encode(),
+                headers={MSG_ID: self.msg_id(timer_msg_id(c["id"]))})
         # message schedules have one-second resolution: round up so we never fire early
         iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(at)))
         tid = c["id"].replace(".", "_")
@@ -367,6 +381,22 @@ class Engine:
             self.L.timer_schedule_subject(tid), ev.encode(),
             headers={SCHEDULE: f"@at {iso}", SCHEDULE_TARGET: self.L.timer_fire_subject(tid),
                      MSG_ID: timer_schedule_msg_id(c["id"])})
+
+    def msg_id(self, base: str) -> str:
+        """The ``Nats-Msg-Id`` of an event only the engine publishes: deterministic (a redone
+        step is deduplicated) yet unguessable, so that nobody else can publish a message with
+        it first and have the genuine event dropped as a duplicate (message ids are per stream,
+        not per subject, and workers and authors publish to the history stream too)."""
+        return f"{base}.{hmac.new(self._mid_key, base.encode(), 'sha256').hexdigest()[:20]}"
+
+    async def _forged(self, ev: Event, why: str) -> None:
+        """An event its publisher may not produce: dead-lettered and removed from the history
+        (readers replaying the run must not see it either); never applied."""
+        await self._dead_letter_raw(self.L.history_subject(ev.run, ev.type), ev.encode(), why)
+        try:
+            await self.streams.delete_msg(self.L.history_stream, ev.seq)
+        except NotFound:         # already deleted by another engine
+            pass
 
     async def _decision_recorded(self, ev: Event) -> bool:
         """An approval counts only when the decide service recorded it (authenticated decider,
@@ -461,6 +491,27 @@ class Engine:
         mid = "dl." + hashlib.sha256(where.encode() + b"\0" + data).hexdigest()[:32]
         await self.streams.publish(self.L.dead_letter_subject(), json.dumps(record).encode(),
                                    headers={MSG_ID: mid})
+
+
+async def _message_id_key(js, L: Layout) -> bytes:
+    """The engines' shared secret for :meth:`Engine.msg_id`, in a bucket only engines can read
+    (created by the first engine; another engine racing it reads the winner's)."""
+    try:
+        kv = await js.key_value(L.engine_bucket)
+    except Exception:  # noqa: BLE001 - not there yet (a failed read raises again below)
+        from nats.js.api import KeyValueConfig, StorageType
+
+        try:
+            kv = await js.create_key_value(KeyValueConfig(
+                bucket=L.engine_bucket, history=1, storage=StorageType.FILE,
+                description="nbflow engine-only state (never readable by other roles)"))
+        except Exception:  # noqa: BLE001 - another engine created it meanwhile
+            kv = await js.key_value(L.engine_bucket)
+    try:
+        await kv.create("msgid-key", secrets.token_hex(32).encode())
+    except Exception:  # noqa: BLE001 - exists (or another engine won the race): read it
+        pass
+    return (await kv.get("msgid-key")).value
 
 
 async def serve(url: str, namespace: str = "", replicas: int | None = None,

@@ -4,18 +4,25 @@ Roles (the same in the embedded stack and in the cluster template, docs/nats-rol
 
 - ``engine``   everything nbflow does in its namespace: history, tasks, snapshots, timers,
                schedules, approvals; it answers the decide service.
-- ``worker``   pulls tasks, publishes result events to history, writes artifacts and its
-               heartbeat; cannot write definitions, run snapshots, approvals or signals.
-- ``author``   submits runs (definitions, the notebook folder's bundle, RunStarted), cancels
-               and retries, reads everything in its namespace, sends signals through the
+- ``worker``   pulls tasks, publishes its tasks' result events to history (only the kinds
+               TaskStarted/TaskSucceeded/TaskFailed/TaskSkipped: the history subject carries
+               the event kind), writes artifacts and its heartbeat; cannot write definitions,
+               run snapshots, approvals or signals, nor publish any other event kind.
+- ``author``   submits runs (definitions, the notebook folder's bundle, RunStarted), retries,
+               reads everything in its namespace, sends signals and cancels through the
                decide service.
 - ``approver`` decides approvals (and sends signals) through the decide service; reads.
 - ``viewer``   reads only.
 - ``delegate`` decides on behalf of users it authenticated itself (the runs console, which
-               records the signed-in Jupyter user): may publish ``decide.*.approve``.
+               records the signed-in Jupyter user): may publish ``decide.*.approve`` (and
+               ``.signal``, ``.cancel``).
 
-Decisions (approvals, signals) are requests on ``<root>.decide.<user>.…``; a user may publish
-only under its own name, so the engine takes the decider from the subject, never the payload.
+Only the engine publishes the other event kinds (RunFinished, TimerFired, ApprovalDecided,
+SignalSent, CancelRequested), under message ids keyed with a secret in an engine-only bucket,
+so no other role can occupy a genuine event's id (JetStream deduplicates per stream).
+
+Decisions (approvals, signals, cancels) are requests on ``<root>.decide.<user>.…``; a user may
+publish only under its own name, so the engine takes the decider from the subject, never the payload.
 
 Credentials of the embedded stack are per-user passwords in ``credentials.json`` in the data
 dir (dir 0700, file 0600). The server config holds the same passwords in clear text (0600 too):
@@ -31,6 +38,7 @@ import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
+from nbflow.core.events import AUTHOR_EVENTS, WORKER_EVENTS
 from nbflow.nats.layout import Layout
 
 ROLES = ("engine", "worker", "author", "approver", "viewer", "delegate")
@@ -185,16 +193,18 @@ def role_permissions(role: str, L: Layout, user: str) -> tuple[list[str], list[s
     if role == "approver":
         pub += [L.decide_subject(user, "approve"), L.decide_subject(user, "signal")]
     if role == "author":
-        pub += [L.decide_subject(user, "signal")]
+        pub += [L.decide_subject(user, "signal"), L.decide_subject(user, "cancel")]
     if role == "delegate":
-        pub += [L.decide_subject("*", "approve"), L.decide_subject("*", "signal")]
+        pub += [L.decide_subject("*", what) for what in ("approve", "signal", "cancel")]
     if role == "author":
         # definitions, and the notebook folder's bundle in the object store (so authors, like
         # workers, can write artifacts: see the pickle trust model in the README)
-        pub += [L.history_subject("*"), f"$KV.{L.defs_bucket}.>", f"$O.{L.artifacts_store}.>"]
+        pub += [L.history_subject("*", k) for k in AUTHOR_EVENTS]
+        pub += [f"$KV.{L.defs_bucket}.>", f"$O.{L.artifacts_store}.>"]
     if role == "worker":
         t = S["tasks"]
-        pub += [L.history_subject("*"), L.dead_letter_subject(),
+        pub += [L.history_subject("*", k) for k in WORKER_EVENTS]
+        pub += [L.dead_letter_subject(),
                 f"$JS.API.CONSUMER.DURABLE.CREATE.{t}.>", f"$JS.API.CONSUMER.MSG.NEXT.{t}.>",
                 f"$JS.ACK.{t}.>", f"$KV.{L.workers_bucket}.>",
                 f"$O.{L.artifacts_store}.>", f"$JS.API.STREAM.PURGE.{S['artifacts']}"]

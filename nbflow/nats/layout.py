@@ -112,9 +112,26 @@ class Layout:
     def artifacts_store(self) -> str:
         return f"nbflow_artifacts{self._sfx}"
 
+    @property
+    def engine_bucket(self) -> str:
+        """Engine-only KV (no other role may read it): the key of the engine's message ids."""
+        return f"nbflow_engine{self._sfx}"
+
     # --- subjects -----------------------------------------------------------------------------
-    def history_subject(self, run: str = "*") -> str:
-        return f"{self._subj}.history.{run}"
+    def history_subject(self, run: str = "*", kind: str = "*") -> str:
+        """One subject per run and event kind: ``<root>.history.<run>.<kind>``. nats-server
+        lets each role publish only the kinds it produces (a worker: its tasks' results; an
+        author: RunStarted; the rest only the engine), and the engine dead-letters an event
+        whose type is not its subject's kind. ``history_subject(run)`` matches all of a run."""
+        return f"{self._subj}.history.{run}.{kind}"
+
+    def history_run(self, subject: str) -> str:
+        """The run of a history subject."""
+        return subject.rsplit(".", 2)[-2]
+
+    def history_kind(self, subject: str) -> str:
+        """The event kind of a history subject (what its publisher was allowed to send)."""
+        return subject.rsplit(".", 1)[-1]
 
     def task_subject(self, queue: str = "*", run: str = "*") -> str:
         """Tasks of one run on one queue: workers filter by queue, cancel purges by run."""
@@ -153,7 +170,7 @@ class Layout:
 
     @property
     def history_wildcard(self) -> str:
-        return f"{self._subj}.history.*"
+        return f"{self._subj}.history.*.*"
 
     @property
     def timers_wildcard(self) -> str:

@@ -78,17 +78,17 @@ class NoopWorker:
                 await m.term()            # not a task: the real worker dead-letters it
                 continue
             run, key, attempt = t.run, t.key, t.attempt
-            subj = self.L.history_subject(run)
             now = time.time()
             if self.started:
                 ev = make("TaskStarted", run, ts=now, key=key, attempt=attempt, worker=self.name)
                 futs.append(await self.js.publish_async(
-                    subj, ev.encode(), headers={MSG_ID: started_msg_id(run, key, attempt,
-                                                             m.metadata.num_delivered)}))
+                    self.L.history_subject(run, ev.type), ev.encode(),
+                    headers={MSG_ID: started_msg_id(run, key, attempt, m.metadata.num_delivered)}))
             ev = make("TaskSucceeded", run, ts=now, key=key, attempt=attempt, outputs={},
                       exec_s=0.0, duration=0.0, worker=self.name)
             futs.append(await self.js.publish_async(
-                subj, ev.encode(), headers={MSG_ID: done_msg_id(run, key, attempt)}))
+                self.L.history_subject(run, ev.type), ev.encode(),
+                headers={MSG_ID: done_msg_id(run, key, attempt)}))
             todo.append(m)
         for f in futs:
             await f                       # raises if JetStream did not store it: no ack then

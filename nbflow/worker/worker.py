@@ -206,7 +206,7 @@ class Worker:
         delay, failures = 0.2, 0
         while True:
             try:
-                ack = await self.streams.publish(self.L.history_subject(ev.run), ev.encode(),
+                ack = await self.streams.publish(self.L.history_subject(ev.run, ev.type), ev.encode(),
                                                  headers={MSG_ID: msg_id})
                 if failures:
                     log.info("JetStream reachable again: %s for run %s %s recorded after %.0f s",
