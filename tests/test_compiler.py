@@ -390,13 +390,58 @@ def test_in_place_change_of_an_upstream_value_warns_how_to_rebind():
     assert "changes 'rows' in place (`rows.append(1)`)" in text and "Rebind it" in text
 
 
-def test_a_file_written_and_read_with_no_order_is_a_warning_naming_both():
-    wf = _compile(["%%task write\nimport pandas as pd\npd.DataFrame().to_csv('out/x.csv')",
-                   "%%task read\nimport pandas as pd\nd = pd.read_csv('out/x.csv')"])
+def test_a_file_handed_over_by_absolute_path_orders_the_tasks_with_a_dashed_edge():
+    from nbflow.compiler.render import to_dot
+
+    # the reader comes first in the notebook: without the inferred edge both would be roots
+    wf = _compile(["%%task read\nimport pandas as pd\nd = pd.read_csv('/data/x.csv')\n"
+                   "t = open('/data/y.txt').read()",
+                   "%%task write\nimport pandas as pd\npd.DataFrame().to_csv('/data/x.csv')\n"
+                   "open('/data/y.txt', 'w').write('1')"])
+    assert wf.warnings == []
+    inferred = [e for e in wf.edges if e.files]
+    assert [(e.source, e.target, e.files) for e in inferred] == \
+        [("write", "read", ["/data/x.csv", "/data/y.txt"])]
+    assert wf.predecessors("read") == ["write"] and wf.successors("write") == ["read"]
+    assert wf.predecessors("write") == ["start"] and wf.successors("read") == ["end"]
+    assert wf.notes == ["task 'read' (cell 1 `%%task read`) runs after task 'write' (cell 2 "
+                        "`%%task write`): it reads '/data/x.csv', '/data/y.txt', which 'write' "
+                        "writes (an order inferred from the file; `nbflow show` draws it dashed)"]
+    line = next(ln for ln in to_dot(wf).splitlines() if '"write" -> "read"' in ln)
+    assert 'style=dashed' in line and "file /data/x.csv" in line
+    assert not any('dashed' in ln for ln in to_dot(wf).splitlines() if "->" in ln
+                   and '"write" -> "read"' not in ln)
+    # the IR keeps it (JSON round trip); a workflow without one keeps its old hash (no key)
+    from nbflow.core.ir import Workflow
+    assert [e.files for e in Workflow.from_json(wf.to_json()).edges if e.files] == \
+        [["/data/x.csv", "/data/y.txt"]]
+    plain = _compile(["%%task a\nx = 1", "%%task b\ny = x"])
+    assert all("files" not in e for e in plain.to_dict()["edges"]) and plain.notes == []
+
+
+def test_a_file_hand_off_that_would_be_a_cycle_is_a_warning_naming_both():
+    wf = _compile(["%%task read\nt = open('/data/x.txt').read()\nn = 1",
+                   "%%task write\nopen('/data/x.txt', 'w').write(str(n))"])
+    assert not any(e.files for e in wf.edges) and wf.notes == []
     assert len(wf.warnings) == 1
     w = wf.warnings[0]
-    assert "task 'read' (cell 2" in w and "reads 'out/x.csv'" in w and "task 'write' (cell 1" in w
-    assert "--after write" in w
-    ok = _compile(["%%task write\nopen('x.txt', 'w').write('1')",
-                   "%%task read --after write\nt = open('x.txt').read()"])
-    assert ok.warnings == []
+    assert "task 'read' (cell 1" in w and "reads '/data/x.txt'" in w and "task 'write' (cell 2" in w
+    assert "'write' runs after 'read'" in w
+    # already ordered by data: nothing to infer, nothing to say
+    ok = _compile(["%%task write\nopen('/data/x.txt', 'w').write('1')\nn = 1",
+                   "%%task read\nt = open('/data/x.txt').read() * n"])
+    assert ok.warnings == [] and ok.notes == [] and not any(e.files for e in ok.edges)
+
+
+def test_a_relative_file_hand_off_warns_that_it_cannot_work_and_how_to_fix_it():
+    for reader in ("%%task read\nimport pandas as pd\nd = pd.read_csv('out/x.csv')",
+                   "%%task read --after write\nimport pandas as pd\nd = pd.read_csv('out/x.csv')"):
+        wf = _compile(["%%task write\nimport pandas as pd\npd.DataFrame().to_csv('out/x.csv')",
+                       reader])
+        assert not any(e.files for e in wf.edges) and wf.notes == []
+        assert len(wf.warnings) == 1
+        w = wf.warnings[0]
+        assert "task 'read' (cell 2" in w and "reads 'out/x.csv'" in w and "task 'write' (cell 1" in w
+        assert "relative path cannot hand a file from one task to another" in w
+        assert "own copy of the notebook's folder" in w
+        assert "absolute path (e.g. /data/out/x.csv)" in w and "as a variable" in w

@@ -115,3 +115,31 @@ def test_retry_says_when_the_file_is_gone_or_broken(on_stack, tmp_path):
     r = nbflow("retry", failed, env=on_stack)
     assert r.returncode == 2 and "which is gone" in r.stderr and "--same-code" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_file_handed_from_task_to_task(on_stack, tmp_path):
+    """An absolute path one task writes and another reads orders them (the reader is above the
+    writer in the notebook, so without the inferred edge it would run first and find no file);
+    a relative one cannot work across tasks, and the warning says so before the run."""
+    shared, log = tmp_path / "shared", tmp_path / "got.log"
+    shared.mkdir()
+    hand = str(shared / "hand.txt")
+    nb = write_notebook(tmp_path / "project" / "files.ipynb", [
+        f"%%task read\ngot = open({hand!r}).read()\nopen({str(log)!r}, 'a').write(got)",
+        f"%%task write\nopen({hand!r}, 'w').write(str(n))",
+    ], params="n = 3")
+    r = nbflow("run", str(nb), "-p", "n", "7", env=on_stack)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note: task 'read' (cell 2 `%%task read`) runs after task 'write'" in r.stderr
+    assert "warning" not in r.stderr
+    assert log.read_text() == "7"                    # read what write wrote in this run
+
+    rel = write_notebook(tmp_path / "project2" / "rel.ipynb", [
+        "%%task write\nopen('hand.txt', 'w').write('1')",
+        f"%%task read --after write\ngot = open('hand.txt').read()\nopen({str(log)!r}, 'a').write(got)",
+    ])
+    r = nbflow("run", str(rel), env=on_stack)
+    assert "relative path cannot hand a file from one task to another" in r.stderr, r.stderr
+    # and indeed: the write landed in write's own copy of the folder, gone when it ended
+    assert r.returncode == 1 and "FileNotFoundError" in r.stdout, r.stdout
+    assert log.read_text() == "7" and not (rel.parent / "hand.txt").exists()

@@ -38,10 +38,12 @@ def main():
 # --- compiler --------------------------------------------------------------------------------
 
 def _load_workflow(path: str):
-    """Compile; print the compiler's warnings (each names its cells) to stderr."""
+    """Compile; print the compiler's notes and warnings (each names its cells) to stderr."""
     from nbflow.compiler import compile_file
 
     wf = compile_file(path)
+    for n in getattr(wf, "notes", []):
+        click.echo(f"note: {n}", err=True)
     for w in getattr(wf, "warnings", []):
         click.secho(f"warning: {w}", fg="yellow", err=True)
     return wf

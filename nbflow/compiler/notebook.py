@@ -122,7 +122,8 @@ def _cells_of(source: Any) -> tuple[list[Any], str, str | None]:
 
 def compile_notebook(source: Any, *, name: str | None = None) -> Workflow:
     """Compile a notebook (path, NotebookNode/dict or list of cells) into a validated Workflow.
-    Warnings (sentences naming cells) are in ``wf.warnings``."""
+    Warnings (sentences naming cells) are in ``wf.warnings``; ``wf.notes`` says which orders
+    were inferred from files one task writes and another reads (:func:`file_handoffs`)."""
     cells, default_name, path = _cells_of(source)
     parsed = parse_notebook_cells(cells)
     if not parsed.tasks:
@@ -130,7 +131,9 @@ def compile_notebook(source: Any, *, name: str | None = None) -> Workflow:
         raise WorkflowError(where_ + NO_TASKS)
     check_setup_reads(parsed)
     wf = build_workflow(parsed, name=name or default_name, source=path)
-    wf.warnings = lint(parsed, wf)        # not part of the IR (nor of its content hash)
+    # not part of the IR (nor of its content hash): sentences naming cells
+    wf.notes, handoff_warnings = file_handoffs(parsed, wf)
+    wf.warnings = lint(parsed, wf) + handoff_warnings
     return wf
 
 
@@ -157,10 +160,10 @@ def check_setup_reads(parsed: ParsedNotebook) -> None:
 
 
 def lint(parsed: ParsedNotebook, wf: Workflow) -> list[str]:
-    """Compile-time warnings: names nothing assigns, in-place changes of upstream values, files
-    one task writes and another reads with no order between them."""
+    """Compile-time warnings: names nothing assigns, in-place changes of upstream values (files
+    handed from task to task: :func:`file_handoffs`)."""
     from nbflow.compiler.cells import parse_python
-    from nbflow.compiler.names import KERNEL_NAMES, in_place_changes, literal_files
+    from nbflow.compiler.names import KERNEL_NAMES, in_place_changes
 
     out: list[str] = []
     assigned = set(parsed.param_names) | parsed.setup_names | BUILTIN_NAMES | KERNEL_NAMES
@@ -170,7 +173,6 @@ def lint(parsed: ParsedNotebook, wf: Workflow) -> list[str]:
         for x in sorted(reads - assigned):
             out.append(f"{_setup_where(cell, line)} reads {x!r}, which no cell assigns "
                        f"(a typo, or a name from a module nbflow cannot see?)")
-    files: dict[str, tuple[set[str], set[str]]] = {}
     for s in parsed.tasks:
         node = wf.node(s.name)
         own = {v for v in (s.map_var, s.wait_signal) if v}
@@ -191,18 +193,80 @@ def lint(parsed: ParsedNotebook, wf: Workflow) -> list[str]:
                 f"{node.sources[x]!r}: tasks downstream get {node.sources[x]!r}'s {x!r}, not "
                 f"this change. Rebind it instead (e.g. `{x} = {x}.dropna()` or "
                 f"`{x} = {x} + [item]`), then {x!r} is this task's output")
-        files[s.name] = literal_files(tree)
+    return out
+
+
+def shared_path(p: str) -> bool:
+    """A path every task of a run sees the same: absolute, under ``~`` or a URL (s3://...).
+    A relative path resolves in the task's own copy of the notebook's folder (the bundle)."""
+    return os.path.isabs(p) or p.startswith("~") or "://" in p
+
+
+def file_handoffs(parsed: ParsedNotebook, wf: Workflow) -> tuple[list[str], list[str]]:
+    """Tasks that write and read the same literal file path: ``(notes, warnings)``.
+
+    A shared path (absolute, ``~``, URL) written by W and read by R that nothing orders gets an
+    inferred edge W -> R (``Edge.files``; the DAG picture draws it dashed) and a note saying so;
+    when R already runs before W, the edge would be a cycle: a warning names both cells. A
+    relative path cannot hand a file over at all (each task runs in its own copy of the folder
+    and its writes there are discarded when it ends): a warning says so and how to fix it."""
+    from nbflow.compiler.cells import parse_python
+    from nbflow.compiler.names import literal_files
+
+    files: dict[str, tuple[set[str], set[str]]] = {}
+    for s in parsed.tasks:
+        try:
+            files[s.name] = literal_files(parse_python(s.code, f"task {s.name!r}"))
+        except WorkflowError:
+            continue
+    notes: list[str] = []
+    warnings: list[str] = []
+    inferred: dict[tuple[str, str], Edge] = {}
     for w, (written, _) in files.items():
         for r, (_, read) in files.items():
             if w == r:
                 continue
             for p in sorted(written & read):
-                if w in wf.ancestors(r) or r in wf.ancestors(w):
+                W, R = describe(wf.node(w)), describe(wf.node(r))
+                if not shared_path(p):
+                    warnings.append(
+                        f"{R} reads {p!r}, which {W} writes, but a relative path cannot hand a "
+                        f"file from one task to another: each task runs in its own copy of the "
+                        f"notebook's folder, and what it writes there is discarded when it "
+                        f"ends, so {r!r} would read the folder's original or find no file. "
+                        f"Pass the data as a variable (assign it in {w!r}, use it in {r!r}), or "
+                        f"write to an absolute path (e.g. /data/{p.lstrip('./')}): then nbflow "
+                        f"runs {w!r} before {r!r} by itself. (Only `nbflow run --no-bundle`, "
+                        f"on a folder the workers share, keeps relative writes; then add "
+                        f"`--after {w}` to task {r!r}.)")
+                elif w in wf.ancestors(r):
+                    if (w, r) in inferred:
+                        inferred[(w, r)].files.append(p)
                     continue
-                out.append(f"{describe(wf.node(r))} reads {p!r}, which "
-                           f"{describe(wf.node(w))} writes, but nothing orders them: add "
-                           f"`--after {w}` to task {r!r} (or pass the data as a variable)")
-    return out
+                elif r in wf.ancestors(w):
+                    warnings.append(
+                        f"{R} reads {p!r}, which {W} writes, but {w!r} runs after {r!r} (it "
+                        f"depends on it), so {r!r} reads what an earlier run left there. Pass "
+                        f"the data as a variable, or have {r!r} read it in a task after {w!r}")
+                else:
+                    inferred[(w, r)] = _add_order(wf, w, r, p)
+    for (w, r), edge in inferred.items():
+        names = ", ".join(repr(p) for p in edge.files)
+        notes.append(f"{describe(wf.node(r))} runs after {describe(wf.node(w))}: it reads "
+                     f"{names}, which {w!r} writes (an order inferred from the file; "
+                     f"`nbflow show` draws it dashed)")
+    return notes, warnings
+
+
+def _add_order(wf: Workflow, w: str, r: str, path: str) -> Edge:
+    """The inferred edge w -> r, replacing ``start -> r`` and ``w -> end`` (the shape
+    build_workflow emits: start -> roots, leaves -> end)."""
+    wf.edges = [e for e in wf.edges
+                if not ((e.source == "start" and e.target == r) or
+                        (e.source == w and e.target == "end"))]
+    edge = Edge(w, r, files=[path])
+    wf.edges.append(edge)
+    return edge
 
 
 def _node(spec: TaskSpec) -> Node:

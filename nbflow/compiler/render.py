@@ -225,6 +225,11 @@ def to_dot(wf: Workflow, states: dict[str, str] | None = None, title: str | None
             a["label"] = _q(" ".join(parts))
         if e.data:
             a["tooltip"] = _q(", ".join(e.data))
+        if e.files:                  # an order inferred from a file handed over: dashed
+            a["style"] = "dashed"
+            a["label"] = _q(" ".join(parts + ["file " + _short(e.files[0], 30)]
+                                     + (["…"] if len(e.files) > 1 else [])))
+            a["tooltip"] = _q("runs after: it reads " + ", ".join(e.files))
         if e.default:
             a["arrowtail"] = "odot"  # BPMN marks the default flow with a slash at its source
             a["dir"] = "both"

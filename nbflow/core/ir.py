@@ -93,6 +93,8 @@ class Edge:
     data: list[str] = field(default_factory=list)   # names flowing along this edge
     condition: str | None = None                     # on flows out of an exclusive gateway
     default: bool = False                            # the gateway's default flow
+    files: list[str] = field(default_factory=list)  # an order inferred from these file paths
+                                                     # (one task writes, the other reads them)
 
 
 @dataclass
@@ -144,7 +146,11 @@ class Workflow:
 
     # --- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for e in d["edges"]:            # absent unless inferred: older versions keep their hash
+            if not e.get("files"):
+                e.pop("files", None)
+        return d
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True, ensure_ascii=False)

@@ -73,6 +73,8 @@ def compile_current(shell: Any, path: str | None = None, cmd: str = "show") -> W
     from nbflow.compiler import compile_notebook
 
     wf = compile_notebook(path or current_notebook_path(shell, cmd))
+    for n in getattr(wf, "notes", []):
+        print(f"nbflow: note: {n}")
     for w in getattr(wf, "warnings", []):
         print(f"nbflow: warning: {w}")
     return wf

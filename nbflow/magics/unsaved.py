@@ -79,6 +79,8 @@ def compile_as_seen(shell: Any, path: str) -> tuple[Workflow, list[int], list[st
 
     wf = compile_notebook({"cells": cells}, name=os.path.splitext(os.path.basename(path))[0])
     wf.source = path
+    for n in getattr(wf, "notes", []):
+        print(f"nbflow: note: {n}")
     for w in getattr(wf, "warnings", []):
         print(f"nbflow: warning: {w}")
     return wf, changed, missing
