@@ -153,11 +153,24 @@ class Runs:
                   source=workflow.source, name=workflow.name, schedule=schedule,
                   retry_of=retry_of, reuse=reuse or None,
                   fps={k: v for k, v in fps.items() if v and k in _task_ids(workflow)})
-        ack = await self.streams.publish(self.L.history_subject(run, ev.type), ev.encode(),
+        subj = self.L.history_subject(run, ev.type)
+        ack = await self.streams.publish(subj, ev.encode(),
                                          headers={MSG_ID: msg_id or start_msg_id(run)})
-        if ack.duplicate and msg_id:
-            return run          # this start was already recorded (idempotent trigger)
-        return run
+        if ack.duplicate and not await self._holds_start(ack.seq, subj):
+            # message ids are per stream: another role's message (a worker's, on its own
+            # subject) took this predictable id first; record the start under a fresh one
+            await self.streams.publish(subj, ev.encode(), headers={
+                MSG_ID: f"{msg_id or start_msg_id(run)}.{secrets.token_hex(8)}"})
+        return run          # (a genuine duplicate: this start was already recorded)
+
+    async def _holds_start(self, seq: int, subject: str) -> bool:
+        """Whether history message ``seq`` is a RunStarted on ``subject`` (which only authors
+        and the engine may publish to), not a squatter on its message id."""
+        try:
+            raw = await self.streams.get_msg(self.L.history_stream, seq=seq)
+        except NotFound:         # removed: it was dead-lettered as a forgery
+            return False
+        return raw.subject == subject
 
     async def _record_start(self, run: str, wf_hash: str, params: dict) -> None:
         """The start record the engine checks before it starts a run (workers cannot write

@@ -238,6 +238,25 @@ def test_a_worker_publishes_only_its_result_kinds_and_cannot_block_the_engines_e
     check_replay(owner, run)
 
 
+def test_a_worker_squatting_a_scheduled_starts_message_id_does_not_stop_the_run(
+        embedded, owner, tmp_path):
+    """Scheduled and triggered runs start with predictable message ids (sched.NAME.FIRE): a
+    worker publishing first with that id (on a subject it may use) does not make the start look
+    recorded; the run starts anyway."""
+    _, url = embedded
+    nb = approval_notebook(tmp_path / "squat.ipynb")
+    rid, mid = "squatted1", "sched.nightly.2026-12-02T00:00:00Z"
+    with SyncClient(url, user="worker") as w:
+        ev = make("TaskStarted", rid, key="draft", attempt=1, worker="mallory")
+        assert not _forge(w, rid, ev, "TaskStarted", mid).duplicate
+    assert owner._call(owner.aclient.submit(str(nb), {}, run_id=rid, msg_id=mid)) == rid
+    wait_for(lambda: owner.status(rid).nodes["publish"].state == "awaiting_approval", 120,
+             "the squatted run to start and await approval")
+    assert [e.type for e in owner.history(rid)].count("RunStarted") == 1
+    owner.cancel(rid)
+    assert owner.wait(rid, timeout=120).state == "cancelled"
+
+
 def test_cancel_records_the_authenticated_user_and_a_forged_cancel_neither_cancels_nor_blocks(
         embedded, owner, tmp_path):
     """Cancel goes through the engine's decide service: the CLI, as the stack's owner, cancels;
