@@ -12,11 +12,11 @@ import papermill
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from nbflow.worker.kernels import pool as kernels
+from nbflow.worker.kernels import registry as kernels
 from nbflow.core.durations import human as human_seconds
 from nbflow.errors import KernelStartError
 from nbflow.worker.kernels.cellrun import RunControl
-from nbflow.worker.kernels.pool import KernelPool
+from nbflow.worker.kernels.pool import KernelPool, setup_hash
 
 
 def notebook(*sources: str, setup: str = "import os") -> nbformat.NotebookNode:
@@ -149,8 +149,8 @@ def test_pool_prefers_a_kernel_that_ran_the_same_setup(tmp_path):
         p.release(k)
     finally:
         p.shutdown()
-    assert kernels.setup_hash(notebook("x", setup="import a")) == kernels.setup_hash(
-        notebook("y", setup="import a")) != kernels.setup_hash(notebook("x", setup="import b"))
+    assert setup_hash(notebook("x", setup="import a")) == setup_hash(
+        notebook("y", setup="import a")) != setup_hash(notebook("x", setup="import b"))
 
 
 def test_a_kernel_that_cannot_start_is_reported_not_waited_for():

@@ -15,7 +15,7 @@ import pytest
 import nbflow.worker.kernels.papermill  # noqa: F401 - registers the engine
 import papermill as pm
 from nbclient.exceptions import CellTimeoutError
-from nbflow.worker.kernels.pool import shutdown_pool
+from nbflow.worker.kernels.registry import shutdown_pool
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from nbflow.worker.kernels import pool as kernels
+from nbflow.worker.kernels.pool import KernelPool
 from nbflow.worker.runner import notebook_logs, run_task, strip_ansi
 
 PROJ = Path(__file__).parent / "data" / "runner" / "proj"
@@ -59,7 +59,7 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
 
 @pytest.fixture(scope="module")
 def pool():
-    p = kernels.KernelPool(size=2, isolation="fresh")
+    p = KernelPool(size=2, isolation="fresh")
     yield p
     p.shutdown()
 

@@ -96,7 +96,7 @@ class Worker:
         self.done = 0
 
     async def start(self) -> None:
-        from nbflow.worker.kernels import pool as kernels
+        from nbflow.worker.kernels import registry as kernels
 
         stale = workdirs.clean_stale()       # left by workers killed mid-task on this machine
         if stale:
@@ -167,7 +167,7 @@ class Worker:
     def presence(self) -> dict:
         """What `nbflow workers` shows: the heartbeat record."""
         from nbflow.worker.autoscale import tree_rss_mb
-        from nbflow.worker.kernels import pool as kernels
+        from nbflow.worker.kernels import registry as kernels
 
         d = {"name": self.name, "host": socket.gethostname(), "queue": self.queue,
              "concurrency": self.scaler.capacity if self.scaler else self.concurrency,
@@ -515,7 +515,7 @@ async def serve(url: str, namespace: str = "", queue: str = "default", concurren
     try:
         await infra.run_service(nc, w, ready)
     finally:
-        from nbflow.worker.kernels import pool as kernels
+        from nbflow.worker.kernels import registry as kernels
 
         kernels.shutdown_pool()
 

@@ -17,7 +17,8 @@ from papermill.log import logger
 
 from nbflow.worker.kernels.cellrun import (CellRun, RunControl, error_output, interruption_message,
                                           run_cell)
-from nbflow.worker.kernels.pool import REUSING, KernelPool, get_pool, setup_hash
+from nbflow.worker.kernels.pool import REUSING, KernelPool, setup_hash
+from nbflow.worker.kernels.registry import get_pool
 
 
 class WarmEngine(Engine):

@@ -30,156 +30,33 @@ Each task runs with ``os.chdir(cwd)`` and ``sys.path[0] = cwd`` set in the kerne
 relative paths and local imports behave as in Jupyter (where the kernel starts in the notebook's
 folder).
 
-Configuration: :func:`configure` or env vars ``NBFLOW_POOL_SIZE`` (default 2 = one worker slot +
-one spare), ``NBFLOW_ISOLATION`` (``run``/``fresh``/``reuse``), ``NBFLOW_KERNEL`` (``python3``).
+One kernel (its control code, kill, shutdown) is :mod:`nbflow.worker.kernels.kernel`. The
+process-global pools: :mod:`nbflow.worker.kernels.registry` — :func:`configure` or env vars
+``NBFLOW_POOL_SIZE`` (default 2 = one worker slot + one spare), ``NBFLOW_ISOLATION``
+(``run``/``fresh``/``reuse``), ``NBFLOW_KERNEL`` (``python3``).
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import logging
 import os
-import queue
 import shutil
-import signal
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
 
 import zmq
 from jupyter_client import KernelManager
 
 from nbflow.errors import KernelStartError
 from nbflow.worker.kernels.cellrun import POLL_SLICE, RunControl
+from nbflow.worker.kernels.kernel import PooledKernel
 
 log = logging.getLogger("nbflow.worker.kernels.pool")
 
 ISOLATIONS = ("run", "fresh", "reuse")
 REUSING = ("run", "reuse")    # isolations whose kernels are reset and kept after a task
-
-# --------------------------------------------------------------------------------------------
-# one kernel
-
-
-_PRELUDE = ("(lambda os, sys, cwd, prev: (os.chdir(cwd), sys.path.__setitem__(0, cwd) "
-            "if sys.path and sys.path[0] == prev else sys.path.insert(0, cwd)))"
-            "(__import__('os'), __import__('sys'), {cwd!r}, {prev!r})")
-# at warm-up: remember the pristine sys.path and environment (sys.modules outlives resets)
-_WARM = ("import gc as __g, os as __o, sys as __s, types as __t\n"
-         "__m = __t.ModuleType('_nbflow_pool')\n__m.path = list(__s.path)\n"
-         "__m.environ = dict(__o.environ)\n__s.modules['_nbflow_pool'] = __m\n"
-         "__g.collect()\n__g.freeze()\ndel __g, __o, __s, __t, __m")
-# between reused tasks: globals, In/Out and counts go; sys.path, env vars and cwd come back
-_RESET = ("get_ipython().reset(new_session=True)\n"
-          "(lambda os, sys, m: (sys.path.__setitem__(slice(None), m.path), os.environ.clear(), "
-          "os.environ.update(m.environ), os.chdir({home!r})))"
-          "(__import__('os'), __import__('sys'), __import__('sys').modules['_nbflow_pool'])")
-
-
-@dataclass(eq=False)
-class PooledKernel:
-    """A started kernel with a started, ready blocking client. One task at a time."""
-    km: KernelManager
-    kc: Any                                # BlockingKernelClient
-    home: str                              # the dir it was started in (its initial sys.path[0])
-    ready_at: float                        # time.time()
-    language_info: dict = field(default_factory=dict)
-    uses: int = 0
-    setup_hash: str | None = None
-    scope: str | None = None               # "run" isolation: the run this kernel serves
-    path0: str = ""                        # what sys.path[0] is now (we set it)
-    dead: bool = False
-
-    @property
-    def id(self) -> str:
-        return self.km.kernel_id or ""
-
-    @property
-    def pid(self) -> int:
-        p = getattr(self.km.provisioner, "process", None)
-        return p.pid if p is not None else 0
-
-    def alive(self) -> bool:
-        if self.dead:
-            return False
-        p = getattr(self.km.provisioner, "process", None)
-        if p is None or p.poll() is not None:
-            self.dead = True
-        return not self.dead
-
-    def kill(self) -> None:
-        """SIGKILL the kernel process now (safe from any thread); it is never used again."""
-        self.dead = True
-        p = getattr(self.km.provisioner, "process", None)
-        if p is not None and p.poll() is None:
-            try:
-                # jupyter_client starts kernels in their own session: take their children too
-                if os.name == "posix" and os.getpgid(p.pid) == p.pid != os.getpgid(0):
-                    os.killpg(p.pid, signal.SIGKILL)
-                else:
-                    p.kill()
-            except OSError:
-                try:
-                    p.kill()
-                except OSError:
-                    pass
-
-    def run_quiet(self, code: str, timeout: float = 30.0) -> dict:
-        """Run control code silently (no history, no execution count); return the reply content."""
-        msg_id = self.kc.execute(code, silent=True, store_history=False, allow_stdin=False,
-                                 stop_on_error=False)
-        end = time.monotonic() + timeout
-        while True:
-            left = end - time.monotonic()
-            if left <= 0 or not self.alive():
-                self.dead = True
-                raise RuntimeError(f"kernel {self.id} did not answer control code")
-            try:
-                msg = self.kc.shell_channel.get_msg(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            if msg["parent_header"].get("msg_id") == msg_id:
-                return msg["content"]
-
-    def enter(self, cwd: str) -> None:
-        """Point the kernel at the task's folder, as Jupyter starts a kernel in the notebook's."""
-        reply = self.run_quiet(_PRELUDE.format(cwd=cwd, prev=self.path0))
-        if reply.get("status") != "ok":
-            raise RuntimeError(f"cannot enter {cwd!r} in kernel: {reply.get('evalue')}")
-        self.path0 = cwd
-
-    def recycle(self) -> None:
-        """Clear the user namespace and go home, for the next task in ``reuse`` isolation."""
-        reply = self.run_quiet(_RESET.format(home=self.home))
-        if reply.get("status") != "ok":
-            raise RuntimeError(f"reset failed: {reply.get('ename')}: {reply.get('evalue')}")
-        self.path0 = self.home
-
-    def close(self) -> None:
-        """Shut down (graceful, then kill). Slow at times (~3 s): call off the critical path."""
-        try:
-            self.kc.stop_channels()
-        except Exception:
-            pass
-        try:
-            if self.dead:
-                self.km.shutdown_kernel(now=True)
-            else:
-                self.km.shutdown_kernel(now=False)
-        except Exception as e:  # noqa: BLE001 - best effort; make sure the process is gone
-            log.debug("kernel %s shutdown: %s", self.id, e)
-            self.kill()
-            try:
-                self.km.cleanup_resources()
-            except Exception:
-                pass
-
-
-# --------------------------------------------------------------------------------------------
-# the pool
 
 
 class KernelPool:
@@ -255,9 +132,7 @@ class KernelPool:
             k = PooledKernel(km=km, kc=kc, home=self._home, ready_at=time.time(), path0=self._home)
             info = kc.kernel_info(reply=True, timeout=self.start_timeout)
             k.language_info = info["content"].get("language_info", {})
-            # startup objects live forever: freezing them makes every later gc pass (and the
-            # reset between reused tasks, which collects) scan only the task's own objects
-            k.run_quiet(_WARM)
+            k.warm_up()
             self.started += 1
             return k
         except BaseException:
@@ -440,72 +315,6 @@ class KernelPool:
         if not any(t.is_alive() for t in self._threads):
             self._ctx.destroy(linger=0)
         shutil.rmtree(self._home, ignore_errors=True)   # ipc socket files of killed kernels
-
-# process-global pools, one per kernel name and isolation
-
-_config: dict[str, Any] = {}
-_pools: dict[tuple[str, str], KernelPool] = {}
-_pools_lock = threading.Lock()
-_atexit = False
-
-
-def _defaults() -> dict:
-    return {
-        "size": int(_config.get("size") or os.environ.get("NBFLOW_POOL_SIZE") or 2),
-        "isolation": _config.get("isolation") or os.environ.get("NBFLOW_ISOLATION") or "run",
-        "kernel_name": _config.get("kernel_name") or os.environ.get("NBFLOW_KERNEL") or "python3",
-    }
-
-
-def configure(size: int | None = None, isolation: str | None = None,
-              kernel_name: str | None = None, concurrency: int | None = None) -> dict:
-    """Set the process-global pool's shape (``concurrency`` slots -> size = slots + 1 spare).
-    Existing pools whose shape changed are shut down; new ones start lazily on first use."""
-    if isolation is not None and isolation not in ISOLATIONS:
-        raise ValueError(f"isolation must be one of {ISOLATIONS}, not {isolation!r}")
-    if concurrency is not None and size is None:
-        size = concurrency + 1
-    for k, v in (("size", size), ("isolation", isolation), ("kernel_name", kernel_name)):
-        if v is not None:
-            _config[k] = v
-    d = _defaults()
-    with _pools_lock:
-        stale = [key for key, p in _pools.items() if p.size != d["size"]]
-        old = [_pools.pop(key) for key in stale]
-    for p in old:
-        p.shutdown()
-    return d
-
-
-def get_pool(kernel_name: str | None = None, isolation: str | None = None) -> KernelPool:
-    """The process-global pool for a kernel name and isolation (started on first use)."""
-    global _atexit
-    d = _defaults()
-    key = (kernel_name or d["kernel_name"], isolation or d["isolation"])
-    with _pools_lock:
-        p = _pools.get(key)
-        if p is None or p._closed:
-            p = _pools[key] = KernelPool(size=d["size"], isolation=key[1], kernel_name=key[0])
-            if not _atexit:
-                atexit.register(shutdown_pool)
-                _atexit = True
-        return p
-
-
-def live_kernels() -> int:
-    """Kernels of every process-global pool (none are started by asking)."""
-    with _pools_lock:
-        ps = list(_pools.values())
-    return sum(p.kernels for p in ps if not p._closed)
-
-
-def shutdown_pool() -> None:
-    """Stop every pooled kernel of this process."""
-    with _pools_lock:
-        ps = list(_pools.values())
-        _pools.clear()
-    for p in ps:
-        p.shutdown()
 
 
 def setup_hash(nb) -> str | None:
