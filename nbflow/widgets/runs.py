@@ -9,7 +9,9 @@ import ipywidgets as widgets
 
 from nbflow.client import SyncClient
 from nbflow.widgets.model import runs_rows
-from nbflow.widgets.runview import RunView, _badge, shared_client
+from nbflow.widgets.htmlparts import badge
+from nbflow.widgets.runview import RunView
+from nbflow.widgets.session import shared_client
 
 
 class RunsList(widgets.VBox):
@@ -35,7 +37,7 @@ class RunsList(widgets.VBox):
                                layout=widgets.Layout(width="110px"))
             b.on_click(lambda _b, run=r["run"]: self.open_run(run))
             text = widgets.HTML(
-                f"{_badge(r['state'])} <b>{html.escape(r['name'])}</b> "
+                f"{badge(r['state'])} <b>{html.escape(r['name'])}</b> "
                 f"started {html.escape(r['started'])}, {html.escape(r['duration'])} "
                 f"<span style='color:#666'>{html.escape(os.path.basename(r['notebook'] or ''))}"
                 f"</span>")

@@ -1,17 +1,16 @@
 """RunView: a live ipywidget of one run (DAG, table, progress, logs, approvals, signals).
 
-A thin view over :class:`~nbflow.widgets.model.RunModel`. Threading (ipykernel 7): the run's
-history is watched on the SyncClient's own event loop (a daemon thread); each update is handed
-to the kernel's asyncio loop with ``call_soon_threadsafe`` and applied there, so widgets only
-change on the kernel's loop and the kernel never blocks — other cells run while the view
-updates. Button callbacks call the client, which publishes; the engine waits, never the kernel.
+A thin view over :class:`~nbflow.widgets.model.RunModel`; its HTML pieces are in
+:mod:`nbflow.widgets.htmlparts`, the kernel's shared client and last view in
+:mod:`nbflow.widgets.session`. Threading (ipykernel 7): the run's history is watched on the
+SyncClient's own event loop (a daemon thread); each update is handed to the kernel's asyncio
+loop with ``call_soon_threadsafe`` and applied there, so widgets only change on the kernel's
+loop and the kernel never blocks — other cells run while the view updates. Button callbacks call the client, which publishes; the engine waits, never the kernel.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 import html
-import reprlib
 import threading
 import time
 from typing import Any, Callable
@@ -19,109 +18,13 @@ from typing import Any, Callable
 import ipywidgets as widgets
 
 from nbflow.client import SyncClient, whoami
-
+from nbflow.core.state import RUN_FINAL as FINAL, RunState
 from nbflow.errors import AlreadyDecided, NbflowError
-from nbflow.compiler import render
-from nbflow.core.state import RunState
+from nbflow.widgets.htmlparts import (badge, download_html, legend_html, short_repr, table_html,
+                                      task_cell_outputs)
 from nbflow.widgets.model import RunModel, decision_text
-
-_CLIENTS: dict[tuple[str | None, str | None], SyncClient] = {}
-_CLIENTS_LOCK = threading.Lock()
-FINAL = ("succeeded", "failed", "rejected", "cancelled")
-
-
-def shared_client(url: str | None = None, namespace: str | None = None) -> SyncClient:
-    """One SyncClient per (url, namespace) for this process (a kernel keeps one connection).
-    ``url``/``namespace`` default to NBFLOW_NATS_URL / NBFLOW_NAMESPACE, else the embedded
-    stack (started in the background as its own process: a kernel restart does not stop it)."""
-    key = (url, namespace)
-    with _CLIENTS_LOCK:
-        c = _CLIENTS.get(key)
-        if c is None or not c.loop.is_running():
-            from nbflow.stack import nats_url       # the magics' face: start it on demand
-
-            c = _CLIENTS[key] = SyncClient(nats_url(url), namespace=namespace)
-        return c
-
-
-def kernel_loop() -> asyncio.AbstractEventLoop | None:
-    """The asyncio loop running in this thread (the kernel's), if any."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def _badge(state: str) -> str:
-    colour = render.STATE_COLOURS.get(state, "#EEEEEE")
-    return (f'<span class="nbflow-state nbflow-state-{html.escape(state)}" '
-            f'style="background:{colour};padding:1px 6px;border-radius:3px;'
-            f'border:1px solid #888">{html.escape(state)}</span>')
-
-
-def legend_html() -> str:
-    items = "".join(
-        f'<span style="display:inline-block;margin-right:8px"><span style="display:inline-block;'
-        f'width:12px;height:12px;background:{c};border:1px solid #888;vertical-align:middle">'
-        f'</span> {html.escape(s)}</span>' for s, c in render.legend_items())
-    return f'<div class="nbflow-legend" style="font-size:11px">{items}</div>'
-
-
-def table_html(rows: list[dict[str, Any]]) -> str:
-    head = "".join(f"<th style='text-align:left;padding:2px 8px'>{h}</th>" for h in
-                   ("task", "state", "attempt", "started", "duration", "worker"))
-    body = []
-    for r in rows:
-        pad = 8 + 18 * r.get("level", 0)
-        body.append(
-            f"<tr class='nbflow-row' data-key='{html.escape(r['key'])}'>"
-            f"<td style='padding:2px 8px 2px {pad}px'>{html.escape(str(r['task']))}</td>"
-            f"<td style='padding:2px 8px'>{_badge(r['state'])}</td>"
-            + "".join(f"<td style='padding:2px 8px'>{html.escape(str(r[k]))}</td>"
-                      for k in ("attempt", "started", "duration", "worker")) + "</tr>")
-    return (f"<table class='nbflow-table' style='border-collapse:collapse;font-size:12px'>"
-            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
-
-
-def task_cell_outputs(nb: Any) -> list[dict[str, Any]]:
-    """The outputs of the task cell of an executed task notebook, as nbformat output dicts
-    (what ``widgets.Output.outputs`` takes)."""
-    outs = []
-    for cell in nb.get("cells", []):
-        if "nbflow-task" in cell.get("metadata", {}).get("tags", []):
-            for o in cell.get("outputs", []):
-                o = _plain(o)
-                if o.get("output_type") == "execute_result":   # shown like display_data
-                    o = {"output_type": "display_data", "data": o.get("data", {}),
-                         "metadata": o.get("metadata", {})}
-                outs.append(o)
-    return outs
-
-
-def _plain(o: Any, key: str = "") -> Any:
-    """NotebookNode -> plain dicts/strings (multiline lists joined), as the Output widget takes."""
-    if isinstance(o, dict):
-        return {k: _plain(v, k) for k, v in o.items()}
-    if isinstance(o, list) and key == "traceback":
-        return list(o)
-    if isinstance(o, list):
-        return "".join(o) if all(isinstance(x, str) for x in o) else [_plain(x) for x in o]
-    return o
-
-
-def download_html(run: str, key: str, raw: bytes) -> str:
-    name = f"{run}-{key.replace('#', '-')}.ipynb"
-    b64 = base64.b64encode(raw).decode()
-    return (f'<a class="nbflow-download" download="{html.escape(name)}" '
-            f'href="data:application/x-ipynb+json;base64,{b64}">⬇ download {html.escape(name)}'
-            f'</a>')
-
-
-def short_repr(value: Any, limit: int = 60) -> str:
-    r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlist, r.maxdict = limit, limit, 6, 6
-    text = r.repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+# last_view, remember: importable from here too
+from nbflow.widgets.session import kernel_loop, last_view, remember, shared_client  # noqa: F401
 
 
 class RunView(widgets.VBox):
@@ -257,7 +160,7 @@ class RunView(widgets.VBox):
         self.header.value = (
             f"<div class='nbflow-header' data-state='{html.escape(m.run_state)}'>"
             f"<b>{html.escape(m.name)}</b> run <code>{html.escape(m.run)}</code> "
-            f"{_badge(m.run_state)} <span class='nbflow-elapsed'>{html.escape(m.elapsed)}"
+            f"{badge(m.run_state)} <span class='nbflow-elapsed'>{html.escape(m.elapsed)}"
             f"</span>{err}</div>")
 
     def _render(self, _change=None) -> None:
@@ -501,18 +404,3 @@ class RunView(widgets.VBox):
             self._shown_in = None
             return
         display(self._repr_mimebundle_(), raw=True)
-
-
-_LAST: list[RunView] = []
-
-
-def last_view() -> RunView:
-    """The RunView that ``%flow run`` / ``%flow watch`` showed last in this kernel."""
-    if not _LAST:
-        raise NbflowError("no run shown yet in this kernel: `%flow run` starts one")
-    return _LAST[-1]
-
-
-def remember(view: RunView) -> RunView:
-    _LAST[:] = [view]
-    return view
