@@ -217,8 +217,9 @@ def _sub(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def _recipe_node(i: int, ports, cports, lports, base: Path) -> Path:
-    """deploy/nats/nI.conf with only hosts, ports and the store moved to loopback / tmp."""
+def _recipe_node(i: int, ports, cports, lports, base: Path, roles: str) -> Path:
+    """deploy/nats/nI.conf with only hosts, ports and the store moved to loopback / tmp;
+    ``roles``: the roles.conf beside it."""
     d = base / f"n{i}"
     d.mkdir(parents=True)
     text = (DEPLOY / "nats" / f"n{i}.conf").read_text()
@@ -230,7 +231,7 @@ def _recipe_node(i: int, ports, cports, lports, base: Path) -> Path:
     for j in (1, 2, 3):
         text = _sub(text, f"nats-route://n{j}:6222", f"nats-route://127.0.0.1:{cports[j - 1]}")
     (d / "nbflow.conf").write_text(text)
-    (d / "roles.conf").write_text((DEPLOY / "nats" / "roles.conf").read_text())
+    (d / "roles.conf").write_text(roles)
     return d / "nbflow.conf"
 
 
@@ -260,18 +261,34 @@ def _unit_command(unit: str, env: dict[str, str], instance: str) -> list[str]:
     return filled
 
 
-def test_the_deploy_recipe_runs_on_loopback(tmp_path):
+def test_the_deploy_recipe_runs_on_loopback(tmp_path, monkeypatch):
+    import secrets
+
     from nbflow.stack import _wait_port, nats_server_binary
 
     ports, cports, lports = ([free_port() for _ in range(3)] for _ in range(3))
     servers = []
     procs = []
+    # the operator's steps (deploy/README.md, Credentials): roles.conf from `nbflow user conf`,
+    # a password per user in the servers' environment, each process its own user's
+    gen = subprocess.run([sys.executable, "-m", "nbflow", "user", "conf", "--namespace",
+                          "recipe", "--user", "alice=author"], capture_output=True, text=True,
+                         check=True)
+    roles = gen.stdout
+    pw = {u: secrets.token_urlsafe(18) for u in ("engine", "worker", "viewer", "alice")}
+    assert all(f"NBFLOW_{u.upper()}_PASSWORD" in gen.stderr for u in pw)
+    server_env = {**os.environ, **{f"NBFLOW_{u.upper()}_PASSWORD": p for u, p in pw.items()}}
+    for k in ("NBFLOW_NATS_USER", "NBFLOW_NATS_PASSWORD"):
+        monkeypatch.delenv(k, raising=False)
+
+    def role(u):
+        return {"NBFLOW_NATS_USER": u, "NBFLOW_NATS_PASSWORD": pw[u]}
     try:
         for i in (1, 2, 3):
-            conf = _recipe_node(i, ports, cports, lports, tmp_path / "hub")
+            conf = _recipe_node(i, ports, cports, lports, tmp_path / "hub", roles)
             log = open(conf.parent / "server.log", "wb")
             servers.append(subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log,
-                                            stderr=subprocess.STDOUT))
+                                            stderr=subprocess.STDOUT, env=server_env))
         for p in ports:
             _wait_port("127.0.0.1", p, 30)
         env_file = _env_file()
@@ -279,12 +296,17 @@ def test_the_deploy_recipe_runs_on_loopback(tmp_path):
         assert env_file["NBFLOW_NATS_URL"].count("nats://") == 3
         env_file.update(NBFLOW_NATS_URL=url, NBFLOW_MAX_KERNELS="2",   # a shared 2-core machine
                         NBFLOW_NAMESPACE="recipe")
+        with pytest.raises(infra.ConnectError, match="(?i)authorization violation"):
+            asyncio.run(_js_ready(url))                    # no credentials: refused
+        for k, v in role("engine").items():              # this test's own checks, below
+            monkeypatch.setenv(k, v)
         wait_for(lambda: asyncio.run(_js_ready(url)), 60, "the JetStream meta leader")
 
         def start(unit, instance, role_dir):
             role_dir.mkdir(parents=True)
             env = {**os.environ, **env_file, "PYTHONUNBUFFERED": "1",
-                   "NBFLOW_BUNDLE_CACHE": str(role_dir / "bundles"), **FAST}
+                   "NBFLOW_BUNDLE_CACHE": str(role_dir / "bundles"), **FAST,
+                   **role("engine" if "engine" in unit else "worker")}
             out = open(role_dir / "log", "wb")
             p = subprocess.Popen([sys.executable, "-m", "nbflow",
                                   *_unit_command(unit, env_file, instance)],
@@ -309,7 +331,7 @@ def test_the_deploy_recipe_runs_on_loopback(tmp_path):
             "%%task by_item --map r in rows\ndouble = 2 * r",
             "%%task total\nresult = sum(double)\nprint('total', result)",
         ])
-        with wait_for(lambda: _try_client(url), 90, "a client") as c:
+        with wait_for(lambda: _try_client(url, **role("alice")), 90, "a client") as c:
             runs = [c.submit(str(nb)) for _ in range(2)]
             for run in runs:
                 st = c.wait(run, timeout=300)
@@ -353,8 +375,9 @@ async def _js_ready(url: str) -> bool:
         await nc.close()
 
 
-def _try_client(url: str):
+def _try_client(url: str, **auth):
     try:
-        return SyncClient(url, namespace="recipe")
+        return SyncClient(url, namespace="recipe", user=auth.get("NBFLOW_NATS_USER"),
+                          password=auth.get("NBFLOW_NATS_PASSWORD"))
     except Exception:  # noqa: BLE001 - streams still electing leaders
         return None

@@ -451,6 +451,7 @@ def test_the_cluster_template_enforces_the_same_roles(tmp_path, monkeypatch):
 
     doc = REPO / "docs" / "nats-roles.conf"
     assert doc.read_text() == template_conf()        # the docs show what the code enforces
+    assert (REPO / "deploy" / "nats" / "roles.conf").read_text() == template_conf()  # the recipe
     pw = {u: "pw-" + secrets.token_hex(8) for u in TEMPLATE_USERS}
     for u, p in pw.items():
         monkeypatch.setenv(f"NBFLOW_{u.upper()}_PASSWORD", p)

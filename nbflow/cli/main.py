@@ -244,7 +244,8 @@ def down(data):
 
 @click.group()
 def user():
-    """Users of the embedded stack (roles: engine, worker, author, approver, viewer)."""
+    """Users and roles (engine, worker, author, approver, viewer): `add` one to the embedded
+    stack; `conf` prints the roles for your own server or cluster."""
 
 
 @user.command("add")
@@ -263,6 +264,37 @@ def user_add(name, roles, data):
     click.echo(pw)
     click.echo(f"added {name} ({', '.join(roles)}): connect with NBFLOW_NATS_USER={name} "
                f"NBFLOW_NATS_PASSWORD=<the line above>", err=True)
+
+
+@user.command("conf")
+@click.option("--namespace", "namespaces", multiple=True,
+              help="A namespace the roles cover (repeat for several; default: the default "
+                   "namespace, or NBFLOW_NAMESPACE).")
+@click.option("--user", "people", multiple=True, metavar="NAME=ROLE[,ROLE]",
+              help="A person and their roles, e.g. ann=author or bob=approver,viewer (repeat; "
+                   "default: the examples alice=author, bob=approver).")
+def user_conf(namespaces, people):
+    """Print the roles as a nats-server `authorization` block for your own server or cluster
+    (deploy/nats/roles.conf); passwords come from nats-server's NBFLOW_<USER>_PASSWORD
+    environment variables."""
+    from nbflow.nats import auth
+    from nbflow.nats.layout import default_namespace
+
+    users = None
+    if people:
+        users = dict(auth.SERVICE_USERS)
+        for spec in people:
+            name, sep, roles = spec.partition("=")
+            if not sep or not roles.strip():
+                raise UserError(f"--user {spec!r}: write NAME=ROLE[,ROLE], e.g. ann=author")
+            users[name.strip()] = [r.strip() for r in roles.split(",") if r.strip()]
+    try:
+        text = auth.template_conf(list(namespaces) or [default_namespace()], users)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    click.echo(text, nl=False)
+    vars_ = " ".join(auth.password_variable(u) for u in (users or auth.TEMPLATE_USERS))
+    click.echo(f"set {vars_} in nats-server's environment", err=True)
 
 
 @click.command()
