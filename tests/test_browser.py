@@ -46,13 +46,30 @@ def _clicking_copy(dest):
     nbformat.write(nb, dest / "approvals.ipynb")
 
 
-@pytest.fixture
-def lab(tmp_path, nats_server, stack):
+UNSAVED_LOG = "unsaved-edit.log"
+
+
+def _edit_copy(dest, log):
+    """A pipeline of one task that logs which version of its cell ran."""
+    cells = ["%load_ext nbflow",
+             f"%%task count\nopen({str(log)!r}, 'a').write('saved' + chr(10))",
+             "%flow run"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, dest / "edit.ipynb")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, nats_server, stack):
+    """One JupyterLab server for the module's tests (each opens its own notebook in it)."""
     from nbflow.stack import free_port
 
+    tmp_path = tmp_path_factory.mktemp("lab")
     root, conf = tmp_path / "root", tmp_path / "jconf"
     root.mkdir()
     _clicking_copy(root)
+    _edit_copy(root, tmp_path / UNSAVED_LOG)
     settings = conf / "lab" / "user-settings" / "@jupyterlab"
     (settings / "apputils-extension").mkdir(parents=True)
     (settings / "docmanager-extension").mkdir(parents=True)
@@ -87,7 +104,7 @@ def lab(tmp_path, nats_server, stack):
                 raise AssertionError("jupyter lab did not start:\n" +
                                      (tmp_path / "lab.log").read_text()[-3000:])
             time.sleep(0.2)
-    yield {"base": base, "token": token, "root": root}
+    yield {"base": base, "token": token, "root": root, "log": tmp_path / UNSAVED_LOG}
     proc.terminate()
     try:
         proc.wait(20)
@@ -96,17 +113,22 @@ def lab(tmp_path, nats_server, stack):
     log.close()
 
 
+def _open(page, lab, name: str) -> None:
+    """Open notebook ``name`` in a clean workspace and wait for its kernel to be idle."""
+    page.goto(f"{lab['base']}/lab/tree/{name}?reset&token={lab['token']}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=60_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]"
+        ".some(e => e.textContent.includes('| Idle'))", timeout=60_000)
+
+
 @pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "browser available")
 def test_click_approve_in_jupyterlab(lab, tmp_path, client):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
         try:
-            page.goto(f"{lab['base']}/lab/tree/approvals.ipynb?reset&token={lab['token']}")
-            page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=60_000)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]"
-                ".some(e => e.textContent.includes('| Idle'))", timeout=60_000)
+            _open(page, lab, "approvals.ipynb")
             page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
             view = page.locator(".nbflow-runview")
             approve = view.locator("button.jupyter-button", has_text="Approve")
@@ -130,3 +152,46 @@ def test_click_approve_in_jupyterlab(lab, tmp_path, client):
     if os.environ.get("NBFLOW_UPDATE_SCREENSHOT") == "1":
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copy(shot, REPO / "docs" / "runview.png")
+
+
+@pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "browser available")
+def test_flow_run_uses_the_unsaved_edit_on_screen(lab, client):
+    """Edit a %%task cell without saving, run it, then `%flow run`: the run executes the cell as
+    on screen (counted by the file it appends to) and says it used the unsaved change."""
+    log = lab["log"]
+    saved = (lab["root"] / "edit.ipynb").read_text()
+    edited = f"%%task count\nopen({str(log)!r}, 'a').write('edited' + chr(10))"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        try:
+            _open(page, lab, "edit.ipynb")
+            cells = page.locator(".jp-NotebookPanel .jp-CodeCell")
+            cells.nth(0).locator(".cm-content").click()
+            page.keyboard.press("Shift+Enter")              # %load_ext nbflow
+            page.wait_for_function(
+                "() => document.querySelectorAll('.jp-NotebookPanel .jp-InputPrompt')[0]"
+                ".textContent.includes('[1]')", timeout=60_000)
+            # the person replaces cell 2's text by typing (no save: autosave is off)
+            cells.nth(1).locator(".cm-content").click()
+            page.keyboard.press("Control+a")
+            page.keyboard.insert_text(edited)
+            assert cells.nth(1).locator(".cm-content").inner_text() == edited
+            page.keyboard.press("Shift+Enter")              # runs the body here: 1 'edited'
+            page.wait_for_function(
+                "() => document.querySelectorAll('.jp-NotebookPanel .jp-InputPrompt')[1]"
+                ".textContent.includes('[2]')", timeout=60_000)
+            assert log.read_text().split() == ["edited"]
+            page.keyboard.press("Shift+Enter")              # cell 3: %flow run
+            view = page.locator(".nbflow-runview")
+            page.wait_for_selector(".nbflow-header[data-state='succeeded']", timeout=120_000)
+            out = cells.nth(2).locator(".jp-Cell-outputArea").inner_text()
+            run = view.locator(".nbflow-header code").inner_text().strip()
+        finally:
+            browser.close()
+    assert "using unsaved changes of cell 2" in out, out
+    assert f"run {run} is using unsaved changes of cell 2" in out
+    # the run executed the on-screen version (a 2nd 'edited'), never the saved 'saved' one
+    assert log.read_text().split() == ["edited", "edited"]
+    assert (lab["root"] / "edit.ipynb").read_text() == saved      # and nothing was saved
+    assert client.status(run).state == "succeeded"
