@@ -515,6 +515,9 @@ class Client(Runs):
                                      if x).rstrip()
                 if text:
                     parts.append(text)
+            if t.state not in ("succeeded", "failed", "skipped", "cancelled") and \
+                    t.attempt > len(ends):    # the newest attempt has no log yet
+                parts.append(f"── {key} (attempt {t.attempt}, {t.state}) ──")
         return "\n".join(parts)
 
     async def load_output(self, run: str, task: str, name: str) -> Any:

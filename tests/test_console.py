@@ -94,9 +94,17 @@ def ui(tmp_path, nats_server, stack):
     stop(proc)
 
 
-def test_standalone_ui_pages_token_metrics_and_stats(ui, client, nats_server):
+def test_standalone_ui_pages_token_metrics_and_stats(ui, client, nats_server, tmp_path):
     run = client.submit(str(DATA / "chain.ipynb"))
+    # a task that fails once, then succeeds on its retry: the console shows both attempts' logs
+    from nbhelpers import write_notebook
+    tries = tmp_path / "tries.log"
+    flaky = client.submit(str(write_notebook(tmp_path / "flaky.ipynb", [
+        f"%%task flaky --retries 1\nopen({str(tries)!r}, 'a').write('x')\n"
+        f"n = len(open({str(tries)!r}).read())\nprint('try', n)\n"
+        "assert n > 1, 'first try fails'"])))
     assert client.wait(run, timeout=120).state == "succeeded"
+    assert client.wait(flaky, timeout=120).state == "succeeded"
 
     code, _, headers = Session(ui).get("/nbflow/runs")          # no token: sent to sign in
     assert code == 302 and headers["Location"].startswith("/nbflow/login")
@@ -112,6 +120,12 @@ def test_standalone_ui_pages_token_metrics_and_stats(ui, client, nats_server):
     assert code == 200 and "sandbox" in headers["Content-Security-Policy"] and "jp-Notebook" in nb
     code, raw, _ = s.get(f"/nbflow/runs/{run}/tasks/{first}/notebook.ipynb")
     assert code == 200 and json.loads(raw)["nbformat"] == 4
+    code, page, _ = s.get(f"/nbflow/runs/{flaky}")
+    assert code == 200 and "logs (every attempt)" in page
+    code, logs, _ = s.get(f"/nbflow/runs/{flaky}/tasks/flaky/logs")
+    assert code == 200 and tries.read_text() == "xx"
+    one, two = logs.index("attempt 1 of 2, failed"), logs.index("attempt 2 of 2, succeeded")
+    assert one < logs.index("try 1") < logs.index("first try fails") < two < logs.index("try 2")
     for page_name in ("inbox", "schedules", "workers"):
         assert s.get(f"/nbflow/{page_name}")[0] == 200
 

@@ -357,12 +357,16 @@ def task_table(ctx: Ctx, st: RunState, wf, now: float) -> str:
             continue
         for t in tasks:
             links = []
+            if t.attempt > 1 and not t.notebook:     # the earlier attempts' logs are there
+                links.append(f'<a href="{e(ctx.url("runs", st.run, "tasks", t.key, "logs"))}">'
+                             f'logs of attempts 1–{t.attempt - 1}</a>')
             if t.notebook:
                 links.append(f'<a href="{e(ctx.url("runs", st.run, "tasks", t.key, "notebook"))}">'
                              f'notebook</a>')
                 links.append(f'<a href="{e(ctx.url("runs", st.run, "tasks", t.key, "notebook.ipynb"))}" '
                              f'download="{e(st.run)}-{e(t.key)}.ipynb">download</a>')
-                links.append(f'<a href="{e(ctx.url("runs", st.run, "tasks", t.key, "logs"))}">logs</a>')
+                links.append(f'<a href="{e(ctx.url("runs", st.run, "tasks", t.key, "logs"))}">'
+                             + ("logs (every attempt)" if t.attempt > 1 else "logs") + '</a>')
             d = _tdur(t) if t.finished else ((now - t.started) if t.started else None)
             note = t.error or t.reason or ("reused from the retried run" if t.reused else "")
             outs = ", ".join(f"{e(k)}" + (f" ({t.lens[k]})" if k in t.lens else "")
