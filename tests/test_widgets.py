@@ -292,3 +292,54 @@ def test_a_reused_task_has_its_own_state_and_colour_in_the_runview_model():
     m.apply(None, sim.st, wf)
     assert m.node_states["t0"] == "reused"
     assert STATE_COLOURS["reused"] not in (STATE_COLOURS["succeeded"], STATE_COLOURS["skipped"])
+
+
+# --- the ETA: median task durations of earlier runs, along the longest remaining path ----------
+
+def test_eta_follows_the_longest_remaining_path_and_names_what_it_cannot_tell():
+    from nbflow.widgets.model import eta, eta_text
+
+    f = Feed()
+    f.start()
+    med = {"prepare": 10.0, "by_region": 20.0, "publish": 5.0, "go": 3.0}
+    # prepare -> by_region -> publish (10 + 20 + 5) is longer than prepare -> go (10 + 3);
+    # the approval and the signal are waits nobody can time: named, not counted
+    assert eta(f.st, f.wf, med, f.t) == (35.0, " + waiting for an approval (publish), "
+                                               "a signal (go)")
+    assert f.model.eta == ""                       # earlier runs not read yet: nothing shown
+    f.model.set_medians(med, f.t)
+    assert f.model.eta == f"ETA ~{elapsed(35.0)} + waiting for an approval (publish), a signal (go)"
+    f("TaskStarted", key="prepare", attempt=1, worker="w1")
+    assert eta(f.st, f.wf, med, f.t + 4)[0] == 31.0           # 6 s of prepare left
+    assert eta(f.st, f.wf, med, f.t + 60)[0] == 25.0          # slower than usual: 0 left
+    f.model.tick(f.t + 4)
+    assert f.model.eta.startswith(f"ETA ~{elapsed(31.0)} + ")
+    # a task that never executed before: no number rather than a wrong one
+    less = {k: v for k, v in med.items() if k != "by_region"}
+    assert eta_text(f.st, f.wf, less, f.t) == \
+        "no ETA: task by_region has no earlier execution to go by"
+    f("CancelRequested", by="ann")
+    assert f.model.eta == "" and eta(f.st, f.wf, med, f.t) == (None, "")
+
+
+def test_runview_shows_an_eta_from_earlier_runs(client, tmp_path):
+    from nbflow.widgets.runview import RunView
+
+    nb = _write(tmp_path, "eta.ipynb", [
+        new_code_cell("%%task load\nrows = [1, 2, 3]"),
+        new_code_cell("%%task go --wait-signal go_ahead\nprint(len(rows), go_ahead)"),
+    ])
+    first = client.submit(nb, {})
+    client.signal(first, "go_ahead", 1)
+    assert finish(client, first).state == "succeeded"
+    run = client.submit(nb, {})
+    view = RunView(run, client)
+    wait_for(lambda: "waiting for a signal (go)" in view.model.eta,
+             what=f"an ETA in the view (it says {view.model.eta!r})")
+    assert view.model.eta.startswith("ETA ~")
+    assert "nbflow-eta" in view.header.value and "waiting for a signal (go)" in view.header.value
+    client.signal(run, "go_ahead", 2)
+    assert finish(client, run).state == "succeeded"
+    wait_for(lambda: view.model.run_state == "succeeded", what="the view to see the end")
+    assert view.model.eta == "" and "nbflow-eta" not in view.header.value
+    view.close()

@@ -112,6 +112,65 @@ def progress(st: RunState, wf: Workflow) -> tuple[int, int]:
     return done, total
 
 
+WAITING_FOR_OTHERS = {"awaiting_approval": "an approval", "waiting_signal": "a signal",
+                      "sleeping": "a timer"}
+
+
+def eta(st: RunState, wf: Workflow, medians: dict[str, float],
+        now: float) -> tuple[float | None, str]:
+    """(seconds of work left until the run ends, what else it waits for) from ``medians`` (task
+    node -> median seconds of its earlier executions), along the longest remaining path of the
+    DAG (independent tasks run side by side; a ``--map`` node counts one instance's median).
+    A wait for a person, a signal or a timer cannot be told: the seconds exclude it and the
+    text names it. ``(None, why)`` when a task left has never executed before."""
+    if st.is_final:
+        return None, ""
+    memo: dict[str, float] = {}
+    waits: list[str] = []
+    missing: list[str] = []
+
+    def left(nid: str) -> float:            # seconds of work until nid is done, from now
+        if nid in memo:
+            return memo[nid]
+        memo[nid] = 0.0                     # (a cycle cannot happen: validated)
+        ns, node = st.nodes.get(nid), wf.node(nid)
+        after = max((left(p) for p in wf.predecessors(nid)), default=0.0)
+        own = 0.0
+        if ns is not None and ns.state not in NODE_FINAL and node.kind == "task":
+            if ns.state in WAITING_FOR_OTHERS:
+                waits.append(f"{WAITING_FOR_OTHERS[ns.state]} ({nid})")
+            elif ns.state == "pending":
+                waits.extend(f"{w} ({nid})" for w, on in (
+                    ("an approval", node.approval is not None), ("a signal", node.wait_signal),
+                    ("a timer", node.sleep or node.at)) if on)
+            if node.needs_worker:
+                if nid not in medians:
+                    missing.append(nid)
+                else:
+                    m = medians[nid]
+                    runs = [t.started for t in st.node_tasks(nid)
+                            if t.started and t.state == "running"]
+                    own = max(0.0, m - (now - min(runs))) if runs else m
+        memo[nid] = after + own
+        return memo[nid]
+
+    total = max((left(n.id) for n in wf.nodes), default=0.0)
+    if missing:
+        return None, f"task {missing[0]} has no earlier execution to go by"
+    return total, (" + waiting for " + ", ".join(waits[:2]) + (" …" if len(waits) > 2 else "")
+                   if waits else "")
+
+
+def eta_text(st: RunState, wf: Workflow, medians: dict[str, float] | None, now: float) -> str:
+    """What the view shows next to the elapsed time ("" before earlier runs are read)."""
+    if medians is None or st.is_final:
+        return ""
+    secs, more = eta(st, wf, medians, now)
+    if secs is None:
+        return f"no ETA: {more}"
+    return f"ETA ~{elapsed(secs)}{more}"
+
+
 def approvals(st: RunState, wf: Workflow) -> list[dict[str, Any]]:
     """Every approval the run asked for: pending ones first get buttons; decided ones say who
     decided, when and why."""
@@ -159,6 +218,7 @@ class RunModel(HasTraits):
     started = Float(0.0)
     finished = Float(0.0)               # 0: still running
     elapsed = Unicode("")
+    eta = Unicode("")                   # from the median task durations of earlier runs
     progress_value = Int(0)
     progress_max = Int(1)
     rows = List()
@@ -176,6 +236,7 @@ class RunModel(HasTraits):
         super().__init__(**kw)
         self.wf = wf
         self.state: RunState | None = None
+        self.medians: dict[str, float] | None = None    # set once earlier runs are read
         self._render_svg = render_svg if render_svg is not None else _default_svg
 
     def apply(self, event, state: RunState, wf: Workflow | None = None,
@@ -192,6 +253,7 @@ class RunModel(HasTraits):
             self.run, self.name, self.run_state = state.run, state.name or wf.name, state.state
             self.started, self.finished = state.started, state.finished or 0.0
             self.elapsed = elapsed(_duration(state.started, state.finished, now))
+            self.eta = eta_text(state, wf, self.medians, now if now is not None else time.time())
             done, total = progress(st=state, wf=wf)
             self.progress_max, self.progress_value = max(total, 1), done
             self.rows = table_rows(state, wf, now)
@@ -213,6 +275,13 @@ class RunModel(HasTraits):
         """Refresh the elapsed time of a running run (the view calls it every second)."""
         if self.state is not None and not self.state.is_final:
             self.elapsed = elapsed(_duration(self.state.started, None, now))
+            self.eta = eta_text(self.state, self.wf, self.medians, now)
+
+    def set_medians(self, medians: dict[str, float], now: float) -> None:
+        """The median seconds per task node of earlier runs of this notebook (for the ETA)."""
+        self.medians = dict(medians)
+        if self.state is not None and self.wf is not None:
+            self.eta = eta_text(self.state, self.wf, self.medians, now)
 
 
 def _default_svg(wf: Workflow, states: dict[str, str]) -> str:

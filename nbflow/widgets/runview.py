@@ -27,6 +27,9 @@ from nbflow.widgets.model import RunModel, decision_text
 from nbflow.widgets.session import kernel_loop, last_view, remember, shared_client  # noqa: F401
 
 
+HISTORY_FOR_ETA = 200               # the most recent runs read for the ETA's medians
+
+
 class RunView(widgets.VBox):
     """Live view of run ``run``. ``.run`` is its id, ``.wait()`` blocks until it ends (use it in
     scripts and in a last cell; the view itself never blocks the kernel)."""
@@ -51,8 +54,11 @@ class RunView(widgets.VBox):
         super().__init__(children=self._children)
         self.add_class("nbflow-runview")
         self.model.observe(self._render, names=["events", "run_state"])
-        self.model.observe(self._render_header, names=["elapsed"])
+        self.model.observe(self._render_header, names=["elapsed", "eta"])
         self._apply(None, st)              # show the snapshot at once; the watch refines it
+        if not st.is_final:                # the ETA: median task durations of earlier runs
+            self._bg(self.client.aclient.runs(limit=HISTORY_FOR_ETA), self._got_history,
+                     on_error=lambda _e: None)     # no ETA is no harm
         self._watch_future = None
         self._ticker = None
         if watch and not st.is_final:
@@ -153,6 +159,15 @@ class RunView(widgets.VBox):
             await asyncio.sleep(1.0)
             self.model.tick(time.time())
 
+    def _got_history(self, runs: list[RunState]) -> None:
+        from nbflow.console.stats import median_task_durations, run_label
+
+        if self.model.state is None:
+            return
+        earlier = [r for r in runs if r.run != self.run]
+        self.model.set_medians(median_task_durations(earlier, run_label(self.model.state)),
+                               time.time())
+
     # --- rendering ----------------------------------------------------------------------------
     def _render_header(self, _change=None) -> None:
         m = self.model
@@ -161,7 +176,8 @@ class RunView(widgets.VBox):
             f"<div class='nbflow-header' data-state='{html.escape(m.run_state)}'>"
             f"<b>{html.escape(m.name)}</b> run <code>{html.escape(m.run)}</code> "
             f"{badge(m.run_state)} <span class='nbflow-elapsed'>{html.escape(m.elapsed)}"
-            f"</span>{err}</div>")
+            f"</span>" + (f" · <span class='nbflow-eta'>{html.escape(m.eta)}</span>"
+                          if m.eta else "") + f"{err}</div>")
 
     def _render(self, _change=None) -> None:
         m = self.model
