@@ -177,3 +177,57 @@ def test_a_huge_error_message_fails_the_task_once_with_a_bounded_error(client, t
     assert trail.read_text().split() == ["ran"]                  # executed once
     assert [e.type for e in client.history(run)].count("TaskFailed") == 1
     check_replay(client, run)
+
+
+def test_a_refused_kv_write_is_permanent_and_names_user_role_and_subject(tmp_path, monkeypatch):
+    """nats-server refuses a write the user's role does not allow with an asynchronous error;
+    the request itself only times out. The boundary must not take that timeout for a transient
+    fault (retried forever): it is a Permission error naming who, which role and what."""
+    import asyncio
+
+    from nbflow.errors import Permission
+    from nbflow.nats import auth, infra
+    from nbflow.nats.calls import Retrying
+    from nbflow.nats.kv import KV
+    from nbflow.nats.layout import Layout
+    from nbflow.stack import NatsServer
+
+    home = tmp_path / "home"
+    home.mkdir()
+    creds = auth.ensure_credentials(home, "owner")
+    L = Layout(f"perm{uuid.uuid4().hex[:4]}")
+    srv = NatsServer(tmp_path / "nats", extra_conf=auth.authorization_conf(creds, [L])).start()
+    try:
+        (home / auth.STACK_FILE).write_text(json.dumps({"url": srv.url}))
+        monkeypatch.setenv("NBFLOW_STACK_CREDENTIALS", str(home / auth.CREDENTIALS_FILE))
+
+        def as_user(name):
+            return infra.ConnectOptions(url=srv.url, user=name,
+                                        password=creds["users"][name]["password"])
+
+        async def go():
+            engine = await infra.connect(as_user("engine"))      # the role that creates them
+            await infra.ensure(engine.jetstream(), L)
+            await engine.close()
+            nc = await infra.connect(as_user("worker"))
+            try:
+                # a generous retry policy: a transient error would be retried 6 times
+                kv = await KV.open(nc.jetstream(), L.defs_bucket, role="worker",
+                                   retrying=Retrying(6, 0.2, 1.0, budget=120.0))
+                with pytest.raises(Permission) as e:
+                    await kv.put("somedefinition", b'{"evil": true}')
+                assert (await kv.get_or_none("somedefinition")) is None   # reads are allowed
+                return e.value
+            finally:
+                await nc.close()
+        err = asyncio.run(go())
+        assert not isinstance(err, Transient)
+        msg = str(err)
+        assert "permission denied" in msg and "'worker' (role worker)" in msg, msg
+        assert f"$kv.{L.defs_bucket}.somedefinition" in msg.lower(), msg
+        # the server refused the write once: the boundary did not retry it
+        refusals = [line for line in srv.log_file.read_text().splitlines()
+                    if "violation" in line.lower() and "somedefinition" in line.lower()]
+        assert len(refusals) == 1, refusals
+    finally:
+        srv.stop()

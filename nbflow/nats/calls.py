@@ -78,10 +78,53 @@ def translate(e: BaseException, op: str = "", what: str = "") -> NatsError | Non
     return None
 
 
+# --- permission refusals ------------------------------------------------------------------
+# nats-server refuses a publish or subscription the user's permissions do not allow with an
+# asynchronous -ERR on the connection (nats-py hands it to the connection's error callback:
+# :func:`nbflow.nats.infra.connect` records it here), and the request it belonged to simply
+# times out. A timeout of a call whose bucket/stream/subject the server refused during the call
+# is that refusal: permanent, never retried.
+DENIAL_KEEP_S = 300.0
+_denials: list[tuple[float, str, Callable[[], NatsError]]] = []   # (monotonic, subject, error)
+
+
+def note_denial(subject: str, error: Callable[[], NatsError]) -> None:
+    """Record that the server refused ``subject``; ``error()`` builds the Permission error that
+    names the user, role and subject (:class:`nbflow.nats.infra.PermissionDenied`)."""
+    now = time.monotonic()
+    _denials[:] = [d for d in _denials if d[0] > now - DENIAL_KEEP_S][-99:]
+    _denials.append((now, subject, error))
+
+
+def _names(what: str) -> set[str]:
+    """The bucket / stream / subject a call's ``what`` ("bucket/key", "stream#seq", subject)."""
+    head = what.split("/", 1)[0].split("#", 1)[0]
+    return {n for n in (what, head) if n}
+
+
+def _relates(subject: str, what: str) -> bool:
+    subject = subject.lower()                 # nats-py lowercases the server's -ERR line
+    tokens = set(subject.split("."))
+    for n in _names(what.lower()):
+        if subject == n or n in tokens or f"kv_{n}" in tokens or f"obj_{n}" in tokens \
+                or subject.startswith(n + "."):
+            return True
+    return False
+
+
+def refused_since(t0: float, what: str) -> NatsError | None:
+    """The Permission error for a refusal of ``what``'s subject recorded since ``t0``."""
+    for t, subject, error in reversed(_denials):
+        if t >= t0 and _relates(subject, what):
+            return error()
+    return None
+
+
 async def call(op: str, what: str, role: str, fn: Callable[..., Awaitable[Any]], *a, **kw) -> Any:
     """``await fn(*a, **kw)`` with fault injection and error translation."""
     if faults.ACTIVE:
         await faults.maybe_fail(op, role, what)
+    t0 = time.monotonic()
     try:
         return await fn(*a, **kw)
     except NatsError:
@@ -90,6 +133,10 @@ async def call(op: str, what: str, role: str, fn: Callable[..., Awaitable[Any]],
         t = translate(e, op, what)
         if t is None:
             raise
+        if isinstance(t, Transient) and _denials:
+            refused = refused_since(t0, what)     # the timeout of a refused request
+            if refused is not None:
+                raise refused from e
         raise t from e
 
 

@@ -24,7 +24,7 @@ from nats.js.api import (ConsumerConfig, DiscardPolicy, KeyValueConfig, ObjectSt
 from nats.js.errors import BadRequestError, NotFoundError
 
 from nbflow.errors import ConnectError, Permission
-from nbflow.nats import auth
+from nbflow.nats import auth, calls
 from nbflow.nats.layout import DUPLICATE_WINDOW_S, Layout
 
 STREAM_NAME_IN_USE = 10058      # JSStreamNameExistErr: exists with another configuration
@@ -85,6 +85,9 @@ class _Denials:
             return False
         action = "publish to" if m.group(1).lower() == "publish" else "subscribe to"
         self.last = (time.monotonic(), action, m.group(2))
+        # the boundary turns the timeout of the refused request into this error
+        calls.note_denial(m.group(2), functools.partial(PermissionDenied, self.user, action,
+                                                        m.group(2), self.roles))
         for f in list(self.waiters):
             if not f.done():
                 f.set_result((action, m.group(2)))

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from nbflow.core.ir import Workflow
-from nbflow.errors import NatsError, NotFound, StoreFull, TooLarge, Transient
+from nbflow.errors import NatsError, NotFound, Permission, StoreFull, TooLarge, Transient
 from nbflow.nats import infra
 from nbflow.nats.calls import Retrying
 from nbflow.nats.kv import KV
@@ -262,6 +262,8 @@ class Worker:
         try:
             await self._handle_inner(msg)
         except Exception as e:  # noqa: BLE001 - never lose the worker over one task
+            if isinstance(e, Permission) and await self._refused(msg, e):
+                return
             # transient trouble (NATS away, leader moving): try again later, never a failure;
             # later deliveries wait longer so an outage of a minute or two is ridden out
             delay = min(5.0 * 2 ** max(0, _delivered(msg) - 1), 60.0)
@@ -275,6 +277,22 @@ class Worker:
                 pass
         finally:
             self._slots.release()
+
+    async def _refused(self, msg, e: Permission) -> bool:
+        """The server refused something this task needs (the worker's role does not allow it):
+        permanent, so the attempt fails saying so instead of being redelivered forever."""
+        try:
+            task = TaskMessage.decode(msg.data)
+            ev = make("TaskFailed", task.run, key=task.key, attempt=task.attempt,
+                      reason="config", worker=self.name,
+                      error=f"PermissionDenied: worker {self.name}: {e}")
+            await self._publish(ev, done_msg_id(task.run, task.key, task.attempt), 30.0)
+            await msg.ack()
+        except Exception:  # noqa: BLE001 - cannot even report it: redelivered later
+            log.exception("task %s: %s; could not record the failure", msg.subject, e)
+            return False
+        log.error("task %s failed: %s", msg.subject, e)
+        return True
 
     async def _handle_inner(self, msg) -> None:
         try:
