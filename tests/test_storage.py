@@ -185,3 +185,74 @@ def test_a_full_artifact_store_says_which_limit_and_how_to_raise_it(nats_server,
                           nats_server.url, "--namespace", ns], capture_output=True, text=True,
                          timeout=60)
     assert "storage is full" in res.stdout + res.stderr
+
+
+POOL_SCRIPT = """
+import sys, time
+from nbflow.worker.kernels.pool import KernelPool
+pool = KernelPool(size=1)
+k = pool.acquire()
+print(k.pid, flush=True)
+if sys.argv[1] == "shutdown":
+    pool.release(k)
+    pool.shutdown()
+    print("done", flush=True)
+else:
+    time.sleep(600)
+"""
+
+
+def test_what_kernels_leave_in_the_temp_dir_is_removed_at_shutdown_or_after_a_kill(tmp_path):
+    """A kernel pool keeps its kernels' connection files and ipc sockets in one dir named after
+    its process: gone at shutdown; after a SIGKILL, the next worker start (workdirs.clean_stale)
+    removes it, and connection files older versions left in the temp dir itself."""
+    import pathlib
+    import shutil
+
+    # a short path: unix socket paths are limited to 107 bytes
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="nbt-", dir="/tmp"))
+    try:
+        _kernel_leftovers(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _kernel_leftovers(tmp):
+    import json
+    import signal
+
+    from nbflow.worker import workdirs
+
+    env = {**os.environ, "TMPDIR": str(tmp)}
+
+    def pool(how):
+        p = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT, how], env=env,
+                             stdout=subprocess.PIPE, text=True)
+        kernel = int(p.stdout.readline())
+        return p, kernel
+
+    p, _ = pool("shutdown")
+    assert p.stdout.readline().strip() == "done"
+    p.wait(30)
+    assert os.listdir(tmp) == []                        # nothing left behind
+
+    p, kernel = pool("kill")
+    entries = os.listdir(tmp)
+    assert len(entries) == 1 and entries[0].startswith(f"nbflow-kernels-{p.pid}-"), entries
+    inside = os.listdir(tmp / entries[0])
+    assert any(n.startswith("kernel-") and n.endswith(".json") for n in inside), inside
+    assert workdirs.clean_stale(str(tmp)) == []          # its worker lives: kept
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    os.kill(kernel, signal.SIGKILL)                      # (its kernel, in a session of its own)
+    # what older versions left: a connection file in the temp dir naming a pool dir now gone,
+    # and one of another program (kept)
+    old = tmp / "tmpab12cd34.json"
+    old.write_text(json.dumps({"transport": "ipc", "ip": str(tmp / "nbflow-kernels-x1y2z3w4/k-1")}))
+    other = tmp / "tmpzz99yy88.json"
+    other.write_text(json.dumps({"transport": "tcp", "ip": "127.0.0.1"}))
+    for f in (old, other):
+        os.utime(f, (1, 1))
+    removed = workdirs.clean_stale(str(tmp))
+    assert sorted(os.path.basename(r) for r in removed) == sorted([entries[0], old.name])
+    assert os.listdir(tmp) == [other.name]

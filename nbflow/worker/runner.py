@@ -96,7 +96,9 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
             args["nbflow_pool"] = pool
     elif engine in ("papermill", "nbclient", None):
         from jupyter_client import KernelManager
-        km = KernelManager(kernel_name=kernel_name)
+        # its connection file in the task's work dir: removed with it, even if the worker dies
+        km = KernelManager(kernel_name=kernel_name,
+                           connection_file=os.path.join(workdir, "kernel.json"))
         args.update(engine_name=None, cwd=cwd, km=km, request_save_on_cell_execute=True)
         if control.deadline is not None or cancel is not None:
             watchdog = _Watchdog(km, control)

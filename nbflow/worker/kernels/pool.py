@@ -73,7 +73,9 @@ class KernelPool:
         self.start_timeout = start_timeout
         self.shutdown_wait = shutdown_wait
         self._ctx = zmq.Context()
-        self._home = tempfile.mkdtemp(prefix="nbflow-kernels-")
+        # everything a kernel leaves on disk (ipc sockets, connection files) lives here: removed
+        # at shutdown, and by workdirs.clean_stale once this process is gone (its pid is named)
+        self._home = tempfile.mkdtemp(prefix=f"nbflow-kernels-{os.getpid()}-")
         self._cond = threading.Condition()
         self._idle: list[PooledKernel] = []
         self._busy: set[PooledKernel] = set()
@@ -121,6 +123,8 @@ class KernelPool:
         # unix sockets in the pool's private (0700) dir: no loopback TCP ports to other users
         ipc = os.path.join(self._home, f"k-{uuid.uuid4().hex[:12]}") if os.name == "posix" else ""
         km = KernelManager(kernel_name=self.kernel_name, context=self._ctx,
+                           connection_file=os.path.join(self._home,
+                                                        f"kernel-{uuid.uuid4().hex[:12]}.json"),
                            **({"transport": "ipc", "ip": ipc} if ipc else {}))
         km.shutdown_wait_time = self.shutdown_wait
         # in-memory history: concurrent kernels do not contend for one history.sqlite
