@@ -374,3 +374,28 @@ def test_the_cache_is_bounded_and_never_evicts_a_bundle_in_use(tmp_path, monkeyp
             assert _bundles_in(root) == [packs[1].hash]
     asyncio.run(scenario())
     assert worker.evicted == 3 and store.gets == 4
+
+
+def test_relative_writes_are_named_in_the_tasks_log_with_where_to_write_instead(client, tmp_path):
+    proj = tmp_path / "writes"
+    proj.mkdir()
+    (proj / "data.txt").write_text("1 2 3\n")
+    (proj / "util.py").write_text("def total(p):\n    return sum(map(int, open(p).read().split()))\n")
+    nb = write_notebook(proj / "w.ipynb", [
+        "from util import total",
+        "%%task reads\nn = total('data.txt')",        # reads only (and imports: __pycache__)
+        "%%task writes\nimport os\nos.makedirs('out', exist_ok=True)\n"
+        "open('out/result.csv', 'w').write(str(n))\nopen('data.txt', 'a').write('4\\n')\nm = n",
+        "%%task after\nprint(m, open('data.txt').read().split())",
+    ])
+    run = client.submit(str(nb))
+    st = finish(client, run)
+    assert st.state == "succeeded"
+    log = client.logs(run, "writes")
+    assert ("nbflow: warning: this task wrote 2 file(s) relative to its folder: data.txt, "
+            "out/result.csv.") in log, log
+    assert "absolute path" in log
+    assert "nbflow: warning" not in client.logs(run, "reads")
+    # the next task saw the bundle's folder, not the discarded changes
+    assert "6 ['1', '2', '3']" in client.logs(run, "after")
+    assert (proj / "data.txt").read_text() == "1 2 3\n" and not (proj / "out").exists()

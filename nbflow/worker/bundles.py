@@ -304,6 +304,56 @@ def task_folder(bundle_dir: str, workdir: str) -> str:
     return dest
 
 
+_NOT_WRITES = {"__pycache__", ".ipynb_checkpoints"}    # made by imports and Jupyter, not the task
+
+
+def written_files(bundle_dir: str, folder: str) -> list[str]:
+    """Files in a task's private copy of its bundle (``folder``) that the task created or
+    changed (relative paths, sorted): they vanish with the task's work dir."""
+    out = []
+    for d, dirs, files in os.walk(folder):
+        dirs[:] = [x for x in dirs if x not in _NOT_WRITES]
+        for f in files:
+            p = os.path.join(d, f)
+            rel = os.path.relpath(p, folder)
+            try:
+                st = os.lstat(p)
+                orig = os.lstat(os.path.join(bundle_dir, rel))
+            except FileNotFoundError:
+                out.append(rel)                      # created
+                continue
+            except OSError:
+                continue
+            if st.st_size != orig.st_size or st.st_mtime_ns != orig.st_mtime_ns:
+                out.append(rel)                      # changed (the copy kept the mtimes)
+    return sorted(out)
+
+
+def writes_warning(files: list[str], shown: int = 10) -> str:
+    names = ", ".join(files[:shown]) + (f" and {len(files) - shown} more"
+                                        if len(files) > shown else "")
+    return (f"nbflow: warning: this task wrote {len(files)} file(s) relative to its folder: "
+            f"{names}. The task runs in a private copy of the notebook's folder that is "
+            f"discarded when it ends, so they are gone now; write files you want to keep to an "
+            f"absolute path (a shared disk or bucket), or pass the data on as an output "
+            f"variable\n")
+
+
+def note_writes(notebook_path: str, files: list[str]) -> None:
+    """Say in the executed notebook (the task's log) which files the task wrote that vanish."""
+    import nbformat
+
+    nb = nbformat.read(notebook_path, as_version=4)
+    cell = nbformat.v4.new_code_cell(
+        source="# nbflow: files this task wrote relative to its folder",
+        metadata={"tags": ["nbflow-writes"]})
+    cell.id = "nbflow-writes"
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr",
+                                           text=writes_warning(files))]
+    nb.cells.append(cell)
+    nbformat.write(nb, notebook_path)
+
+
 def located(wf, unpacked: str):
     """``wf`` as seen from its unpacked bundle: its source, and the other notebooks its tasks
     run (BPMN imports name them by absolute path on the submitter's disk), inside ``unpacked``."""

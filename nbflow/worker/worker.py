@@ -448,6 +448,14 @@ class Worker:
         res = await loop.run_in_executor(None, lambda: run_task(
             nb, params=task.params, io=io, cwd=cwd, timeout=task.timeout,
             cancel=cancel, engine=self.engine, isolation=task.isolation, scope=run))
+        if unpacked and cwd and res.notebook_path and os.path.exists(res.notebook_path):
+            # relative writes land in the task's private copy of the bundle and vanish: say so
+            written = await loop.run_in_executor(None, bundles.written_files, unpacked, cwd)
+            if written:
+                log.info("task %s of run %s wrote %d file(s) relative to its folder: %s", key,
+                         run, len(written), ", ".join(written[:10]))
+                await loop.run_in_executor(None, bundles.note_writes, res.notebook_path,
+                                           written)
         nb_key = ""
         if res.notebook_path and os.path.exists(res.notebook_path):
             nb_key = notebook_key(run, key, attempt, task.delivery)
