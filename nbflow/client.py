@@ -159,11 +159,43 @@ class Client(Runs):
         raise NbflowError(f"no run {run!r} (see `nbflow runs` for recent runs)")
 
     async def status(self, run: str) -> RunState:
+        """The run's state now: the engine's snapshot, caught up with the history after it (a
+        busy run's snapshot is written behind, up to NBFLOW_SNAPSHOT_EVERY seconds late)."""
         run = await self._resolve_run(run)
-        st = await self.snapshot(run) or await self.replay(run)   # engine behind: replay
+        st = await self.snapshot(run)
+        if st is not None and not st.is_final:
+            st = await self._caught_up(st)
+        st = st or await self.replay(run)   # no snapshot yet: replay
         if st is None:
             raise NbflowError(f"no run {run!r}")
         return st
+
+    async def _caught_up(self, st: RunState, most: int = 500) -> RunState | None:
+        """``st`` with the history events after its sequence folded in (None: too far behind
+        for message-by-message reads; the caller replays)."""
+        subj = self.L.history_subject(st.run)
+        try:
+            last = (await self.streams.get_last(self.L.history_stream, subj)).seq
+        except NotFound:
+            return st
+        events: list[Event] = []
+        seq = st.seq + 1
+        while seq <= last:
+            if len(events) >= most:
+                return None
+            try:
+                raw = await self.streams.get_msg(self.L.history_stream, seq=seq, subject=subj,
+                                                 next=True)
+            except NotFound:
+                break
+            try:
+                events.append(decode(raw.data, seq=raw.seq))
+            except Exception:  # noqa: BLE001 - malformed messages are dead-lettered
+                pass
+            seq = raw.seq + 1
+        if not events:
+            return st
+        return fold(events, await self.workflow(st.wf), st)[0]
 
     async def history(self, run: str) -> list[Event]:
         run = await self._resolve_run(run)

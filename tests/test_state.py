@@ -1171,3 +1171,82 @@ def test_fold_is_the_replay_with_the_engines_filters():
     skipped = []
     st, _ = fold(sim.history, sim.wf, verified=lambda ev: ev is not decision, skipped=skipped)
     assert [ev for ev, _ in skipped][:1] == [decision] and st.state == "running"
+
+
+# --- values, not mutation (#11) and per-event cost (#14) ----------------------------------------
+
+@SETTINGS
+@given(dags(), hst.lists(hst.integers(0, 50), max_size=60), hst.integers(1, 7))
+def test_apply_and_fold_never_change_their_input(dag, picks, cut):
+    """Every intermediate state keeps the value it had when it was made, however many events are
+    applied after it (copy-on-write shares records, it never writes through them); folding the
+    history in batches of any size gives the state one-by-one application gives; the counters
+    kept beside the state agree with a recount."""
+    from nbflow.core.state import _Counts, _counts, fold
+
+    wf, fate, lens, rejects = dag
+    sim = drive(wf, fate, lens, rejects, picks, check_dup=False)
+    st, seen = None, []
+    for ev in sim.history:
+        st, _ = apply(st, ev, wf)
+        seen.append((st, json.dumps(st.to_dict(), sort_keys=True)))
+        c, fresh = _counts(st), _Counts(st)
+        assert ({k: v for k, v in c.nodes.items() if v}, {k: v for k, v in c.tasks.items() if v},
+                {k: v for k, v in c.final.items() if v}) == \
+            (fresh.nodes, fresh.tasks, fresh.final)
+    for st_i, text in seen:
+        assert json.dumps(st_i.to_dict(), sort_keys=True) == text
+    batched, start = None, 0
+    while start < len(sim.history):
+        before = None if batched is None else json.dumps(batched.to_dict(), sort_keys=True)
+        new, _ = fold(sim.history[start:start + cut], wf, batched)
+        if batched is not None:
+            assert json.dumps(batched.to_dict(), sort_keys=True) == before
+        batched, start = new, start + cut
+    assert batched.to_dict() == sim.st.to_dict()
+
+
+def test_an_event_that_cannot_apply_is_undone_whole():
+    """fold skips an event whose handler fails half way: nothing it changed before failing is
+    kept (the state is as before it; only its sequence counts)."""
+    from nbflow.core.state import fold
+
+    sim = Sim(fanout_params(("x", "y")), check_dup=False)
+    sim.start()
+    before = sim.st.to_dict()
+    # outputs that are no mapping: the handler raises after it marked the task succeeded
+    from nbflow.core.events import Event
+    bad = Event("TaskSucceeded", "r1", {"key": "m#0", "attempt": 1, "outputs": 5}, 99.0, 50)
+    skipped: list = []
+    st, cmds = fold([bad], sim.wf, sim.st, skipped=skipped)
+    assert cmds == [] and len(skipped) == 1 and "cannot apply" in skipped[0][1]
+    assert st.seq == 50
+    assert {k: v for k, v in st.to_dict().items() if k != "seq"} == \
+        {k: v for k, v in before.items() if k != "seq"}
+    assert sim.st.to_dict() == before
+
+
+def test_a_thousand_step_chain_costs_the_same_per_step_as_ten():
+    """Per event, apply does O(changed) work: the operations it performs (not the time) on a
+    1,000-node chain match a 10-node chain's. Counted as node-record copies per event."""
+    from nbflow.core import state as state_mod
+
+    def copies_per_event(n: int) -> float:
+        sim = Sim(chain(n), check_dup=False)
+        sim.start()
+        count = 0
+        real = state_mod._copy
+
+        def counting(rec):
+            nonlocal count
+            count += 1
+            return real(rec)
+        state_mod._copy = counting
+        try:
+            for i in range(n):
+                sim.succeed(f"t{i}")
+        finally:
+            state_mod._copy = real
+        return count / (2 * n)
+
+    assert copies_per_event(1000) <= copies_per_event(10)

@@ -17,10 +17,17 @@ skipped, with retry_wait between failed attempts.
 
 Idempotent by construction: a repeated or stale event (an old attempt, a second decision, a
 completion of a task already final) changes nothing and yields no command.
+
+Values, not mutation: ``apply`` and ``fold`` never change the state they are given; they return a
+new one that shares every node and task the events left alone (copy-on-write: an event copies
+only the node and task records it changes, a fold copies the two indexes once). Per event the
+cost is O(what the event changes): neighbour lists are cached per workflow object and ``settle``
+reads counters kept beside the state instead of scanning every node and task.
 """
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
@@ -98,7 +105,7 @@ class RunState:
     def to_dict(self, compact: bool = False) -> dict[str, Any]:
         """Plain data. Shallow copies (not ``asdict``'s deep recursion): this runs on every event.
         ``compact`` leaves out fields at their defaults (the KV snapshot: ~half the bytes)."""
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k[0] != "_"}
         if compact:
             d["nodes"] = {k: _compact(v) for k, v in self.nodes.items()}
             d["tasks"] = {k: _compact(v) for k, v in self.tasks.items()}
@@ -128,7 +135,7 @@ class RunState:
     def node_outputs(self, node_id: str, wf: Workflow) -> dict[str, Any]:
         """Output refs of a finished node: a ref per name, or a list of refs for --map."""
         ns = self.nodes[node_id]
-        node = wf.node(node_id)
+        node = _graph(wf).node(node_id)
         if ns.count is None:
             t = self.tasks.get(node_id)
             return dict(t.outputs) if t else {}
@@ -139,6 +146,13 @@ class RunState:
                 for i in range(ns.count)
             ]
         return out
+
+
+def has_active_tasks(st: RunState) -> bool:
+    """Some task is queued, running or waiting to retry (O(1): from the counters): the run will
+    hear from a worker or a timer without anyone acting. False while it waits only on a person
+    (an approval, a signal) or has ended."""
+    return _counts(st).any_task(TASK_ACTIVE)
 
 
 # field -> default, for the fields that have one (key and node of a task are required)
@@ -165,30 +179,214 @@ def _parse_at(text: str) -> float:
     return dt.timestamp()
 
 
+class _Graph:
+    """Node index and neighbour lists of one workflow object, built once (``Workflow.node`` and
+    ``predecessors`` scan every node / edge: per event that made a run O(N^2))."""
+
+    __slots__ = ("nodes", "edges", "shape", "by_id", "preds", "succ", "__weakref__")
+
+    def __init__(self, wf: Workflow):
+        self.nodes, self.edges = wf.nodes, wf.edges
+        self.shape = (len(wf.nodes), len(wf.edges))
+        self.by_id: dict[str, Node] = {}
+        for n in wf.nodes:
+            self.by_id.setdefault(n.id, n)            # the first one, as Workflow.node finds it
+        self.preds: dict[str, list[str]] = {}
+        self.succ: dict[str, list[str]] = {}
+        for e in wf.edges:
+            self.succ.setdefault(e.source, []).append(e.target)
+            self.preds.setdefault(e.target, []).append(e.source)
+
+    def fits(self, wf: Workflow) -> bool:
+        """Still this workflow (a workflow being built may grow between two applies)."""
+        return (self.nodes is wf.nodes and self.edges is wf.edges
+                and self.shape == (len(wf.nodes), len(wf.edges)))
+
+    def node(self, node_id: str) -> Node:
+        return self.by_id[node_id]
+
+
+_GRAPHS: dict[int, _Graph] = {}
+
+
+def _graph(wf: Workflow) -> _Graph:
+    g = _GRAPHS.get(id(wf))
+    if g is None or not g.fits(wf):
+        if g is None:
+            weakref.finalize(wf, _GRAPHS.pop, id(wf), None)
+        g = _GRAPHS[id(wf)] = _Graph(wf)
+    return g
+
+
+class _Counts:
+    """How many nodes / tasks are in each state, and per node how many of its tasks are final:
+    what ``settle`` and a map's join ask after every event, without scanning the run."""
+
+    __slots__ = ("nodes", "tasks", "final")
+
+    def __init__(self, st: RunState | None = None):
+        self.nodes: dict[str, int] = {}
+        self.tasks: dict[str, int] = {}
+        self.final: dict[str, int] = {}
+        if st is not None:
+            for ns in st.nodes.values():
+                self.nodes[ns.state] = self.nodes.get(ns.state, 0) + 1
+            for t in st.tasks.values():
+                self.task(t.node, None, t.state)
+
+    def copy(self) -> "_Counts":
+        c = _Counts()
+        c.nodes, c.tasks, c.final = dict(self.nodes), dict(self.tasks), dict(self.final)
+        return c
+
+    def node(self, old: str | None, new: str | None) -> None:
+        if old != new:
+            if old is not None:
+                self.nodes[old] -= 1
+            if new is not None:
+                self.nodes[new] = self.nodes.get(new, 0) + 1
+
+    def task(self, node: str, old: str | None, new: str | None) -> None:
+        if old == new:
+            return
+        if old is not None:
+            self.tasks[old] -= 1
+        if new is not None:
+            self.tasks[new] = self.tasks.get(new, 0) + 1
+        delta = (new in TASK_FINAL) - (old in TASK_FINAL)
+        if delta:
+            self.final[node] = self.final.get(node, 0) + delta
+
+    def any_node(self, states: Iterable[str]) -> bool:
+        return any(self.nodes.get(s) for s in states)
+
+    def any_task(self, states: Iterable[str]) -> bool:
+        return any(self.tasks.get(s) for s in states)
+
+
+def _counts(st: RunState) -> _Counts:
+    c = st.__dict__.get("_counts")
+    if c is None:
+        c = st.__dict__["_counts"] = _Counts(st)
+    return c
+
+
+def _fork(st: RunState) -> RunState:
+    """A new state sharing every node and task record with ``st`` (copy-on-write: a step copies
+    a record before changing it). Only the two indexes are copied."""
+    new = RunState.__new__(RunState)
+    new.__dict__.update(st.__dict__)
+    new.nodes, new.tasks = dict(st.nodes), dict(st.tasks)
+    c = st.__dict__.get("_counts")
+    new.__dict__["_counts"] = c.copy() if c is not None else None
+    return new
+
+
+_NEW = object()      # "this record did not exist before the step"
+
+
+def _copy(rec):
+    new = rec.__class__.__new__(rec.__class__)
+    new.__dict__.update(rec.__dict__)
+    return new
+
+
 class _Step:
-    """One application of one event: mutable scratch with the command list."""
+    """One application of one event to a state the caller owns (a fork): records are copied
+    before they change (the old ones may be shared with the caller's input), every change is
+    remembered so a failing event can be undone, and the counters follow the changes."""
 
     def __init__(self, st: RunState, wf: Workflow, ev: Event):
         self.st, self.wf, self.ev = st, wf, ev
+        self.g = _graph(wf)
         self.cmds: list[Command] = []
-        self._succ: dict[str, list[str]] | None = None
+        _counts(st)                                     # counted before anything changes
+        self._fields = dict(st.__dict__)                # scalars, signals, error: for undo
+        self._nodes: dict[str, Any] = {}               # id -> record before the step (undo)
+        self._tasks: dict[str, Any] = {}
+        self._nstate: dict[str, str | None] = {}       # id -> state when last counted
+        self._tstate: dict[str, str | None] = {}
 
     # --- graph helpers ------------------------------------------------------------------------
     def succ(self, node_id: str) -> list[str]:
-        if self._succ is None:
-            self._succ = {}
-            for e in self.wf.edges:
-                self._succ.setdefault(e.source, []).append(e.target)
-        return self._succ.get(node_id, [])
+        return self.g.succ.get(node_id, [])
 
     def preds(self, node_id: str) -> list[str]:
-        return self.wf.predecessors(node_id)
+        return self.g.preds.get(node_id, [])
+
+    # --- copy-on-write access -----------------------------------------------------------------
+    def N(self, node_id: str) -> NodeState:
+        """The node's record, writable (copied on the step's first write)."""
+        if node_id not in self._nodes:
+            old = self.st.nodes[node_id]
+            self._nodes[node_id] = old
+            self._nstate[node_id] = old.state
+            self.st.nodes[node_id] = _copy(old)
+        return self.st.nodes[node_id]
+
+    def new_node(self, node_id: str) -> NodeState:
+        if node_id not in self._nodes:
+            self._nodes[node_id] = self.st.nodes.get(node_id, _NEW)
+            old = self._nodes[node_id]
+            self._nstate[node_id] = None if old is _NEW else old.state
+        ns = self.st.nodes[node_id] = NodeState()
+        return ns
+
+    def T(self, key: str) -> TaskState:
+        """The task's record, writable (copied on the step's first write)."""
+        if key not in self._tasks:
+            old = self.st.tasks[key]
+            self._tasks[key] = old
+            self._tstate[key] = old.state
+            self.st.tasks[key] = _copy(old)
+        return self.st.tasks[key]
+
+    def new_task(self, ts: TaskState) -> TaskState:
+        if ts.key not in self._tasks:
+            old = self.st.tasks.get(ts.key, _NEW)
+            self._tasks[ts.key] = old
+            self._tstate[ts.key] = None if old is _NEW else old.state
+        self.st.tasks[ts.key] = ts
+        return ts
+
+    def counts(self) -> _Counts:
+        """The counters, brought up to date with this step's changes so far."""
+        c = _counts(self.st)
+        for k, was in self._nstate.items():
+            now = self.st.nodes[k].state
+            if now != was:
+                c.node(was, now)
+                self._nstate[k] = now
+        for k, was in self._tstate.items():
+            t = self.st.tasks[k]
+            if t.state != was:
+                c.task(t.node, was, t.state)
+                self._tstate[k] = t.state
+        return c
+
+    def undo(self) -> None:
+        """Put back every record and field this step changed (the event could not apply)."""
+        for k, old in self._nodes.items():
+            if old is _NEW:
+                self.st.nodes.pop(k, None)
+            else:
+                self.st.nodes[k] = old
+        for k, old in self._tasks.items():
+            if old is _NEW:
+                self.st.tasks.pop(k, None)
+            else:
+                self.st.tasks[k] = old
+        nodes, tasks = self.st.nodes, self.st.tasks
+        self.st.__dict__.clear()
+        self.st.__dict__.update(self._fields)
+        self.st.nodes, self.st.tasks = nodes, tasks
+        self.st.__dict__["_counts"] = None         # rebuilt from the records when next needed
 
     # --- node transitions ---------------------------------------------------------------------
     def resolve(self, node_id: str, state: str, reason: str = "") -> None:
-        ns = self.st.nodes[node_id]
-        if ns.state in NODE_FINAL:
+        if self.st.nodes[node_id].state in NODE_FINAL:
             return
+        ns = self.N(node_id)
         ns.state, ns.reason = state, reason or ns.reason
         ns.finished = self.ev.ts
         if ns.started is None:
@@ -221,8 +419,8 @@ class _Step:
         return self.st.nodes[node_id].reason == "upstream rejected"
 
     def begin(self, node_id: str) -> None:
-        node = self.wf.node(node_id)
-        ns = self.st.nodes[node_id]
+        node = self.g.node(node_id)
+        ns = self.N(node_id)
         ns.started = self.ev.ts
         if node.is_instant:
             return self.resolve(node_id, "succeeded")
@@ -232,14 +430,14 @@ class _Step:
 
     def _reuse(self, node_id: str) -> None:
         saved = self.st.reuse[node_id]
-        ns = self.st.nodes[node_id]
+        ns = self.N(node_id)
         ns.count = saved.get("count")
         origin = saved.get("from") or self.st.retry_of
         for key, t in saved.get("tasks", {}).items():
             ts = TaskState(**t)
             ts.reused = True
             ts.reused_from = ts.reused_from or origin
-            self.st.tasks[key] = ts
+            self.new_task(ts)
         self.resolve(node_id, saved.get("state", "succeeded"), "reused from " + origin)
 
     def remember(self, node_id: str) -> None:
@@ -248,7 +446,7 @@ class _Step:
         fp = self.st.fps.get(node_id)
         if not fp or node_id in self.st.reuse:
             return
-        node = self.wf.node(node_id)
+        node = self.g.node(node_id)
         if not reusable_across_runs(node):
             return
         tasks = {t.key: {k: v for k, v in t.__dict__.items()}
@@ -261,7 +459,7 @@ class _Step:
 
     # Gates, in order: timer (--sleep/--at) -> signal -> approval -> run.
     def gate(self, node: Node, after: str) -> None:
-        ns = self.st.nodes[node.id]
+        ns = self.N(node.id)
         order = ["start", "sleep", "signal", "approval", "run"]
         for g in order[order.index(after) + 1:]:
             if g == "sleep" and (node.sleep or node.at):
@@ -291,15 +489,15 @@ class _Step:
                 return self.run(node)
 
     def run(self, node: Node) -> None:
-        ns = self.st.nodes[node.id]
+        ns = self.N(node.id)
         ns.state = "running"
         if not node.needs_worker:
             return self.resolve(node.id, "succeeded")
         if node.map_var:
             count, err = self.map_count(node)
             if err:
-                self.st.tasks[node.id] = TaskState(node.id, node.id, state="failed",
-                                                   error=err, finished=self.ev.ts)
+                self.new_task(TaskState(node.id, node.id, state="failed", error=err,
+                                        finished=self.ev.ts))
                 return self.fail_node(node.id, node.id, err)
             ns.count = count
             if count == 0:
@@ -342,9 +540,10 @@ class _Step:
 
     def dispatch(self, node: Node, key: str, attempt: int) -> None:
         inst = split_key(key)[1]
-        t = self.st.tasks.get(key)
-        if t is None:
-            t = self.st.tasks[key] = TaskState(key, node.id, inst)
+        if key in self.st.tasks:
+            t = self.T(key)
+        else:
+            t = self.new_task(TaskState(key, node.id, inst))
         t.state, t.attempt, t.queued = "queued", attempt, self.ev.ts
         t.started = t.finished = None
         t.error = t.traceback = t.cell = t.reason = ""
@@ -379,7 +578,7 @@ class _Step:
         task with code that has not started) whose every successor is already skipped or
         rejected only fed the rejected branch; skip it, so the run ends instead of waiting for a
         signal only the skipped branch needed. A leaf (its successor is ``end``) still runs."""
-        changed = True
+        changed = self.counts().any_node(("waiting_signal", "sleeping"))
         while changed:
             changed = False
             for n in self.wf.nodes:
@@ -387,7 +586,7 @@ class _Step:
                 if ns is None or ns.state not in ("waiting_signal", "sleeping"):
                     continue
                 succ = self.succ(n.id)
-                if n.needs_worker and any(self.wf.node(s).kind == "end" for s in succ):
+                if n.needs_worker and any(self.g.node(s).kind == "end" for s in succ):
                     continue            # a leaf with code: its own effect is the point
                 if succ and all(self.st.nodes[s].state in ("skipped", "rejected") for s in succ):
                     self.resolve(n.id, "skipped", "not needed: upstream rejected")
@@ -397,13 +596,12 @@ class _Step:
         st = self.st
         if st.is_final:
             return
-        if any(ns.state == "rejected" for ns in st.nodes.values()):
+        if self.counts().nodes.get("rejected"):
             self.drop_needless_gates()
-        if any(ns.state in NODE_ACTIVE for ns in st.nodes.values()):
+        c = self.counts()
+        if c.any_node(NODE_ACTIVE) or c.any_task(TASK_ACTIVE):
             return
-        if any(t.state in TASK_ACTIVE for t in st.tasks.values()):
-            return
-        states = {ns.state for ns in st.nodes.values()}
+        states = {s for s, n in c.nodes.items() if n}
         if "failed" in states:
             final = "failed"
         elif "rejected" in states:
@@ -421,9 +619,8 @@ class _Step:
 # --- event handlers ----------------------------------------------------------------------------
 
 def _on_run_started(step: _Step) -> None:
-    st = step.st
     for n in step.wf.nodes:
-        st.nodes[n.id] = NodeState()
+        step.new_node(n.id)
     for n in step.wf.nodes:
         if not step.preds(n.id):
             step.begin(n.id)
@@ -436,7 +633,7 @@ def _task_event_applies(step: _Step) -> TaskState | None:
         return None
     if t.state not in ("queued", "running"):
         return None
-    return t
+    return step.T(t.key)
 
 
 def _on_task_started(step: _Step) -> None:
@@ -449,8 +646,10 @@ def _on_task_started(step: _Step) -> None:
 
 def _node_done_if_all(step: _Step, node_id: str) -> None:
     ns = step.st.nodes[node_id]
-    tasks = step.st.node_tasks(node_id)
     expected = 1 if ns.count is None else ns.count
+    if step.counts().final.get(node_id, 0) < expected:
+        return                          # O(1) per instance: the scan below runs once per node
+    tasks = step.st.node_tasks(node_id)
     if len(tasks) < expected or any(t.state not in TASK_FINAL for t in tasks):
         return
     if any(t.state == "failed" for t in tasks):
@@ -507,7 +706,7 @@ def _on_task_failed(step: _Step) -> None:
     if t is None:
         return
     ev = step.ev
-    node = step.wf.node(t.node)
+    node = step.g.node(t.node)
     t.error, t.traceback, t.cell = (_explain_missing(step, node, ev["error"]),
                                     ev.get("traceback", ""), ev.get("cell", ""))
     t.notebook, t.reason = ev.get("notebook", ""), ev.get("reason", "error")
@@ -536,13 +735,14 @@ def _on_timer_fired(step: _Step) -> None:
     if kind == "retry":
         t = st.tasks.get(key)
         if t and t.state == "retry_wait" and ev.get("attempt") == t.attempt + 1:
-            step.dispatch(step.wf.node(t.node), key, t.attempt + 1)
+            step.dispatch(step.g.node(t.node), key, t.attempt + 1)
     elif kind == "sleep":
         if key in st.nodes and st.nodes[key].state == "sleeping":
-            step.gate(step.wf.node(key), "sleep")
+            step.gate(step.g.node(key), "sleep")
     elif kind == "approval_timeout":
         ns = st.nodes.get(key)
         if ns and ns.state == "awaiting_approval":
+            ns = step.N(key)
             ns.approval = {**(ns.approval or {}), "state": "rejected", "by": "timeout",
                            "reason": "timeout", "at": ev.ts}
             step.cmds.append(Command("approval_closed", {"node": key, "state": "rejected",
@@ -556,11 +756,12 @@ def _on_approval(step: _Step) -> None:
     if st.is_final or ns is None or ns.state != "awaiting_approval":
         return                          # first decision wins; later ones change nothing
     approved = ev["approved"]
+    ns = step.N(ev["node"])
     ns.approval = {**(ns.approval or {}), "state": "approved" if approved else "rejected",
                    "by": ev["by"], "comment": ev.get("comment", ""), "at": ev.ts,
                    "reason": ev.get("reason", "")}
     if approved:
-        step.gate(step.wf.node(ev["node"]), "approval")
+        step.gate(step.g.node(ev["node"]), "approval")
     else:
         step.resolve(ev["node"], "rejected", f"rejected by {ev['by']}")
 
@@ -572,11 +773,11 @@ def _on_signal(step: _Step) -> None:
     name = ev["name"]
     if name in st.signals:
         return                          # a signal is taken once: the first value stands
-    st.signals[name] = ev.get("value")
+    st.signals = {**st.signals, name: ev.get("value")}   # a new dict: the input shares the old
     for n in step.wf.nodes:
         ns = st.nodes[n.id]
         if n.wait_signal == name and ns.state == "waiting_signal":
-            ns.signal = ev.get("value")
+            step.N(n.id).signal = ev.get("value")
             step.gate(n, "signal")
 
 
@@ -590,12 +791,12 @@ def _on_cancel(step: _Step) -> None:
             step.cmds.append(Command("approval_closed", {"node": node_id, "state": "cancelled",
                                                          "by": step.ev.get("by", ""),
                                                          "reason": "run cancelled"}))
-    for t in st.tasks.values():
-        if t.state in TASK_ACTIVE:
-            t.state, t.finished, t.reason = "cancelled", step.ev.ts, "run cancelled"
-    for ns in st.nodes.values():
-        if ns.state not in NODE_FINAL:
-            ns.state, ns.finished = "cancelled", step.ev.ts
+    for key in active:
+        t = step.T(key)
+        t.state, t.finished, t.reason = "cancelled", step.ev.ts, "run cancelled"
+    for node_id in [k for k, ns in st.nodes.items() if ns.state not in NODE_FINAL]:
+        ns = step.N(node_id)
+        ns.state, ns.finished = "cancelled", step.ev.ts
     st.state, st.finished = "cancelled", step.ev.ts
     if active:
         step.cmds.append(Command("cancel_tasks", {"keys": active}))
@@ -629,26 +830,43 @@ def new_state(ev: Event, wf: Workflow) -> RunState:
     )
 
 
-def apply(state: RunState | None, ev: Event, wf: Workflow) -> tuple[RunState, list[Command]]:
-    """Apply one event. Mutates and returns ``state`` (a new one for RunStarted)."""
+def _apply_owned(state: RunState | None, ev: Event, wf: Workflow
+                 ) -> tuple[RunState, list[Command]]:
+    """Apply one event to a state this call may change (a fork, or None): the work of
+    :func:`apply` and :func:`fold`. A failing event leaves ``state`` as it was."""
     if ev.type == "RunStarted":
         if state is not None:          # a duplicate start changes nothing but the last seq seen
             if ev.seq is not None:
                 state.seq = max(state.seq, ev.seq)
             return state, []
         state = new_state(ev, wf)
+        state.__dict__["_counts"] = _Counts()
         step = _Step(state, wf, ev)
-        _on_run_started(step)
+        handler = _on_run_started
     else:
         if state is None:
             raise ValueError(f"{ev.type} for run {ev.run} before its RunStarted")
         step = _Step(state, wf, ev)
-        _HANDLERS[ev.type](step)
-    if ev.seq is not None:
-        state.seq = max(state.seq, ev.seq)
-    state.events += 1
-    step.settle()
+        handler = _HANDLERS[ev.type]
+    try:
+        handler(step)
+        if ev.seq is not None:
+            state.seq = max(state.seq, ev.seq)
+        state.events += 1
+        step.settle()
+        step.counts()
+    except BaseException:
+        step.undo()
+        raise
     return state, step.cmds
+
+
+def apply(state: RunState | None, ev: Event, wf: Workflow) -> tuple[RunState, list[Command]]:
+    """Apply one event: a new state (sharing what the event left alone) and the commands.
+    ``state`` itself is never changed; a duplicate start that changes nothing returns it."""
+    if state is not None and ev.type == "RunStarted" and (ev.seq is None or ev.seq <= state.seq):
+        return state, []
+    return _apply_owned(_fork(state) if state is not None else None, ev, wf)
 
 
 def refusal(state: RunState | None, ev: Event, verified: bool = True) -> str:
@@ -668,18 +886,23 @@ def fold(events: Iterable[Event], wf: Workflow, state: RunState | None = None, *
          verified: Callable[[Event], bool] = lambda ev: True,
          skipped: list[tuple[Event, str]] | None = None) -> tuple[RunState | None, list[Command]]:
     """The one replay: apply ``events`` in order to ``state`` (None: from the start), with the
-    engine's filters (:func:`refusal`); an event that cannot apply is skipped, its sequence
-    still counted. Returns the state and the commands; ``skipped`` collects (event, why)."""
+    engine's filters (:func:`refusal`); an event that cannot apply is skipped (nothing of it
+    kept), its sequence still counted. Returns a new state (``state`` is not changed) and the
+    commands; ``skipped`` collects (event, why)."""
     cmds: list[Command] = []
+    owned = False                       # forked once, then changed in place event by event
     for ev in events:
         why = refusal(state, ev, verified(ev))
         if not why:
+            if state is not None and not owned:
+                state, owned = _fork(state), True
             try:
-                state, c = apply(state, ev, wf)
+                state, c = _apply_owned(state, ev, wf)
+                owned = True
                 cmds.extend(c)
                 continue
             except (KeyError, ValueError, TypeError) as e:
-                why = f"cannot apply: {e!r}"
+                why = f"cannot apply: {e!r}"       # undone: the state is as before the event
                 if state is not None:
                     state.seq = max(state.seq, ev.seq or 0)
         if skipped is not None:

@@ -107,7 +107,7 @@ class RunView(widgets.VBox):
     async def _watch(self) -> None:
         try:
             async for ev, st in self.client.aclient.watch(self.run):
-                self._deliver(ev, RunState.from_dict(st.to_dict()))   # a copy: watch mutates
+                self._deliver(ev, st)     # a value: fold never changes a state it returned
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - show it; the run goes on without the view
