@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 
-from bench import BENCHES, GOALS, goal_met, load
+from bench import BENCHES, FIGURES, GOALS, QUICK, goal_met, load
 from bench.harness import _kill_all
 
 # (figure, label, value key, baseline key, ratio key, goal key) per benchmark; the goal key's
@@ -27,6 +27,43 @@ ROWS = {
     "engine_fanout": [
         ("steps/s, runs x parallel steps", "engine_fanout_steps_per_s",
          "engine_fanout_raw_steps_per_s", "engine_fanout_ratio", "engine_fanout_ratio"),
+    ],
+    "scaling": [
+        ("chain ms/step at the largest / smallest chain", "chain_flatness", None, None,
+         "chain_flatness"),
+        ("chain of 1,000: floor ms/step / nbflow ms/step", "engine_chain_1000_ratio", None, None,
+         "engine_chain_1000_ratio"),
+        ("s, --map 10,000 with no-op workers", "map10k_s", None, None, "map10k_s"),
+    ] + [(f"chain {n}: ms/step vs floor", f"scaling_chain_{n}_ms_per_step",
+          f"scaling_chain_{n}_raw_ms_per_step", f"scaling_chain_{n}_ratio", None)
+         for n in (5, 10, 20, 100, 1000)]
+      + [(f"map {n}: ms/task vs floor", f"scaling_map_{n}_ms_per_task",
+          f"scaling_map_{n}_raw_ms_per_task", f"scaling_map_{n}_ratio", None)
+         for n in (10, 50, 100, 1000, 10000)],
+    "pipeline21": [
+        ("s warm run-only (median) vs papermill whole notebook once", "pipeline21_s",
+         "pipeline21_papermill_once_s", "pipeline21_vs_papermill_once",
+         "pipeline21_vs_papermill_once"),
+        ("s, cells alone in a started kernel (floor)", "pipeline21_cells_s", None, None, None),
+        ("s `nbflow run` -> first task started, warm stack", "first_task_s_warm", None, None,
+         "first_task_s_warm"),
+        ("s `nbflow run` -> first task started, no stack running", "first_task_s_cold", None,
+         None, "first_task_s_cold"),
+        ("back-to-back warm runs: p90 / median", "warm_runs_p90_over_median", None, None,
+         "warm_runs_p90_over_median"),
+    ],
+    "map_memory": [
+        ("peak RSS MB, --map 200 on one worker (worker + kernels)", "map200_peak_rss_mb", None,
+         None, "map200_peak_rss_mb"),
+    ],
+    "peers": [
+        ("s nbflow warm run-only", "peers_nbflow_warm_s", None, None, None),
+        ("s nbflow `run` cold (stack start included)", "peers_nbflow_cold_s", None, None, None),
+        ("s papermill, whole notebook once (new kernel)", "peers_papermill_once_s", None, None,
+         None),
+        ("s papermill, one notebook per task", "peers_papermill_per_task_s", None, None, None),
+        ("s ploomber build", "peers_ploomber_s", None, None, None),
+        ("s prefect + papermill", "peers_prefect_s", None, None, None),
     ],
     "task_overhead": [
         ("overhead/task p50 ms (default: run isolation)", "task_overhead_ms_p50", None, None,
@@ -80,6 +117,13 @@ DEFINITIONS = [
     "pipeline10 floor: the notebook with %%task lines stripped, papermill in one new kernel "
     "(kernel start included; the cells alone take pipeline10_floor_cells_s)",
     "fanout_map efficiency: ideal (items x 20 ms / 2 workers) / measured (submit -> final)",
+    "scaling: no-op workers; chain floor = raw_chain of the same length, map floor = raw_fanout "
+    "of one run as wide as the map; ratio = floor time / nbflow time (1.0: no engine cost)",
+    "pipeline21: chain of 10, fan-out of 10, join; trivial cells; the embedded stack (`nbflow up`,"
+    " defaults, credentials); warm = runs after a first one; papermill once = the notebook with "
+    "%%task lines stripped in ONE NEW kernel (kernel start included); cells = the same cells' own "
+    "time in an already-started kernel",
+    "first task: wall clock from launching `nbflow run --no-wait` to the first TaskStarted's ts",
     "memory: engine child process VmRSS after a warm-up vs after N one-task no-op runs",
     "autoscale: one worker, --min-kernels 1 --max-kernels 8 (starting from 1 warm kernel) vs "
     "--concurrency 8 (9 warm kernels); time = submit -> final; RSS sampled every 250 ms",
@@ -131,11 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quick", action="store_true", help="smaller sizes (< 3 min on 2 cores)")
     g.add_argument("--tiny", action="store_true", help="smoke-test sizes (the harness only)")
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    p.add_argument("--no-auth", action="store_true",
+                   help="servers without credentials (default: with, as the embedded stack)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING)
     size = "tiny" if a.tiny else "quick" if a.quick else "full"
-    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(BENCHES)
+    names = [n.strip() for n in a.only.split(",") if n.strip()] or \
+        (list(QUICK) if size == "quick" else list(BENCHES))
+    if a.no_auth:
+        os.environ["NBFLOW_BENCH_AUTH"] = "0"
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHES)}")
@@ -145,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(143)
     signal.signal(signal.SIGTERM, _term)
 
-    results: dict = {"size": size, "cpus": os.cpu_count(), "python": platform.python_version()}
+    results: dict = {"size": size, "cpus": os.cpu_count(), "python": platform.python_version(),
+                     "auth": not a.no_auth, "loadavg_start": round(os.getloadavg()[0], 1)}
     t_all = time.perf_counter()
     failed = False
     try:
@@ -168,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _kill_all()
     results["total_s"] = round(time.perf_counter() - t_all, 1)
+    results["loadavg_end"] = round(os.getloadavg()[0], 1)
     results["goals"] = {k: {"op": op, "target": t, "value": results.get(k),
                             "met": goal_met(k, results.get(k))}
                         for k, (op, t) in GOALS.items() if k in results}
     print(table(results, names, size))
-    if a.json:
-        print(json.dumps(results, separators=(",", ":"), default=str))
+    if a.json:       # the headline figures first, in the issue's order (null: not measured)
+        line = {k: results.get(k) for k in FIGURES}
+        line.update((k, v) for k, v in results.items() if k not in line)
+        print(json.dumps(line, separators=(",", ":"), default=str))
     return 1 if failed else 0
 
 

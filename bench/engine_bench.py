@@ -6,6 +6,8 @@ to a worker, and the worker is :mod:`nbflow.worker.noop`, which completes them i
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 
 from nbflow.core.ir import Edge, Node, Workflow
@@ -29,6 +31,15 @@ def fanout_workflow(width: int, name: str = "bench_fanout") -> Workflow:
     return Workflow(name, nodes=nodes, edges=edges).validate()
 
 
+def map_workflow(n: int, name: str = "bench_map") -> Workflow:
+    """One ``--map`` node over a parameter list of ``n`` items (each instance's task message
+    carries the run's parameters, the list included: what a user's map over a parameter costs)."""
+    nodes = [Node("start", "start"), Node("m", "task", code="pass", map_var="i", map_over="items"),
+             Node("end", "end")]
+    return Workflow(name, nodes=nodes, edges=[Edge("start", "m"), Edge("m", "end")],
+                    params={"items": [0] * n}).validate()
+
+
 async def _ready(env: Env, js) -> None:
     await wait_consumer(js, env.L.history_stream, env.L.engine_consumer, env)
     await wait_consumer(js, env.L.tasks_stream, env.L.worker_consumer("default"), env)
@@ -41,7 +52,7 @@ async def _nbflow_runs(env: Env, wf: Workflow, runs: int, timeout: float = 600.0
     c = await env.connect()
     try:
         await _ready(env, c.js)
-        watch = await RunWatch(c.nc, env.L).start()
+        watch = await env.watch()
         await c.put_workflow(wf)
         t0 = time.perf_counter()
         ids: list[str] = []
@@ -64,14 +75,12 @@ async def _nbflow_runs(env: Env, wf: Workflow, runs: int, timeout: float = 600.0
         await c.close()
 
 
-async def _raw(env: Env, fn, *args) -> float:
-    import nats
-
+async def _raw(env: Env, fn, *args, suffix: str = "") -> float:
     from nbflow.nats.layout import Layout
 
-    nc = await nats.connect(env.url)
+    nc = await env.raw_connect()
     try:
-        return await fn(nc, Layout(env.ns + "raw"), *args)
+        return await fn(nc, Layout(env.ns + "raw" + suffix), *args)
     finally:
         await nc.close()
 
@@ -138,3 +147,41 @@ async def memory(size: str = "full") -> dict:
         "engine_rss_after_mb": round(after / 1024, 1),
         "engine_rss_growth_pct": round(100.0 * (after - before) / before, 1) if before else None,
     }
+
+
+async def scaling(size: str = "full") -> dict:
+    """Per-step cost against run size (no-op workers): a chain at 10/100/1,000 steps and a
+    ``--map`` at 10/100/1,000/10,000 instances, each beside its raw JetStream floor of the same
+    size. chain_flatness = ms/step at the largest chain / at the smallest (1.0: flat)."""
+    chains = {"tiny": (5, 20), "quick": (10, 100, 1000), "full": (10, 100, 1000)}[size]
+    maps = {"tiny": (10, 50), "quick": (10, 100, 1000, 10_000),
+            "full": (10, 100, 1000, 10_000)}[size]
+    out: dict = {}
+    with Env("scaling") as env:
+        raw_c = {n: await _raw(env, raw_chain, n, suffix=f"c{n}") for n in chains}
+        raw_m = {n: await _raw(env, raw_fanout, 1, n, suffix=f"m{n}") for n in maps}
+        env.engine()
+        env.noop_worker(concurrency=256)
+        await _nbflow_runs(env, chain_workflow(3, "warmup"), 1)
+        for n in chains:
+            nb_s, _ = await _nbflow_runs(env, chain_workflow(n, f"chain{n}"), 1)
+            out[f"scaling_chain_{n}_ms_per_step"] = round(1000 * nb_s / n, 2)
+            out[f"scaling_chain_{n}_raw_ms_per_step"] = round(1000 * raw_c[n] / n, 2)
+            out[f"scaling_chain_{n}_ratio"] = round(raw_c[n] / nb_s, 3)
+            print(f"[scaling] chain {n}: {1000 * nb_s / n:.2f} ms/step "
+                  f"(floor {1000 * raw_c[n] / n:.2f})", file=sys.stderr, flush=True)
+        for n in maps:
+            nb_s, _ = await _nbflow_runs(env, map_workflow(n, f"map{n}"), 1, timeout=1800)
+            out[f"scaling_map_{n}_s"] = round(nb_s, 3)
+            out[f"scaling_map_{n}_ms_per_task"] = round(1000 * nb_s / n, 3)
+            out[f"scaling_map_{n}_raw_ms_per_task"] = round(1000 * raw_m[n] / n, 3)
+            out[f"scaling_map_{n}_ratio"] = round(raw_m[n] / nb_s, 3)
+            print(f"[scaling] map {n}: {nb_s:.2f} s, {1000 * nb_s / n:.2f} ms/task "
+                  f"(floor {1000 * raw_m[n] / n:.2f})", file=sys.stderr, flush=True)
+    lo, hi = min(chains), max(chains)
+    out["chain_flatness"] = round(out[f"scaling_chain_{hi}_ms_per_step"] /
+                                  out[f"scaling_chain_{lo}_ms_per_step"], 2)
+    out["engine_chain_1000_ratio"] = out.get("scaling_chain_1000_ratio")
+    out["map10k_s"] = out.get("scaling_map_10000_s")
+    out["scaling_loadavg_1m"] = round(os.getloadavg()[0], 1)
+    return out

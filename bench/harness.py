@@ -22,6 +22,11 @@ from nbflow.core.state import RUN_FINAL
 
 _LIVE: set[subprocess.Popen] = set()
 
+# Servers start WITH credentials, as the embedded stack does (engine, worker and owner users with
+# their roles); `python -m bench --no-auth` sets NBFLOW_BENCH_AUTH=0 to measure what auth costs.
+def auth_on() -> bool:
+    return os.environ.get("NBFLOW_BENCH_AUTH", "1") != "0"
+
 
 def _kill_all() -> None:
     """Last resort (atexit / SIGTERM): no child of ours outlives the benchmark."""
@@ -96,18 +101,59 @@ class Env:
         self.keep = keep
         self.server = None
         self.procs: dict[str, subprocess.Popen] = {}
+        self.auth = auth_on()
+        self.creds: dict | None = None
 
     def __enter__(self) -> "Env":
         from nbflow.stack import NatsServer
 
+        conf = ""
+        if self.auth:                # the stack's users and roles (nats/auth.py)
+            from nbflow.nats import auth
+
+            home = self.dir / "home"
+            home.mkdir(parents=True, exist_ok=True)
+            self.creds = auth.ensure_credentials(home, "bench")
+            conf = auth.authorization_conf(self.creds, [self.L])
         # sync_interval as the embedded stack: fsync every second, JetStream still writes each msg
-        self.server = NatsServer(self.dir / "nats", sync_interval="1s")
+        self.server = NatsServer(self.dir / "nats", sync_interval="1s", extra_conf=conf)
         try:
             self.server.start()
         finally:
             if self.server.proc is not None:
                 _LIVE.add(self.server.proc)
+        if self.auth:
+            self._create_streams()
         return self
+
+    def password(self, user: str) -> str:
+        return self.creds["users"][user]["password"]
+
+    @property
+    def owner(self) -> str:
+        return self.creds["owner"]
+
+    def role_env(self, role: str) -> dict[str, str]:
+        """How a child of this role connects (as the embedded stack's children do)."""
+        if not self.auth:
+            return {}
+        return {"NBFLOW_NATS_USER": role, "NBFLOW_NATS_PASSWORD": self.password(role)}
+
+    def _create_streams(self) -> None:
+        """As the embedded stack: the engine user creates the streams before workers start
+        (workers may not create streams). In a thread: benches call this inside their loop."""
+        import concurrent.futures
+
+        from nbflow.nats import infra
+
+        async def go():
+            nc = await self.raw_connect()
+            try:
+                await infra.ensure(nc.jetstream(), self.L, look_first=False)
+            finally:
+                await nc.close()
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            ex.submit(asyncio.run, go()).result()
 
     def __exit__(self, *exc) -> None:
         self.stop_all()
@@ -121,12 +167,14 @@ class Env:
     def url(self) -> str:
         return self.server.url
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
+              role: str = "worker") -> subprocess.Popen:
         e = dict(os.environ)
         e["NBFLOW_NAMESPACE"] = self.ns
         e["NBFLOW_NATS_URL"] = self.url
         e["NBFLOW_HOME"] = str(self.dir / "home")
         e.setdefault("PYTHONUNBUFFERED", "1")
+        e.update(self.role_env(role))
         e.update(env or {})
         log = open(self.dir / f"{name}.log", "ab")
         # own session: a Ctrl-C reaches us only, and we stop children in order
@@ -139,7 +187,7 @@ class Env:
 
     def engine(self, env: dict[str, str] | None = None) -> subprocess.Popen:
         return self.spawn("engine", ["-m", "nbflow", "engine", "--nats", self.url,
-                                     "--namespace", self.ns], env)
+                                     "--namespace", self.ns], env, role="engine")
 
     def noop_worker(self, concurrency: int = 64, name: str = "noop") -> subprocess.Popen:
         return self.spawn(name, ["-m", "nbflow.worker.noop", "--nats", self.url,
@@ -189,9 +237,28 @@ class Env:
                 raise RuntimeError(f"{name} exited with {p.returncode}:\n{self.log_tail(name)}")
 
     async def connect(self):
+        """A client as the stack's owner (author + approver), as a person submitting runs."""
         from nbflow.client import Client
 
-        return await Client.connect(self.url, namespace=self.ns)
+        if not self.auth:
+            return await Client.connect(self.url, namespace=self.ns)
+        return await Client.connect(self.url, namespace=self.ns, user=self.owner,
+                                    password=self.password(self.owner))
+
+    async def raw_connect(self):
+        """A plain NATS connection that may do anything (the engine user): raw floors and
+        watching the runs bucket."""
+        import nats
+
+        if not self.auth:
+            return await nats.connect(self.url)
+        return await nats.connect(self.url, user="engine", password=self.password("engine"))
+
+    async def watch(self) -> "RunWatch":
+        nc = await self.raw_connect()
+        w = await RunWatch(nc, self.L).start()
+        w.own_nc = nc
+        return w
 
 
 async def wait_consumer(js, stream: str, durable: str, env: Env | None = None,
@@ -216,6 +283,7 @@ class RunWatch:
 
     def __init__(self, nc, L: Layout):
         self.nc, self.L = nc, L
+        self.own_nc = None
         self.final: dict[str, dict[str, Any]] = {}
         self.final_at: dict[str, float] = {}
         self._changed = asyncio.Event()
@@ -255,6 +323,8 @@ class RunWatch:
 
     async def stop(self) -> None:
         await self.sub.unsubscribe()
+        if self.own_nc is not None:
+            await self.own_nc.close()
 
 
 def _task_bytes(run: str, key: str, i: int) -> bytes:

@@ -96,7 +96,7 @@ async def _connected(env: Env, workers: int):
     c = await env.connect()
     await wait_consumer(c.js, env.L.history_stream, env.L.engine_consumer, env)
     await wait_consumer(c.js, env.L.tasks_stream, env.L.worker_consumer("default"), env)
-    watch = await RunWatch(c.nc, env.L).start()
+    watch = await env.watch()
     return c, watch
 
 
