@@ -25,6 +25,18 @@ def test_engine_benches_run_tiny_and_print_json():
     assert "engine_chain" in p.stdout and "ratio" in p.stdout     # the table came first
 
 
+def test_json_line_starts_with_the_headline_figures_in_order_and_no_auth_is_a_switch():
+    from bench import FIGURES
+
+    p = subprocess.run([sys.executable, "-m", "bench", "--only", "scaling", "--tiny", "--json",
+                        "--no-auth"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout.strip().splitlines()[-1])
+    assert list(d)[:len(FIGURES)] == FIGURES
+    assert d["chain_flatness"] > 0 and d["auth"] is False
+    assert d["scaling_chain_5_ms_per_step"] > 0 and d["scaling_map_50_ms_per_task"] > 0
+
+
 def test_noop_worker_completes_tasks_in_process():
     """The noop worker as an async class: a task message in, one TaskSucceeded out, task acked."""
     import asyncio
@@ -32,13 +44,12 @@ def test_noop_worker_completes_tasks_in_process():
     from bench.harness import Env
 
     async def go(env):
-        import nats
 
         from nbflow.nats import infra
         from nbflow.nats.layout import MSG_ID
         from nbflow.worker.noop import NoopWorker
 
-        nc = await nats.connect(env.url)
+        nc = await env.raw_connect()          # the bench's servers have credentials
         js = nc.jetstream()
         w = NoopWorker(nc, env.L, concurrency=8, started=True)
         await w.start()
