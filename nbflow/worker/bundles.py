@@ -126,6 +126,7 @@ class BundleCache:
         self.unpacked = 0           # how many bundles this process unpacked (tests count it)
         self.evicted = 0
         self.in_use: dict[str, int] = {}     # hash -> tasks of this process using it
+        self._sizes: dict[str, int] = {}     # hash -> bytes unpacked
 
     def _lockfile(self, h: str) -> int:
         d = os.path.join(self.root, LOCKS)
@@ -144,8 +145,10 @@ class BundleCache:
                                                              fcntl.LOCK_SH)
             self.in_use[h] = self.in_use.get(h, 0) + 1
             try:
+                before = self.unpacked
                 path = await self.get(h)
-                await asyncio.get_running_loop().run_in_executor(None, self.trim)
+                if self.unpacked != before:         # the cache grew: keep it bounded
+                    await asyncio.get_running_loop().run_in_executor(None, self.trim)
                 yield path
             finally:
                 self.in_use[h] -= 1
@@ -190,7 +193,9 @@ class BundleCache:
                 used = os.stat(p).st_mtime
             except OSError:
                 continue
-            out.append((used, _du(p), n))
+            if n not in self._sizes:              # a bundle's content never changes
+                self._sizes[n] = _du(p)
+            out.append((used, self._sizes[n], n))
         return sorted(out)
 
     def trim(self, max_bytes: int | None = None) -> list[str]:
