@@ -126,6 +126,12 @@ def test_traceback_lines_are_numbered_as_the_users_cell(pool, tmp_path):
     assert "      9 v8 = 8\n----> 10 ratio = 1 / 0\n     11 after = 1" in res.traceback, \
         res.traceback
     assert "Cell In[" not in res.traceback
+    # the RunView's outputs panel shows the failed task's error output numbered the same way
+    from nbflow.widgets.htmlparts import task_cell_outputs
+    err = next(o for o in task_cell_outputs(nbformat.read(res.notebook_path, as_version=4))
+               if o["output_type"] == "error")
+    assert "cell 4 (task boom), line 10\n" in err["traceback"][0]
+    assert "----> 10 ratio = 1 / 0" in err["traceback"][0] and "Cell In[" not in err["traceback"][0]
 
 
 def test_when_false_skips_the_task(pool, tmp_path):

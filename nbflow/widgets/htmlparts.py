@@ -8,6 +8,7 @@ import reprlib
 from typing import Any
 
 from nbflow.compiler import render
+from nbflow.core.tracebacks import strip_ansi, user_cells
 
 def badge(state: str) -> str:
     colour = render.STATE_COLOURS.get(state, "#EEEEEE")
@@ -51,6 +52,9 @@ def task_cell_outputs(nb: Any) -> list[dict[str, Any]]:
                 if o.get("output_type") == "execute_result":   # shown like display_data
                     o = {"output_type": "display_data", "data": o.get("data", {}),
                          "metadata": o.get("metadata", {})}
+                elif o.get("output_type") == "error":          # the user's cell and lines
+                    o = {**o, "traceback": [user_cells(nb, strip_ansi(
+                        "\n".join(o.get("traceback") or [])))]}
                 outs.append(o)
     return outs
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from papermill.exceptions import PapermillExecutionError
 from nbflow import io as nbio
 from nbflow.worker.kernels import papermill as _engine  # noqa: F401 - registers the engine "nbflow"
 from nbflow.worker.kernels.cellrun import POLL_SLICE, RunControl, interruption_message
+from nbflow.core.tracebacks import cell_label, strip_ansi, user_cells  # noqa: F401 (also here)
 from nbflow.worker.kernels.pool import KernelPool
 
 log = logging.getLogger("nbflow.worker.runner")
@@ -30,11 +30,6 @@ INPUT_NB = "task.ipynb"
 EXECUTED_NB = "executed.ipynb"
 TASK_TAG = "nbflow-task"            # the compiler may tag the task's own cell(s) for exec_s
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-def strip_ansi(s: str) -> str:
-    return _ANSI.sub("", s)
 
 
 @dataclass
@@ -224,63 +219,6 @@ def task_exec_seconds(nb) -> float:
     return total
 
 
-def _cell_label(cell, n: int) -> str:
-    """How a person finds the cell: its number in their notebook for the task's own cell."""
-    meta = cell.get("metadata", {})
-    user = (meta.get("nbflow") or {}).get("cell")
-    if user:
-        return f"cell {user}"
-    tags = meta.get("tags") or []
-    kind = next((t[len("nbflow-"):] for t in tags if t.startswith("nbflow-")), "")
-    if "parameters" in tags or "injected-parameters" in tags:
-        kind = "parameters"
-    return f"cell {n} of the task notebook" + (f" ({kind})" if kind else "")
-
-
-_CELL_IN = re.compile(r"Cell In\[(\d+)\](, line (\d+))?")
-_LISTING = re.compile(r"(---->\s*|\s+)(\d+)(?= |$)")      # "      2 code" / "----> 3 code"
-
-
-def user_cells(nb, text: str) -> str:
-    """IPython names cells by execution count (``Cell In[5], line 2``); say the notebook's own
-    cell number and line instead (``cell 7 (task report), line 3``: the %%task line is line 1)."""
-    if not text or "Cell In[" not in text:
-        return text
-    labels: dict[str, tuple[str, int]] = {}
-    for i, cell in enumerate(nb.cells, 1):
-        if cell.cell_type == "code" and cell.get("execution_count"):
-            task = (cell.get("metadata", {}).get("nbflow") or {}).get("task")
-            labels[str(cell["execution_count"])] = (
-                _cell_label(cell, i) + (f" (task {task})" if task else ""), 1 if task else 0)
-
-    def sub(m: re.Match) -> str:
-        if m.group(1) not in labels:
-            return m.group(0)
-        label, shift = labels[m.group(1)]
-        return label + (f", line {int(m.group(3)) + shift}" if m.group(3) else "")
-
-    out: list[str] = []
-    shift = 0                       # of the source listing under the last "Cell In[..]" header
-    for line in text.split("\n"):
-        m = _CELL_IN.match(line)
-        if m:
-            shift = labels[m.group(1)][1] if m.group(1) in labels else 0
-            out.append(_CELL_IN.sub(sub, line))
-            continue
-        n = _LISTING.match(line) if shift else None
-        if n is None:
-            shift = 0 if not line.strip() else shift
-            out.append(_CELL_IN.sub(sub, line))
-            continue
-        # the listing numbers the task body from 1: number it as the user's cell (%%task = 1)
-        head, num = n.group(1), str(int(n.group(2)) + shift)
-        width = len(head) + len(n.group(2))
-        pre = (("---->" + num.rjust(max(width - 5, len(num) + 1))) if head.startswith("-")
-               else num.rjust(width))
-        out.append(pre + line[n.end(2):])
-    return "\n".join(out)
-
-
 def notebook_logs(nb) -> str:
     """The stdout/stderr text and error tracebacks (ANSI stripped) of every cell of an executed
     notebook (a NotebookNode or a path), each under a one-line header."""
@@ -303,7 +241,7 @@ def notebook_logs(nb) -> str:
             continue
         first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
         status = cell.get("metadata", {}).get("papermill", {}).get("status", "")
-        head = f"--- {_cell_label(cell, n)}" + (f" [{status}]" if status else "") + \
+        head = f"--- {cell_label(cell, n)}" + (f" [{status}]" if status else "") + \
             f": {first[:60]}"
         body = "".join(texts)
         parts.append(head + "\n" + body + ("" if body.endswith("\n") else "\n"))
