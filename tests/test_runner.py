@@ -132,6 +132,10 @@ def test_traceback_lines_are_numbered_as_the_users_cell(pool, tmp_path):
                if o["output_type"] == "error")
     assert "cell 4 (task boom), line 10\n" in err["traceback"][0]
     assert "----> 10 ratio = 1 / 0" in err["traceback"][0] and "Cell In[" not in err["traceback"][0]
+    # and so does the console's page of the executed notebook
+    from nbflow.console.handlers import _notebook_html
+    page = _notebook_html(open(res.notebook_path, "rb").read())
+    assert "cell 4 (task boom), line 10" in page and "Cell In[" not in page
 
 
 def test_when_false_skips_the_task(pool, tmp_path):

@@ -250,7 +250,13 @@ def _notebook_html(raw: bytes) -> str:
     import nbformat
     from nbconvert import HTMLExporter
 
+    from nbflow.core.tracebacks import strip_ansi, user_cells
+
     nb = nbformat.reads(raw.decode("utf-8"), as_version=4)
+    for cell in nb.cells:            # errors name the user's cell and lines, as the logs do
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                o["traceback"] = [user_cells(nb, strip_ansi("\n".join(o.get("traceback") or [])))]
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     return body
 
