@@ -54,6 +54,31 @@ def resolve_url(url: str | None = None) -> str:
     return url
 
 
+def _served_by_the_local_stack(url: str, namespace: str) -> None:
+    """On this machine's embedded stack, a namespace it does not serve yet (``--namespace``)
+    is served from now on: its users' permissions, streams, an engine and workers. (Only the
+    stack's owner can ask; the stack starts the processes, not the client.)"""
+    from nbflow.nats import auth
+
+    found = auth.local_stack(url)
+    if found is None:
+        return
+    d, info = found
+    if namespace in (info.get("namespaces") or [info.get("namespace") or ""]):
+        return
+    try:
+        Layout(namespace)
+    except ValueError as e:
+        raise NbflowError(str(e)) from None
+    from nbflow.errors import StackError
+    from nbflow.stack import serve_namespace
+
+    try:
+        serve_namespace(d, namespace)
+    except StackError as e:
+        raise NbflowError(str(e)) from None
+
+
 def _local_time(ts: float | None) -> str:
     return "" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
@@ -68,6 +93,7 @@ class Client(Runs):
         """``reconnect``: ride out server restarts and leader moves (long-lived clients such as
         widgets); a one-shot CLI command fails fast instead."""
         url = resolve_url(url)
+        _served_by_the_local_stack(url, default_namespace() if namespace is None else namespace)
         opts = infra.ConnectOptions.from_env(url, **conn)
         nc = await infra.connect(opts, name="nbflow-client", reconnect=reconnect)
         try:

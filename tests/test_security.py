@@ -295,6 +295,33 @@ def test_cancel_records_the_authenticated_user_and_a_forged_cancel_neither_cance
         check_replay(carol, run)
 
 
+def test_another_namespace_on_the_embedded_stack_is_served_with_the_same_roles(
+        embedded, tmp_path):
+    """`nbflow run --namespace team2` against the running embedded stack (started for the
+    default namespace): the stack starts serving team2 — its users' permissions, streams, an
+    engine and workers — and the run succeeds; the roles hold there too, and the namespaces
+    stay apart."""
+    d, url = embedded
+    nb = write_notebook(tmp_path / "team.ipynb", ["%%task a\nx = 20",
+                                                  "%%task b\ny = x + 1\nprint('y is', y)"])
+    r = subprocess.run([sys.executable, "-m", "nbflow", "run", "--namespace", "team2", str(nb)],
+                       env={**os.environ, "NBFLOW_HOME": str(d)}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((d / "stack.json").read_text())["namespaces"] == ["", "team2"]
+    with SyncClient(url, namespace="team2", user="viewer") as v:
+        (only,) = v.runs()
+        assert only.state == "succeeded"
+        assert v.load_output(only.run, "a", "x") == 20
+        with pytest.raises(infra.PermissionDenied):
+            v.submit(str(nb), {})
+    with SyncClient(url, namespace="team2", user="worker") as w:
+        with pytest.raises(infra.PermissionDenied):
+            w.submit(str(nb), {})
+    with SyncClient(url, user="viewer") as v0:
+        assert only.run not in [s.run for s in v0.runs(limit=1000)]
+
+
 def test_a_viewer_reads_but_cannot_submit_approve_or_signal(embedded, awaiting_run):
     _, url = embedded
     run, nb = awaiting_run

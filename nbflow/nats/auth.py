@@ -141,6 +141,20 @@ def local_credentials(url: str, user: str | None = None) -> tuple[str, str] | No
     return (found[0], found[1]["password"]) if found else None
 
 
+def local_stack(url: str) -> tuple[Path, dict] | None:
+    """(data dir, stack.json) when ``url`` is this machine's embedded stack and this OS user
+    can read its credentials (its owner), else None."""
+    path = os.environ.get("NBFLOW_STACK_CREDENTIALS")
+    data = Path(path).parent if path else default_data_dir()
+    try:
+        info = json.loads((data / STACK_FILE).read_text())
+        if not _same_server(url, info["url"]) or not load_credentials(data):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data, info
+
+
 def _local_entry(url: str, user: str | None) -> tuple[str, dict] | None:
     path = os.environ.get("NBFLOW_STACK_CREDENTIALS")
     data = Path(path).parent if path else default_data_dir()

@@ -24,8 +24,9 @@ import sys
 import time
 
 from nbflow.errors import StackError
-from nbflow.stack.credentials import (add_user, create_streams, stack_authorization,
-                                      stack_role_env)
+from nbflow.stack.credentials import (add_user, create_streams, reload_server,
+                                      request_namespace, served_namespaces, stack_authorization,
+                                      stack_role_env, wait_permitted)
 from nbflow.stack.files import LOCK_FILE, LOG_FILE, STACK_FILE, data_dir, open_private
 from nbflow.stack.procs import listens_on, lock_store, store_holders
 from nbflow.stack.record import clean_stale, read_stack, write_stack
@@ -38,7 +39,7 @@ _wait_port = wait_port            # the names tests and tools import from here
 __all__ = ["StackError", "NatsServer", "Supervisor", "free_port", "nats_server_binary",
            "wait_port", "data_dir", "read_stack", "add_user", "stack_authorization",
            "stack_role_env", "lock_store", "store_holders", "listens_on", "run_foreground",
-           "ensure_background", "running_url", "nats_url", "down"]
+           "ensure_background", "running_url", "nats_url", "down", "serve_namespace"]
 
 
 def run_foreground(data: str | None = None, port: int = 0, workers: int | None = None,
@@ -60,15 +61,24 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
         raise StackError(f"--workers must be 0 or more, not {workers}")
     auth_conf = stack_authorization(d, namespace)
     server = start_server(d, port or default_port(), auth_conf)
-    create_streams(d, server.url, namespace)
+    serving = served_namespaces(d, namespace)   # with those clients asked for before
+    for ns in serving:
+        create_streams(d, server.url, ns)
 
     def record():
         write_stack(d, {"pid": os.getpid(), "url": server.url, "port": server.port,
                         "data": str(d), "workers": workers, "started": time.time(),
-                        "server_pid": server.proc.pid, "namespace": namespace})
+                        "server_pid": server.proc.pid, "namespace": namespace,
+                        "namespaces": list(sups)})
+
+    def supervise(ns: str) -> Supervisor:
+        return Supervisor(server.url, workers=workers, namespace=ns, log_file=d / LOG_FILE,
+                          die_with_parent=True, role_env=stack_role_env(d)).start()
+    sups: dict[str, Supervisor] = {}
     record()                             # before the children: they find their credentials by it
-    sup = Supervisor(server.url, workers=workers, namespace=namespace, log_file=d / LOG_FILE,
-                     die_with_parent=True, role_env=stack_role_env(d)).start()
+    for ns in serving:                   # one engine and the workers per namespace
+        sups[ns] = supervise(ns)
+    record()
     stopping = []
 
     def _stop(*_):
@@ -82,13 +92,27 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
             if server.proc.poll() is not None:          # the server died: restart it
                 server = start_server(d, server.port, stack_authorization(d, namespace))
                 record()
-            sup.check()
+            for ns in served_namespaces(d, namespace):  # a client asked for another one
+                if ns not in sups:
+                    try:
+                        reload_server(d, server.port, server.proc.pid, namespace)
+                        create_streams(d, server.url, ns)
+                        wait_permitted(d, server.url, ns)
+                    except Exception as e:  # noqa: BLE001 - asked again on the next pass
+                        echo(f"could not serve namespace {ns!r} yet: {e}")
+                        continue
+                    sups[ns] = supervise(ns)
+                    record()
+                    echo(f"serving namespace {ns!r} too")
+            for sup in sups.values():
+                sup.check()
             time.sleep(0.5)
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
         echo("stopping nbflow stack ...")
-        sup.stop()
+        for sup in sups.values():
+            sup.stop()
         server.stop()
         try:
             (d / STACK_FILE).unlink()
@@ -130,6 +154,31 @@ def ensure_background(data: str | None = None, timeout: float = 60.0) -> str:
     tail = (d / LOG_FILE).read_text()[-1500:] if (d / LOG_FILE).exists() else ""
     raise StackError(f"the embedded stack did not start within {timeout:.0f}s; see "
                      f"{d / LOG_FILE}:\n{tail}")
+
+
+def serve_namespace(d, namespace: str, timeout: float = 60.0) -> None:
+    """Have the running embedded stack of data dir ``d`` serve ``namespace`` too (permissions
+    for its users, its streams, an engine and workers), waiting until it does."""
+    info = read_stack(d)
+    if info is None:
+        raise StackError(f"no embedded stack is running on {d}")
+    if namespace in (info.get("namespaces") or [info.get("namespace") or ""]):
+        return
+    try:
+        request_namespace(d, namespace)
+    except OSError as e:
+        raise StackError(f"namespace {namespace!r} is not served by the embedded stack on {d} "
+                         f"and this user cannot ask for it ({e}); its owner can, with "
+                         f"`nbflow run --namespace {namespace} ...` or `nbflow up --namespace "
+                         f"{namespace}`") from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = read_stack(d) or {}
+        if namespace in (info.get("namespaces") or []):
+            return
+        time.sleep(0.1)
+    raise StackError(f"the embedded stack on {d} did not start serving namespace {namespace!r} "
+                     f"within {timeout:.0f}s; see {d / LOG_FILE}")
 
 
 def _connectable(url: str) -> bool:
