@@ -215,13 +215,20 @@ class Client(Runs):
             except NotFound:
                 break
             try:
-                events.append(decode(raw.data, seq=raw.seq))
+                ev = decode(raw.data, seq=raw.seq)
+                if self._sent_as(ev, raw.subject):
+                    events.append(ev)
             except Exception:  # noqa: BLE001 - malformed messages are dead-lettered
                 pass
             seq = raw.seq + 1
         if not events:
             return st
         return fold(events, await self.workflow(st.wf), st)[0]
+
+    def _sent_as(self, ev: Event, subject: str | None) -> bool:
+        """Whether ``ev`` was published on its own kind's subject: one sent on another kind's
+        (a forgery the engine dead-letters and removes) is never shown or folded."""
+        return subject is None or self.L.history_kind(subject) == ev.type
 
     async def history(self, run: str) -> list[Event]:
         run = await self._resolve_run(run)
@@ -248,7 +255,7 @@ class Client(Runs):
                     ev = decode(msg.data, seq=seq)
                 except Exception:  # noqa: BLE001 - malformed messages are dead-lettered
                     ev = None
-                if ev is not None:
+                if ev is not None and self._sent_as(ev, msg.subject):
                     yield ev
                 if not follow and seq >= last_seq:
                     return
