@@ -256,3 +256,19 @@ def _kernel_leftovers(tmp):
     removed = workdirs.clean_stale(str(tmp))
     assert sorted(os.path.basename(r) for r in removed) == sorted([entries[0], old.name])
     assert os.listdir(tmp) == [other.name]
+
+
+def test_an_older_workers_young_pool_dir_is_never_swept(tmp_path):
+    """An older version's pool dir has no pid in its name; a kernel still starting in it has
+    bound no socket yet. Sweeping it then killed that kernel ("died before replying to
+    kernel_info"), so only a pool dir that is old and has no live socket is removed."""
+    from nbflow.worker import workdirs
+
+    young = tmp_path / "nbflow-kernels-ab12cd34"
+    old = tmp_path / "nbflow-kernels-zz99yy88"
+    young.mkdir()
+    old.mkdir()
+    os.utime(old, (1, 1))
+    removed = workdirs.clean_stale(str(tmp_path))
+    assert removed == [str(old)]
+    assert sorted(os.listdir(tmp_path)) == [young.name]

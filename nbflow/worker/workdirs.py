@@ -23,6 +23,7 @@ _LEGACY = re.compile(r"^nbflow-(?!w\d|kernels-)[a-z0-9-]+-")   # before pids wer
 _LEGACY_KERNELS = re.compile(r"^nbflow-kernels-[a-z0-9_]{8}$")
 _CONN = re.compile(r"^tmp[a-z0-9_]+\.json$")          # jupyter_client's default connection files
 LEGACY_AGE_S = 24 * 3600
+LEGACY_KERNELS_AGE_S = 600
 
 
 def make(run: str, key: str) -> str:
@@ -60,7 +61,14 @@ def clean_stale(root: str | None = None, dry_run: bool = False) -> list[str]:
         if m:
             stale = int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
         elif _LEGACY_KERNELS.match(n):
-            stale = not _sockets_in_use(path)
+            # an older worker's pool dir has no pid in its name: only its sockets tell it is
+            # in use, and a kernel that is still starting has not bound them yet — so a young
+            # dir is never touched (removing it killed kernels starting beside a new worker)
+            try:
+                young = now - os.path.getmtime(path) < LEGACY_KERNELS_AGE_S
+            except OSError:
+                continue
+            stale = not young and not _sockets_in_use(path)
         elif _LEGACY.match(n):
             try:
                 stale = now - os.path.getmtime(path) > LEGACY_AGE_S
