@@ -563,10 +563,15 @@ class Client(Runs):
             if not ends:                       # still queued or running
                 parts.append(f"── {key} (attempt {t.attempt}, {t.state}) ──")
                 continue
+            # an attempt still to come: the retry waiting for its delay, or one queued/running
+            coming = (t.attempt + 1 if t.state == "retry_wait" else
+                      t.attempt if t.state in ("queued", "running") and t.attempt > len(ends)
+                      else 0)
+            of = max(len(ends), coming)
             for ev in ends:                    # every attempt, oldest first, newest last
                 state = {"TaskSucceeded": "succeeded", "TaskFailed": "failed",
                          "TaskSkipped": "skipped"}[ev.type]
-                head = f"── {key} (attempt {ev['attempt']} of {len(ends)}, {state}) "
+                head = f"── {key} (attempt {ev['attempt']} of {of}, {state}) "
                 parts.append(head + "─" * max(0, 70 - len(head)))
                 text = ""
                 if ev.get("notebook"):
@@ -580,9 +585,9 @@ class Client(Runs):
                                      if x).rstrip()
                 if text:
                     parts.append(text)
-            if t.state not in ("succeeded", "failed", "skipped", "cancelled") and \
-                    t.attempt > len(ends):    # the newest attempt has no log yet
-                parts.append(f"── {key} (attempt {t.attempt}, {t.state}) ──")
+            if coming:                         # the newest attempt has no log yet
+                what = "waits to retry" if t.state == "retry_wait" else t.state
+                parts.append(f"── {key} (attempt {coming} of {of}, {what}) ──")
         return "\n".join(parts)
 
     async def load_output(self, run: str, task: str, name: str) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from nbhelpers import write_notebook
-from support import finish
+from support import finish, wait_for
 from test_loop import nbflow, on_stack, run_id  # noqa: F401 - the fixture
 
 
@@ -31,6 +31,20 @@ def test_logs_show_every_attempt_newest_last_with_tracebacks(on_stack, tmp_path)
     one, two = logs.index("attempt 1 of 2, failed"), logs.index("attempt 2 of 2, failed")
     assert one < logs.index("ValueError: first try") < two < logs.index("ValueError: second try")
     assert logs.count("Traceback") >= 2 or logs.count("----> ") >= 2, logs
+
+
+def test_logs_of_a_task_waiting_to_retry_show_the_failed_attempt_and_the_one_to_come(
+        on_stack, client, tmp_path):
+    nb = write_notebook(tmp_path / "later.ipynb", [
+        "%%task later --retries 1 --retry-delay 1h\nprint('trying')\nraise ValueError('not yet')"])
+    run = client.submit(str(nb))
+    wait_for(lambda: client.status(run).tasks.get("later") and
+             client.status(run).tasks["later"].state == "retry_wait", what="the retry wait")
+    logs = nbflow("logs", run, "later", env=on_stack).stdout
+    one = logs.index("attempt 1 of 2, failed")
+    assert one < logs.index("trying") < logs.index("ValueError: not yet") < \
+        logs.index("attempt 2 of 2, waits to retry"), logs
+    client.cancel(run)
 
 
 def test_sys_exit_in_a_task_is_a_failure(on_stack, tmp_path):
