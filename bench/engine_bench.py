@@ -149,15 +149,17 @@ async def memory(size: str = "full") -> dict:
     }
 
 
-async def scaling(size: str = "full") -> dict:
+async def scaling(size: str = "full", chains: tuple[int, ...] | None = None,
+                  maps: tuple[int, ...] | None = None) -> dict:
     """Per-step cost against run size (no-op workers): a chain at 10/100/1,000 steps and a
     ``--map`` at 10/100/1,000/10,000 instances, each beside its raw JetStream floor of the same
     size. chain_flatness = ms/step at the largest chain / at the smallest (1.0: flat)."""
-    chains = {"tiny": (5, 20), "quick": (10, 100, 1000), "full": (10, 100, 1000)}[size]
-    maps = {"tiny": (10, 50), "quick": (10, 100, 1000, 10_000),
-            "full": (10, 100, 1000, 10_000)}[size]
+    chains = chains or {"tiny": (5, 20), "quick": (10, 100, 1000), "full": (10, 100, 1000)}[size]
+    maps = maps or {"tiny": (10, 50), "quick": (10, 100, 1000, 10_000),
+                    "full": (10, 100, 1000, 10_000)}[size]
     out: dict = {}
     with Env("scaling") as env:
+        await _raw(env, raw_chain, 5, suffix="warm")     # connections, streams, first paths
         raw_c = {n: await _raw(env, raw_chain, n, suffix=f"c{n}") for n in chains}
         raw_m = {n: await _raw(env, raw_fanout, 1, n, suffix=f"m{n}") for n in maps}
         env.engine()
@@ -181,7 +183,9 @@ async def scaling(size: str = "full") -> dict:
     lo, hi = min(chains), max(chains)
     out["chain_flatness"] = round(out[f"scaling_chain_{hi}_ms_per_step"] /
                                   out[f"scaling_chain_{lo}_ms_per_step"], 2)
-    out["engine_chain_1000_ratio"] = out.get("scaling_chain_1000_ratio")
-    out["map10k_s"] = out.get("scaling_map_10000_s")
+    if "scaling_chain_1000_ratio" in out:
+        out["engine_chain_1000_ratio"] = out["scaling_chain_1000_ratio"]
+    if "scaling_map_10000_s" in out:
+        out["map10k_s"] = out["scaling_map_10000_s"]
     out["scaling_loadavg_1m"] = round(os.getloadavg()[0], 1)
     return out

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import defaultdict
 
-from bench.engine_bench import _nbflow_runs, chain_workflow, fanout_workflow
+from bench.engine_bench import _nbflow_runs, chain_workflow, fanout_workflow, map_workflow
 from bench.harness import Env
 
 
@@ -74,10 +74,11 @@ def instrument(eng, t: Timings, engine_cls=None) -> None:
     t.wrap(eng, "load_snapshot", "Engine.load_snapshot")
     t.wrap(eng, "_fetch", "Engine._fetch (history pull)")
     t.wrap(eng, "_handle_run_batch", "Engine._handle_run_batch")
-    t.sync(em, "apply", "state.apply")
+    t.wrap(eng, "_write_snapshot", "Engine._write_snapshot (to_dict + json + KV CAS)")
+    t.sync(em, "fold", "state.fold")
     t.sync(em, "decode", "events.decode")
     orig = em.RunState.to_dict
-    _restore.append(lambda: (setattr(em, "apply", em.__dict__["apply"].__wrapped__),
+    _restore.append(lambda: (setattr(em, "fold", em.__dict__["fold"].__wrapped__),
                              setattr(em, "decode", em.__dict__["decode"].__wrapped__),
                              setattr(em.RunState, "to_dict", orig)))
     t.n["RunState.to_dict"] = 0
@@ -95,19 +96,17 @@ def instrument(eng, t: Timings, engine_cls=None) -> None:
 def fast_to_dict(self) -> dict:
     """What ``RunState.to_dict`` gives (same JSON bytes), built shallowly: ``asdict`` recurses
     and deep-copies every field of every node and task on every event."""
-    d = dict(self.__dict__)
+    d = {k: v for k, v in self.__dict__.items() if k[0] != "_"}
     d["nodes"] = {k: dict(v.__dict__) for k, v in self.nodes.items()}
     d["tasks"] = {k: dict(v.__dict__) for k, v in self.tasks.items()}
     return d
 
 
-def profile(steps: int = 200, runs: int = 0, width: int = 20, top: int = 25,
+def profile(steps: int = 200, runs: int = 0, width: int = 20, top: int = 25, map_n: int = 0,
             engine_cls=None, quiet: bool = False, cprofile: bool = True,
             fast_snapshot: bool = False) -> dict:
     """Profile one chain of ``steps`` (or ``runs`` fan-out runs of ``width``). Returns figures
     and the report text."""
-    import nats
-
     from nbflow.engine.engine import Engine
 
     engine_cls = engine_cls or Engine
@@ -127,7 +126,7 @@ def profile(steps: int = 200, runs: int = 0, width: int = 20, top: int = 25,
 
         def engine_thread():
             async def main():
-                nc = await nats.connect(env.url)
+                nc = await env.raw_connect()       # the engine user (servers have credentials)
                 eng = engine_cls(nc, env.L)
                 await eng.start()
                 instrument(eng, t)
@@ -151,7 +150,8 @@ def profile(steps: int = 200, runs: int = 0, width: int = 20, top: int = 25,
             raise err[0]
 
         async def drive():
-            wf = fanout_workflow(width) if runs else chain_workflow(steps)
+            wf = map_workflow(map_n) if map_n else \
+                fanout_workflow(width) if runs else chain_workflow(steps)
             await _nbflow_runs(env, chain_workflow(3, "warmup"), 1)
             t.n.clear()
             t.s.clear()
@@ -170,7 +170,7 @@ def profile(steps: int = 200, runs: int = 0, width: int = 20, top: int = 25,
         th.join(10)
         while _restore:
             _restore.pop()()
-    n = runs * width if runs else steps
+    n = map_n or (runs * width if runs else steps)
     s, s2 = io.StringIO(), io.StringIO()
     if cprofile:
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(top)
@@ -195,13 +195,14 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.profile_engine")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--runs", type=int, default=0, help="fan-out runs instead of a chain")
+    p.add_argument("--map", type=int, default=0, help="one --map of this many instances")
     p.add_argument("--width", type=int, default=20)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--no-cprofile", action="store_true", help="timings only (less overhead)")
     p.add_argument("--fast-snapshot", action="store_true",
                    help="experiment: RunState.to_dict built shallowly instead of asdict")
     a = p.parse_args()
-    profile(a.steps, a.runs, a.width, a.top, cprofile=not a.no_cprofile,
+    profile(a.steps, a.runs, a.width, a.top, map_n=a.map, cprofile=not a.no_cprofile,
             fast_snapshot=a.fast_snapshot)
 
 

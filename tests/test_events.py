@@ -22,6 +22,9 @@ def test_a_dispatched_task_round_trips():
     assert "signal" not in wire                      # absent, as the engine always sent it
     back = TaskMessage.decode(t.encode())
     assert back == t and (back.queue, back.attempt, back.map["index"]) == ("gpu", 3, 2)
+    # the engine encodes a run's parameters once for all instances of a map: the same message
+    once = t.encode(TaskMessage.encode_params(t.params))
+    assert json.loads(once) == wire and TaskMessage.decode(once) == t
 
 
 @pytest.mark.parametrize("body, why", [
