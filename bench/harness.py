@@ -19,6 +19,7 @@ from typing import Any
 
 from nbflow.nats.layout import MSG_ID, Layout
 from nbflow.core.state import RUN_FINAL
+from nbflow.worker.autoscale import rss_kb  # noqa: F401 (the benchmarks import it from here)
 
 _LIVE: set[subprocess.Popen] = set()
 
@@ -43,18 +44,6 @@ def _kill_all() -> None:
 
 
 atexit.register(_kill_all)
-
-
-def rss_kb(pid: int) -> int:
-    """VmRSS of a process in kB (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def descendants(pid: int) -> list[int]:

@@ -202,8 +202,7 @@ class Runs:
     async def workflow(self, wf_hash: str) -> Workflow:
         if wf_hash not in self._defs:
             defs = await self.kv(self.L.defs_bucket)
-            e = await defs.get(wf_hash)
-            self._defs[wf_hash] = Workflow.from_json(e.value.decode())
+            self._defs[wf_hash] = Workflow.stored((await defs.get(wf_hash)).value, wf_hash)
         return self._defs[wf_hash]
 
     async def has_run(self, run: str) -> bool:

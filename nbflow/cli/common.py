@@ -42,6 +42,24 @@ def _call(nats_url, namespace, fn):
     return _arun(_with_client(face_url(nats_url), namespace, fn))
 
 
+def _listing(rows, as_json: bool, *, empty: str, line, header: str | None = None,
+             as_dict=None) -> None:
+    """A list command's output: with ``--json`` one JSON array (each row through ``as_dict``),
+    else ``empty`` when there are no rows, else ``header`` and one ``line(row)`` per row."""
+    import json
+
+    if as_json:
+        click.echo(json.dumps([as_dict(r) if as_dict else r for r in rows], indent=2, default=str))
+        return
+    if not rows:
+        click.echo(empty)
+        return
+    if header is not None:
+        click.echo(header)
+    for r in rows:
+        click.echo(line(r))
+
+
 def _local(ts) -> str:
     import time as _t
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from nbflow.cli.common import _call, _dur, _local, _st, nats_options
+from nbflow.cli.common import _call, _dur, _listing, _local, _st, nats_options
 
 
 def _run_row(st) -> dict:
@@ -18,20 +18,15 @@ def _run_row(st) -> dict:
 @nats_options
 def runs(limit, as_json, nats_url, namespace):
     """List recent runs."""
-    import json as _json
+    import time
 
-    sts = _call(nats_url, namespace, lambda c: c.runs(limit))
-    if as_json:
-        click.echo(_json.dumps([_run_row(s) for s in sts], indent=2))
-        return
-    if not sts:
-        click.echo("no runs yet: start one with `nbflow run NOTEBOOK`")
-        return
-    click.echo(f"{'run':<10} {'state':<10} {'started':<20} {'duration':>9}  workflow")
-    for s in sts:
-        dur = _dur((s.finished or __import__('time').time()) - s.started)
-        click.echo(f"{s.run:<10} {_st(s.state)}{' ' * (10 - len(s.state))} "
-                   f"{_local(s.started):<20} {dur:>9}  {s.name}")
+    def line(s) -> str:
+        dur = _dur((s.finished or time.time()) - s.started)
+        return (f"{s.run:<10} {_st(s.state)}{' ' * (10 - len(s.state))} "
+                f"{_local(s.started):<20} {dur:>9}  {s.name}")
+    _listing(_call(nats_url, namespace, lambda c: c.runs(limit)), as_json, as_dict=_run_row,
+             empty="no runs yet: start one with `nbflow run NOTEBOOK`", line=line,
+             header=f"{'run':<10} {'state':<10} {'started':<20} {'duration':>9}  workflow")
 
 
 @click.command()

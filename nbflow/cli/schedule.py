@@ -6,7 +6,7 @@ import time
 
 import click
 
-from nbflow.cli.common import _local, _st, nats_options
+from nbflow.cli.common import _listing, _local, _st, nats_options
 from nbflow.errors import UserError
 
 
@@ -83,46 +83,33 @@ def add(notebook, cron, tz, params, name, catchup, overlap, replace, nats_url, n
 @nats_options
 def list_(as_json, nats_url, namespace):
     """Schedules with their next fire (local time), last run and its state."""
-    rows = _call(nats_url, namespace, lambda s: s.list())
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
-        return
-    if not rows:
-        click.echo("no schedules: add one with `nbflow schedule add NOTEBOOK --cron ...`")
-        return
-    click.echo(f"{'name':<20} {'cron':<18} {'tz':<16} {'next run':<20} {'last run':<16} state")
-    for r in rows:
+    def line(r) -> str:
         nxt = "paused" if r.get("paused") else _ts(r["next"])
         state = r.get("last_run_state") or ""
-        click.echo(f"{r['name']:<20} {r['cron']:<18} {r['tz']:<16} {nxt:<20} "
-                   f"{(r.get('last_run') or '-'):<16} {_st(state) if state else ''}")
+        return (f"{r['name']:<20} {r['cron']:<18} {r['tz']:<16} {nxt:<20} "
+                f"{(r.get('last_run') or '-'):<16} {_st(state) if state else ''}")
+    _listing(_call(nats_url, namespace, lambda s: s.list()), as_json, line=line,
+             empty="no schedules: add one with `nbflow schedule add NOTEBOOK --cron ...`",
+             header=f"{'name':<20} {'cron':<18} {'tz':<16} {'next run':<20} {'last run':<16} "
+                    "state")
 
 
-@schedule.command()
-@click.argument("name")
-@nats_options
-def pause(name, nats_url, namespace):
-    """Stop firing (the schedule message is removed from the server)."""
-    _call(nats_url, namespace, lambda s: s.pause(name))
-    click.echo(f"paused {name}", err=True)
+def _by_name(command: str, method: str, done: str, doc: str):
+    """`nbflow schedule COMMAND NAME`: call the schedules API's ``method(name)``, say ``done``."""
+    @schedule.command(command, help=doc)
+    @click.argument("name")
+    @nats_options
+    def cmd(name, nats_url, namespace):
+        _call(nats_url, namespace, lambda s: getattr(s, method)(name))
+        click.echo(f"{done} {name}", err=True)
+    return cmd
 
 
-@schedule.command()
-@click.argument("name")
-@nats_options
-def resume(name, nats_url, namespace):
-    """Fire again from now on (fires missed while paused are not caught up)."""
-    _call(nats_url, namespace, lambda s: s.resume(name))
-    click.echo(f"resumed {name}", err=True)
-
-
-@schedule.command()
-@click.argument("name")
-@nats_options
-def rm(name, nats_url, namespace):
-    """Remove a schedule (its runs stay)."""
-    _call(nats_url, namespace, lambda s: s.rm(name))
-    click.echo(f"removed {name}", err=True)
+pause = _by_name("pause", "pause", "paused",
+                 "Stop firing (the schedule message is removed from the server).")
+resume = _by_name("resume", "resume", "resumed",
+                  "Fire again from now on (fires missed while paused are not caught up).")
+rm = _by_name("rm", "rm", "removed", "Remove a schedule (its runs stay).")
 
 
 @schedule.command("run-now")
@@ -206,16 +193,12 @@ def trigger_add(notebook, subject, param, validate, name, params, nats_url, name
 @click.option("--json", "as_json", is_flag=True)
 @nats_options
 def trigger_list(as_json, nats_url, namespace):
-    rows = _call(nats_url, namespace, lambda s: s.trigger_list())
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
-        return
-    if not rows:
-        click.echo("no triggers: add one with `nbflow trigger add NOTEBOOK --subject ...`")
-    for r in rows:
-        click.echo(f"{r['name']:<20} {r['subject']:<24} {r['workflow']:<20} "
-                   f"{'param=' + r['param'] if r.get('param') else ''}"
-                   f"{' validate=' + r['validate'] if r.get('validate') else ''}")
+    def line(r) -> str:
+        return (f"{r['name']:<20} {r['subject']:<24} {r['workflow']:<20} "
+                f"{'param=' + r['param'] if r.get('param') else ''}"
+                f"{' validate=' + r['validate'] if r.get('validate') else ''}")
+    _listing(_call(nats_url, namespace, lambda s: s.trigger_list()), as_json, line=line,
+             empty="no triggers: add one with `nbflow trigger add NOTEBOOK --subject ...`")
 
 
 @trigger.command("rm")

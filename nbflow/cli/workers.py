@@ -1,12 +1,11 @@
 """`nbflow workers`: the live workers, from their heartbeats (hooked into cli.main)."""
 from __future__ import annotations
 
-import json
 import time
 
 import click
 
-from nbflow.cli.common import _call, nats_options
+from nbflow.cli.common import _call, _listing, nats_options
 
 
 @click.command()
@@ -14,21 +13,17 @@ from nbflow.cli.common import _call, nats_options
 @nats_options
 def workers(as_json, nats_url, namespace):
     """List live workers: queue, kernels, tasks in flight, memory (RSS of worker + kernels)."""
-    ws = _call(nats_url, namespace, lambda c: c.workers())
-    if as_json:
-        click.echo(json.dumps(ws, indent=2))
-        return
-    if not ws:
-        click.echo("no live workers (start one with `nbflow worker`, or `nbflow up`)")
-        return
-    click.echo(f"{'worker':<28} {'queue':<12} {'kernels':>9} {'tasks':>7} {'done':>6} "
-               f"{'memory':>9}  seen")
     now = time.time()
-    for w in ws:
+
+    def line(w) -> str:
         k = str(w.get("kernels", "?"))
         if "max_kernels" in w:
             k += f" ({w['min_kernels']}-{w['max_kernels']})"
         tasks = f"{w.get('in_flight', '?')}/{w.get('concurrency', '?')}"
         mem = f"{w['rss_mb']:.0f} MB" if "rss_mb" in w else "?"
-        click.echo(f"{w.get('name', '?'):<28} {w.get('queue', '?'):<12} {k:>9} {tasks:>7} "
-                   f"{w.get('done', 0):>6} {mem:>9}  {now - w.get('ts', now):.0f}s ago")
+        return (f"{w.get('name', '?'):<28} {w.get('queue', '?'):<12} {k:>9} {tasks:>7} "
+                f"{w.get('done', 0):>6} {mem:>9}  {now - w.get('ts', now):.0f}s ago")
+    _listing(_call(nats_url, namespace, lambda c: c.workers()), as_json, line=line,
+             empty="no live workers (start one with `nbflow worker`, or `nbflow up`)",
+             header=f"{'worker':<28} {'queue':<12} {'kernels':>9} {'tasks':>7} {'done':>6} "
+                    f"{'memory':>9}  seen")

@@ -175,6 +175,17 @@ class Workflow:
             raise WorkflowError(f"workflow JSON is malformed: {e}") from None
         return cls.from_dict(data)
 
+    @classmethod
+    def stored(cls, body: bytes | str, wf_hash: str) -> "Workflow":
+        """A definition read back from the definitions bucket, where it is kept under its
+        content hash: decoded and checked, since definitions are immutable (an altered one
+        raises WorkflowError rather than run)."""
+        wf = cls.from_json(body.decode() if isinstance(body, bytes) else body)
+        if wf.content_hash() != wf_hash:
+            raise WorkflowError(f"definition {wf_hash} was altered (its content hashes to "
+                                f"{wf.content_hash()}): refusing to run it")
+        return wf
+
     def content_hash(self) -> str:
         """Deterministic version id: sha256 of the canonical JSON without the source path."""
         d = self.to_dict()

@@ -272,12 +272,7 @@ class Schedules:
         return d
 
     async def _trigger_subjects(self) -> list[str]:
-        out = []
-        for n in await self.store.keys("trig."):
-            d, _ = await self.store.get(f"trig.{n}")
-            if d:
-                out.append(d["subject"])
-        return out
+        return [d["subject"] for d in await self.trigger_list()]
 
     async def trigger_list(self) -> list[dict]:
         out = []

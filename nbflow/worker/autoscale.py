@@ -20,7 +20,8 @@ log = logging.getLogger("nbflow.worker.autoscale")
 
 # --- memory (Linux /proc; elsewhere the figures are 0 and memory bounds are not applied) ------
 
-def _rss_kb(pid: int) -> int:
+def rss_kb(pid: int) -> int:
+    """VmRSS of a process in kB (0 if it is gone, or where /proc is not)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -47,7 +48,7 @@ def tree_rss_mb(pid: int | None = None) -> float:
         if p in seen:
             continue
         seen.add(p)
-        kb += _rss_kb(p)
+        kb += rss_kb(p)
         todo += _children(p)
     return kb / 1024
 

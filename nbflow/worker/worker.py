@@ -242,11 +242,7 @@ class Worker:
     async def workflow(self, wf_hash: str) -> Workflow:
         wf = self._defs.get(wf_hash)
         if wf is None:
-            entry = await self.defs_kv.get(wf_hash)
-            wf = Workflow.from_json(entry.value.decode())
-            if wf.content_hash() != wf_hash:     # definitions are immutable by content hash
-                raise ValueError(f"definition {wf_hash} was altered (its content hashes to "
-                                 f"{wf.content_hash()}): refusing to run it")
+            wf = Workflow.stored((await self.defs_kv.get(wf_hash)).value, wf_hash)
             self._defs[wf_hash] = wf
         return wf
 

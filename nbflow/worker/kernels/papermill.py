@@ -119,21 +119,19 @@ def _output_logger(log_output: bool, stdout_file, stderr_file):
     if not (log_output or stdout_file or stderr_file):
         return None
 
+    streams = {"stdout": (logger.info, stdout_file), "stderr": (logger.warning, stderr_file)}
+
     def on_output(output) -> None:
         if output.output_type == "stream":
+            if output.name not in streams:
+                return
+            log, file = streams[output.name]
             content = "".join(output.text)
-            if output.name == "stdout":
-                if log_output:
-                    logger.info(content)
-                if stdout_file:
-                    stdout_file.write(content)
-                    stdout_file.flush()
-            elif output.name == "stderr":
-                if log_output:
-                    logger.warning(content)
-                if stderr_file:
-                    stderr_file.write(content)
-                    stderr_file.flush()
+            if log_output:
+                log(content)
+            if file:
+                file.write(content)
+                file.flush()
         elif log_output and "data" in output and "text/plain" in output.data:
             logger.info("".join(output.data["text/plain"]))
     return on_output
