@@ -109,7 +109,7 @@ class Engine:
         self.defs_kv = await KV.open(self.js, self.L.defs_bucket, role="engine")
         self.approvals_kv = await KV.open(self.js, self.L.approvals_bucket, role="engine")
         self.fps_kv = await KV.open(self.js, self.L.fps_bucket, role="engine")
-        self._mid_key = await _message_id_key(self.js, self.L)
+        self._mid_key = await _message_id_key(self.js, self.L, replicas)
         self.history_sub = await self.js.pull_subscribe(
             self.L.history_wildcard, durable=self.L.engine_consumer,
             stream=self.L.history_stream,
@@ -570,7 +570,7 @@ class Engine:
                                    headers={MSG_ID: mid})
 
 
-async def _message_id_key(js, L: Layout) -> bytes:
+async def _message_id_key(js, L: Layout, replicas: int | None = None) -> bytes:
     """The engines' shared secret for :meth:`Engine.msg_id`, in a bucket only engines can read
     (created by the first engine; another engine racing it reads the winner's)."""
     try:
@@ -581,6 +581,7 @@ async def _message_id_key(js, L: Layout) -> bytes:
         try:
             kv = await js.create_key_value(KeyValueConfig(
                 bucket=L.engine_bucket, history=1, storage=StorageType.FILE,
+                replicas=replicas or 1,
                 description="nbflow engine-only state (never readable by other roles)"))
         except Exception:  # noqa: BLE001 - another engine created it meanwhile
             kv = await js.key_value(L.engine_bucket)
