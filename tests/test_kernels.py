@@ -86,6 +86,20 @@ def test_reuse_runs_consecutive_tasks_in_one_kernel_with_a_cleared_namespace(reu
     assert nb2.cells[0].execution_count == 1        # a new session: counts restart
 
 
+def test_a_kernel_whose_task_folder_is_gone_is_reset_and_kept(reuse, tmp_path):
+    """The worker removes a task's folder when the task ends, maybe before the kernel is reset:
+    the reset must not need it (it failed with FileNotFoundError, and every kernel was
+    discarded, so each next task paid a kernel start)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    _, c1, err = execute(reuse, notebook("import shutil\nshutil.rmtree(os.getcwd())"), tmp_path,
+                         control=RunControl(cwd=str(gone)))
+    assert err is None and not gone.exists()
+    nb2, c2, err = execute(reuse, notebook("print(os.getpid())"), tmp_path)
+    assert err is None and text(nb2) == f"{c1.kernel_pid}\n"
+    assert c2.kernel_uses == 1 and reuse.started == 1
+
+
 def test_reuse_moves_cwd_and_sys_path_per_task(reuse, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()

@@ -22,8 +22,10 @@ _WARM = ("import gc as __g, os as __o, sys as __s, types as __t\n"
          "__m = __t.ModuleType('_nbflow_pool')\n__m.path = list(__s.path)\n"
          "__m.environ = dict(__o.environ)\n__s.modules['_nbflow_pool'] = __m\n"
          "__g.collect()\n__g.freeze()\ndel __g, __o, __s, __t, __m")
-# between reused tasks: globals, In/Out and counts go; sys.path, env vars and cwd come back
-_RESET = ("get_ipython().reset(new_session=True)\n"
+# between reused tasks: globals, In/Out and counts go; sys.path, env vars and cwd come back.
+# Home first: the task's folder may already be gone, and IPython's reset needs a cwd.
+_RESET = ("__import__('os').chdir({home!r})\n"
+          "get_ipython().reset(new_session=True)\n"
           "(lambda os, sys, m: (sys.path.__setitem__(slice(None), m.path), os.environ.clear(), "
           "os.environ.update(m.environ), os.chdir({home!r})))"
           "(__import__('os'), __import__('sys'), __import__('sys').modules['_nbflow_pool'])")
