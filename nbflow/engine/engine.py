@@ -110,6 +110,10 @@ class Engine:
         self.approvals_kv = await KV.open(self.js, self.L.approvals_bucket, role="engine")
         self.fps_kv = await KV.open(self.js, self.L.fps_bucket, role="engine")
         self._mid_key = await _message_id_key(self.js, self.L, replicas)
+        # a durable an older version created keeps its filter (nbflow.history.<run>, before
+        # subjects carried the event kind) unless it is updated: it would receive nothing
+        await self.js.add_consumer(self.L.history_stream, infra.consumer_config(
+            self.L.engine_consumer, self.L.history_wildcard, ACK_WAIT_S, 10_000))
         self.history_sub = await self.js.pull_subscribe(
             self.L.history_wildcard, durable=self.L.engine_consumer,
             stream=self.L.history_stream,
