@@ -28,22 +28,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_home(tmp_path_factory):
     """Nothing a test does touches the user's data dir or a NATS the user has configured."""
-    home = tmp_path_factory.mktemp("nbflow-home")
-    old = {k: os.environ.get(k) for k in ("NBFLOW_HOME", "NBFLOW_NATS_URL", "NBFLOW_NAMESPACE")}
-    os.environ["NBFLOW_HOME"] = str(home)
-    os.environ.pop("NBFLOW_NATS_URL", None)
-    os.environ.pop("NBFLOW_NAMESPACE", None)
-    yield home
-    # a test that reached the embedded default (e.g. `%flow run` in a kernel) started a
-    # background stack in this home: it must not outlive the session
-    from nbflow import stack
+    from support import environ
 
-    stack.down(str(home))
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    home = tmp_path_factory.mktemp("nbflow-home")
+    with environ(NBFLOW_HOME=str(home), NBFLOW_NATS_URL=None, NBFLOW_NAMESPACE=None):
+        yield home
+        # a test that reached the embedded default (e.g. `%flow run` in a kernel) started a
+        # background stack in this home: it must not outlive the session
+        from nbflow import stack
+
+        stack.down(str(home))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 subprocesses, and a tiny HTTP session (cookies + the XSRF form field) over urllib."""
 from __future__ import annotations
 
+import contextlib
 import http.cookiejar
 import json
 import os
@@ -13,7 +14,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from support import REPO
+from support import REPO, stop_process
 
 HERE = Path(__file__).parent
 
@@ -75,13 +76,7 @@ def _started(url: str, proc: subprocess.Popen, log: Path) -> None:
         raise
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+stop = stop_process          # the console tests' name for it
 
 
 def stack_env(nats_url: str, **extra) -> dict:
@@ -100,6 +95,19 @@ def start_ui(tmp: Path, nats_url: str, port: int, token: str, **env) -> subproce
         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     _started(f"http://127.0.0.1:{port}/nbflow/login", proc, log)
     return proc
+
+
+@contextlib.contextmanager
+def running_ui(tmp: Path, nats_url: str, token: str, user: str):
+    """A standalone `nbflow ui` on a free port as ``user``, for the block; yields its URL."""
+    from nbflow.stack import free_port
+
+    port = free_port()
+    proc = start_ui(tmp, nats_url, port, token, NBFLOW_USER=user)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
 
 
 def jupyter_env(tmp: Path, nats_url: str, **extra) -> dict:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import nbformat
 
+from support import environ
+
 
 def run_all(path: Path, nats_url: str, namespace: str = "itest", timeout: int = 120,
             allow_errors: bool = False):
@@ -14,19 +16,10 @@ def run_all(path: Path, nats_url: str, namespace: str = "itest", timeout: int = 
     from nbclient import NotebookClient
 
     nb = nbformat.read(str(path), as_version=4)
-    env = {"NBFLOW_NATS_URL": nats_url, "NBFLOW_NAMESPACE": namespace,
-           "JPY_SESSION_NAME": str(path), "NBFLOW_USER": "analyst"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(NBFLOW_NATS_URL=nats_url, NBFLOW_NAMESPACE=namespace,
+                 JPY_SESSION_NAME=str(path), NBFLOW_USER="analyst"):
         NotebookClient(nb, kernel_name="python3", timeout=timeout, allow_errors=allow_errors,
                        resources={"metadata": {"path": str(path.parent)}}).execute()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return nb
 
 

@@ -2,6 +2,8 @@
 notebooks/ has its own conftest.py)."""
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -63,6 +65,39 @@ def wait_for(cond, timeout=60.0, what="condition", every=0.05, retry=()):
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
                                  + (f" (last error: {last!r})" if last is not None else ""))
         time.sleep(every)
+
+
+def stop_process(proc, timeout: float = 20.0) -> None:
+    """The one way a test stops a child process it started: SIGTERM, then SIGKILL after
+    ``timeout`` seconds."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _setenv(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextlib.contextmanager
+def environ(**values):
+    """Set environment variables (None: unset) for the block; put back what was there."""
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        _setenv(k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            _setenv(k, v)
 
 
 def ipython_shell():

@@ -18,24 +18,10 @@ import urllib.request
 import nbformat
 import pytest
 
-from support import REPO
-
-CHROMIUM = "/usr/bin/chromium"
+from browserhelpers import launch, needs_browser, sync_playwright
+from support import REPO, stop_process
 
 pytestmark = pytest.mark.browser
-
-try:
-    import jupyterlab  # noqa: F401
-    from playwright.sync_api import sync_playwright
-    _MISSING = ""
-except ImportError as e:
-    _MISSING = f"{e.name} is not installed (pip install jupyterlab playwright)"
-if not _MISSING and not os.path.exists(CHROMIUM):
-    _MISSING = f"{CHROMIUM} is missing (apt-get install -y chromium)"
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 
 def _clicking_copy(dest):
@@ -105,11 +91,7 @@ def lab(tmp_path_factory, nats_server, stack):
                                      (tmp_path / "lab.log").read_text()[-3000:])
             time.sleep(0.2)
     yield {"base": base, "token": token, "root": root, "log": tmp_path / UNSAVED_LOG}
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc)
     log.close()
 
 
@@ -122,10 +104,10 @@ def _open(page, lab, name: str) -> None:
         ".some(e => e.textContent.includes('| Idle'))", timeout=60_000)
 
 
-@pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "browser available")
+@needs_browser
 def test_click_approve_in_jupyterlab(lab, tmp_path, client):
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
         try:
             _open(page, lab, "approvals.ipynb")
@@ -154,7 +136,7 @@ def test_click_approve_in_jupyterlab(lab, tmp_path, client):
         shutil.copy(shot, REPO / "docs" / "runview.png")
 
 
-@pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "browser available")
+@needs_browser
 def test_flow_run_uses_the_unsaved_edit_on_screen(lab, client):
     """Edit a %%task cell without saving, run it, then `%flow run`: the run executes the cell as
     on screen (counted by the file it appends to) and says it used the unsaved change."""
@@ -162,7 +144,7 @@ def test_flow_run_uses_the_unsaved_edit_on_screen(lab, client):
     saved = (lab["root"] / "edit.ipynb").read_text()
     edited = f"%%task count\nopen({str(log)!r}, 'a').write('edited' + chr(10))"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
         try:
             _open(page, lab, "edit.ipynb")

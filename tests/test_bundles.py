@@ -14,7 +14,7 @@ import warnings
 import pytest
 
 from nbhelpers import write_notebook
-from support import finish, success_counts
+from support import finish, stop_process, success_counts
 
 from nbflow.compiler import bundle as packing
 from nbflow.stack import Supervisor
@@ -134,12 +134,7 @@ def hidden_worker(nats_server, tmp_path_factory):
         worker = subprocess.Popen(["unshare", "-m", "sh", "-c", cmd], env=env, stdout=out,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     yield proj, cache, log, nats_server.url
-    worker.terminate()
-    try:
-        worker.wait(15)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
+    stop_process(worker, 15)
     sup.stop()
 
 

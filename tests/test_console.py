@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from consolehelpers import Session, stack_env, start_jupyter, start_ui, stop
+from consolehelpers import Session, running_ui, stack_env, start_jupyter, stop
 from support import DATA, REPO
 
 pytest.importorskip("jupyter_server")
@@ -86,12 +86,8 @@ def test_two_jupyter_users_only_the_approver_decides(two_users, client):
 
 @pytest.fixture
 def ui(tmp_path, nats_server, stack):
-    from nbflow.stack import free_port
-
-    port = free_port()
-    proc = start_ui(tmp_path, nats_server.url, port, "t0ken", NBFLOW_USER="ui-user")
-    yield f"http://127.0.0.1:{port}"
-    stop(proc)
+    with running_ui(tmp_path, nats_server.url, "t0ken", "ui-user") as url:
+        yield url
 
 
 def test_standalone_ui_pages_token_metrics_and_stats(ui, client, nats_server, tmp_path):

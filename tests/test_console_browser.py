@@ -12,24 +12,11 @@ import time
 
 import pytest
 
-from consolehelpers import start_jupyter, start_ui, stop
+from consolehelpers import running_ui, start_jupyter, stop
+from browserhelpers import launch, needs_browser, sync_playwright
 from support import REPO, wait_for
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 pytestmark = pytest.mark.browser
-
-try:
-    import jupyterlab  # noqa: F401
-    from playwright.sync_api import sync_playwright
-    _MISSING = ""
-except ImportError as e:
-    _MISSING = f"{e.name} is not installed (pip install jupyterlab playwright)"
-if not _MISSING and not os.path.exists(CHROMIUM):
-    _MISSING = f"{CHROMIUM} is missing (apt-get install -y chromium)"
-needs_browser = pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "browser available")
 
 APPROVALS = str(REPO / "notebooks" / "approvals.ipynb")
 SUCCEEDED_FILL = "#009e73"
@@ -60,12 +47,8 @@ def _publish_fill(page) -> str:
 
 @pytest.fixture
 def ui(tmp_path, nats_server, stack):
-    from nbflow.stack import free_port
-
-    port = free_port()
-    proc = start_ui(tmp_path, nats_server.url, port, "br0wser", NBFLOW_USER="console-user")
-    yield f"http://127.0.0.1:{port}"
-    stop(proc)
+    with running_ui(tmp_path, nats_server.url, "br0wser", "console-user") as url:
+        yield url
 
 
 @needs_browser
@@ -74,7 +57,7 @@ def test_console_live_standalone(ui, client, tmp_path):
     from nbflow.schedules.api import Schedules
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(p)
         try:
             ctx = browser.new_context(viewport={"width": 1280, "height": 800})
             inbox = ctx.new_page()
@@ -194,7 +177,7 @@ def test_console_opens_from_the_jupyterlab_launcher(lab, client, tmp_path):
     run = client.submit(APPROVALS, by="analyst")
     _wait_node(client, run, "publish", "awaiting_approval")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(f"{lab}/lab?reset&token=labtok")

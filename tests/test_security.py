@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from support import check_replay, wait_for
+from support import check_replay, environ, wait_for
 from nbhelpers import write_notebook
 
 from nbflow import stack
@@ -35,19 +35,13 @@ def approval_notebook(path):
 def embedded(tmp_path_factory):
     """The embedded stack in a fresh data dir, found the way users find it (NBFLOW_HOME)."""
     d = tmp_path_factory.mktemp("secure-home")
-    old = {k: os.environ.get(k) for k in ("NBFLOW_HOME", "NBFLOW_TASK_ACK_WAIT")}
-    os.environ["NBFLOW_HOME"] = str(d)
-    os.environ["NBFLOW_TASK_ACK_WAIT"] = "3"      # the frozen-worker test: redeliver quickly
-    try:
-        url = stack.ensure_background()
-        yield d, url
-    finally:
-        stack.down(str(d))
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # NBFLOW_TASK_ACK_WAIT: the frozen-worker test wants a quick redelivery
+    with environ(NBFLOW_HOME=str(d), NBFLOW_TASK_ACK_WAIT="3"):
+        try:
+            url = stack.ensure_background()
+            yield d, url
+        finally:
+            stack.down(str(d))
 
 
 @pytest.fixture(scope="module")
