@@ -24,6 +24,11 @@ FORBIDDEN = [
     ("nbflow.stack", ("nbflow.engine", "nbflow.client", "nbflow.worker", "nbflow.cli",
                       "nbflow.widgets", "nbflow.magics", "nbflow.console",
                       "nbflow.schedules")),    # it starts those as processes, never imports them
+    ("nbflow.widgets.htmlparts", ("nbflow.client", "nbflow.stack", "nbflow.runs")),  # pure HTML
+    ("nbflow.worker.kernels", ("nbflow.nats", "nbflow.engine", "nbflow.client", "nbflow.runs",
+                               "nbflow.stack", "nbflow.schedules")),  # kernels know no NATS
+    ("nbflow.compiler.bpmn", ("nbflow.compiler.notebook", "nbflow.compiler.tasknb",
+                              "nbflow.compiler.bundle")),   # BPMN <-> IR, never a notebook
     ("nbflow.nats", ("nbflow.engine", "nbflow.client", "nbflow.cli", "nbflow.widgets",
                      "nbflow.magics", "nbflow.console", "nbflow.worker", "nbflow.schedules")),
 ]
