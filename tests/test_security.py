@@ -518,3 +518,43 @@ def test_the_cluster_template_enforces_the_same_roles(tmp_path, monkeypatch):
         if sup:
             sup.stop()
         srv.stop()
+
+
+def test_an_engine_updates_a_history_consumer_an_older_version_created(tmp_path):
+    """Before history subjects carried the event kind, the engine's durable consumer filtered
+    nbflow.history.*: an engine of this version updates it (else it would receive nothing) and
+    the stream's subjects, and an event published now reaches it."""
+    from nats.js.api import ConsumerConfig, StreamConfig
+
+    from nbflow.engine.engine import Engine
+    from nbflow.nats.layout import Layout
+    from nbflow.stack import NatsServer
+
+    srv = NatsServer(tmp_path / "old").start()
+
+    async def go():
+        nc = await infra.connect(infra.ConnectOptions(url=srv.url), reconnect=False)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(StreamConfig(name="NBFLOW_HISTORY", subjects=["nbflow.history.*"],
+                                             allow_direct=True, duplicate_window=86400))
+            await js.add_consumer("NBFLOW_HISTORY", ConsumerConfig(
+                durable_name="engine", filter_subject="nbflow.history.*", ack_wait=5))
+            eng = Engine(nc, Layout(""))
+            await eng.start()
+            L = eng.L
+            info = await js.consumer_info(L.history_stream, L.engine_consumer)
+            assert info.config.filter_subject == L.history_wildcard
+            assert (await js.stream_info(L.history_stream)).config.subjects == \
+                [L.history_wildcard]
+            ev = make("CancelRequested", "somerun", by="x")
+            await js.publish(L.history_subject("somerun", ev.type), ev.encode())
+            (m,) = await eng.history_sub.fetch(1, timeout=10)
+            assert m.subject == L.history_subject("somerun", "CancelRequested")
+            eng.stop()
+        finally:
+            await nc.close()
+    try:
+        asyncio.run(go())
+    finally:
+        srv.stop()
