@@ -72,8 +72,47 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
     if base_dir is None and path is not None:
         base_dir = path.resolve().parent
     problems = _Problems()
-    refuse = problems.refuse
+    proc = _the_process(root, problems)
+    _inline_call_activities(proc, root, base_dir, problems)
+    _flatten_subprocesses(proc, problems)
+    signal_names = {s.get("id"): s.get("name") or s.get("id") for s in root.iter(_b("signal"))}
 
+    # 1. classify the process's elements
+    flow_nodes, seq_flows, kinds = _classify(proc, problems)
+    all_ids = {el.get("id") for el in proc.iter() if isinstance(el.tag, str)}
+    # 2. flow nodes -> IR nodes (nbflow's own main elements first: their ids are reserved)
+    ids = _Ids()
+    nodes, owner, foreign = _nodes(flow_nodes, ids, signal_names, problems)
+    start_ids = [n.id for n in nodes if n.kind == "start"]
+    end_ids = [n.id for n in nodes if n.kind == "end"]
+    for extra in start_ids[1:]:
+        el = next(e for e in flow_nodes if owner.get(e.get("id")) == extra)
+        problems.refuse(el, "a second start event; nbflow workflows have one")
+    # 3. sequence flows: well-formed, their conditions Python and where BPMN allows them
+    flows = _sequence_flows(seq_flows, flow_nodes, kinds, foreign, all_ids, root, problems)
+    # 4. conditions -> guards (the `when` that carries each conditional flow's meaning)
+    no_branch = _guards(flows, flow_nodes, kinds, foreign, problems)
+    # 5. tokens: refuse what the engine's "run once, join on all resolved" cannot mean
+    # (on a graph with refused elements the check would guess; those are named already)
+    if foreign and all(b in owner for b in kinds):
+        _check_tokens(kinds, [f for f in flows if f.s in foreign or f.t in foreign], problems)
+    problems.raise_if_any()
+    # 6. edges, with guard nodes where a condition cannot sit on the target itself
+    edges = _edges(flows, nodes, owner, foreign, kinds, ids)
+    # 7. one start, one end
+    nodes, edges = _one_start_one_end(nodes, edges, start_ids, end_ids, no_branch, owner, ids)
+    _check_acyclic(nodes, edges)
+    wf = _workflow(proc, root, path, nodes, edges)
+    if base_dir is not None:
+        for n in wf.nodes:
+            if n.notebook and not os.path.isabs(n.notebook):
+                n.notebook = str((Path(base_dir) / n.notebook).resolve())
+    return wf.validate()
+
+
+def _the_process(root, problems: _Problems):
+    """The one process to import (pools without flow and called processes do not count); a
+    second one is refused with everything it holds named."""
     called = {c.get("calledElement") for c in root.iter(_b("callActivity"))}
     processes = [p for p in root.iter(_b("process"))
                  if any(_local(c) not in _IGNORED for c in p if isinstance(c.tag, str))
@@ -81,23 +120,22 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
     if not processes:
         raise WorkflowError("the BPMN model has no process with flow elements to import")
     for extra in processes[1:]:
-        refuse(extra, "a second pool with its own flow; nbflow imports one process")
+        problems.refuse(extra, "a second pool with its own flow; nbflow imports one process")
         for el in extra:  # name what else it holds, so one error message says it all
             if isinstance(el.tag, str) and el.tag.startswith(f"{{{BPMN_NS}}}") \
                     and _local(el) not in _IGNORED | _TASKS | set(_GATEWAYS) | _EVENTS | {
                         "sequenceFlow"}:
-                refuse(el)
+                problems.refuse(el)
     for mf in root.iter(_b("messageFlow")):
-        refuse(mf)
-    proc = processes[0]
-    _inline_call_activities(proc, root, base_dir, problems)
-    _flatten_subprocesses(proc, problems)
-    signal_names = {s.get("id"): s.get("name") or s.get("id") for s in root.iter(_b("signal"))}
+        problems.refuse(mf)
+    return processes[0]
 
-    # 1. classify the process's elements
+
+def _classify(proc, problems: _Problems) -> tuple[list, list, dict[str, str]]:
+    """(flow nodes, sequence flows, BPMN id -> element type of every flow node, refused too)."""
     flow_nodes: list = []
     seq_flows: list = []
-    kinds: dict[str, str] = {}        # BPMN id -> element type, for every flow node (refused too)
+    kinds: dict[str, str] = {}
     for el in proc:
         if not isinstance(el.tag, str) or not el.tag.startswith(f"{{{BPMN_NS}}}"):
             continue  # another vendor's element outside extensionElements: not ours to judge
@@ -111,29 +149,37 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
         if kind in _EVENTS or kind in _TASKS or kind in _GATEWAYS:
             flow_nodes.append(el)
         elif (kind, el.get("id") or "?") not in problems:
-            refuse(el)
-    all_ids = {el.get("id") for el in proc.iter() if isinstance(el.tag, str)}
+            problems.refuse(el)
+    return flow_nodes, seq_flows, kinds
 
-    # 2. flow nodes -> IR nodes (nbflow's own main elements first: their ids are reserved)
-    owner: dict[str, str] = {}        # BPMN id -> IR node id
-    nodes: list[Node] = []
-    foreign: set[str] = set()         # BPMN ids of flow nodes not written by nbflow
-    used_ids: set[str] = set()
 
-    def new_id(raw: str) -> str:
+class _Ids:
+    """IR node ids in use; new ones sanitized from BPMN ids and made unique (``_2``, ...)."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def new(self, raw: str) -> str:
         base, cand, i = _sanitize_id(raw), _sanitize_id(raw), 2
-        while cand in used_ids:
+        while cand in self.used:
             cand, i = f"{base}_{i}", i + 1
-        used_ids.add(cand)
+        self.used.add(cand)
         return cand
 
+
+def _nodes(flow_nodes: list, ids: _Ids, signal_names, problems: _Problems
+           ) -> tuple[list[Node], dict[str, str], set[str]]:
+    """(IR nodes, BPMN id -> IR node id, BPMN ids of flow nodes not written by nbflow)."""
+    owner: dict[str, str] = {}
+    nodes: list[Node] = []
+    foreign: set[str] = set()
     for el in flow_nodes:
         ext = _ext(el, "node")
         if ext is not None:
             node = _node_from_ext(ext)
-            if node.id in used_ids:
+            if node.id in ids.used:
                 raise WorkflowError(f"two BPMN elements claim nbflow node {node.id!r}")
-            used_ids.add(node.id)
+            ids.used.add(node.id)
             owner[el.get("id")] = node.id
             nodes.append(node)
     parts = []
@@ -146,23 +192,21 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
             parts.append((el, part.get("node")))
             continue
         foreign.add(bid)
-        node = _foreign_node(el, kind, new_id(bid or kind), signal_names, problems)
+        node = _foreign_node(el, kind, ids.new(bid or kind), signal_names, problems)
         if node is None:
             continue
         owner[bid] = node.id
         nodes.append(node)
     for el, node_id in parts:
-        if node_id not in used_ids:
+        if node_id not in ids.used:
             raise WorkflowError(f"{_local(el)} {el.get('id')!r} is part of nbflow node "
                                 f"{node_id!r}, which the file does not have")
         owner[el.get("id")] = node_id
-    start_ids = [n.id for n in nodes if n.kind == "start"]
-    end_ids = [n.id for n in nodes if n.kind == "end"]
-    for extra in start_ids[1:]:
-        el = next(e for e in flow_nodes if owner.get(e.get("id")) == extra)
-        refuse(el, "a second start event; nbflow workflows have one")
+    return nodes, owner, foreign
 
-    # 3. sequence flows: well-formed, their conditions Python and where BPMN allows them
+
+def _sequence_flows(seq_flows: list, flow_nodes: list, kinds: dict[str, str], foreign: set[str],
+                    all_ids: set, root, problems: _Problems) -> list[_Flow]:
     defaults = {el.get("default") for el in flow_nodes if el.get("default")}
     flows: list[_Flow] = []
     for sf in seq_flows:
@@ -191,15 +235,17 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
                 problems.add("sequenceFlow", fid, "a condition on a flow out of a "
                              "parallelGateway, which takes every flow; use an inclusiveGateway")
         flows.append(f)
+    return flows
 
+
+def _guards(flows: list[_Flow], flow_nodes: list, kinds: dict[str, str], foreign: set[str],
+            problems: _Problems) -> list[tuple[str, str]]:
+    """Set each conditional flow's ``guard``; returns (gateway BPMN id, "no flow is taken"
+    condition) for the choices BPMN would raise on."""
     out_flows: dict[str, list[_Flow]] = defaultdict(list)
-    in_count: dict[str, int] = defaultdict(int)
     for f in flows:
         out_flows[f.s].append(f)
-        in_count[f.t] += 1
-
-    # 4. conditions -> guards (the `when` that carries each conditional flow's meaning)
-    no_branch: list[tuple[str, str]] = []   # (gateway BPMN id, "no flow is taken" condition)
+    no_branch: list[tuple[str, str]] = []
     by_bid = {el.get("id"): el for el in flow_nodes}
     for bid, outs in out_flows.items():
         kind = kinds.get(bid, "")
@@ -235,14 +281,16 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
                     f.guard = f.cond
             if kind == "inclusiveGateway" and conds and all(f.has_ce for f in outs):
                 no_branch.append((bid, f"not ({_any(conds)})"))
+    return no_branch
 
-    # 5. tokens: refuse what the engine's "run once, join on all resolved" cannot mean
-    # (on a graph with refused elements the check would guess; those are named already)
-    if foreign and all(b in owner for b in kinds):
-        _check_tokens(kinds, [f for f in flows if f.s in foreign or f.t in foreign], problems)
-    problems.raise_if_any()
 
-    # 6. edges, with guard nodes where a condition cannot sit on the target itself
+def _edges(flows: list[_Flow], nodes: list[Node], owner: dict[str, str], foreign: set[str],
+           kinds: dict[str, str], ids: _Ids) -> list[Edge]:
+    """The IR edges; a guard that cannot sit on its target as its ``when`` becomes a guard node
+    (a task without code) on the flow, appended to ``nodes``."""
+    in_count: dict[str, int] = defaultdict(int)
+    for f in flows:
+        in_count[f.t] += 1
     by_id = {n.id: n for n in nodes}
     edges: list[Edge] = []
     by_pair: dict[tuple[str, str], Edge] = {}
@@ -276,14 +324,20 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
             target.when = f.guard
             connect(s, t, data, on_edge, f.default)
         else:  # a guard node on the flow: a task without code whose `when` is the condition
-            g = Node(new_id(f.id), "task", name=f.name or f"if {_short(f.guard, 40)[1:-1]}",
+            g = Node(ids.new(f.id), "task", name=f.name or f"if {_short(f.guard, 40)[1:-1]}",
                      when=f.guard)
             nodes.append(g)
             by_id[g.id] = g
             connect(s, g.id, data, on_edge, f.default)
             connect(g.id, t, data)
+    return edges
 
-    # 7. one start, one end
+
+def _one_start_one_end(nodes: list[Node], edges: list[Edge], start_ids: list[str],
+                       end_ids: list[str], no_branch: list[tuple[str, str]],
+                       owner: dict[str, str], ids: _Ids) -> tuple[list[Node], list[Edge]]:
+    """Several end events become one; a missing start or end is added; a choice no flow of
+    which can be taken gets a node that fails the run (BPMN raises there)."""
     if len(end_ids) > 1:
         keep = end_ids[0]
         nodes = [n for n in nodes if n.kind != "end" or n.id == keep]
@@ -299,50 +353,49 @@ def from_bpmn(source: str | bytes | os.PathLike, base_dir: str | os.PathLike | N
     has_in = {e.target for e in edges}
     has_out = {e.source for e in edges}
     if not start_ids:
-        sid = new_id("start")
+        sid = ids.new("start")
         heads = [n.id for n in nodes if n.id not in has_in]
         nodes.insert(0, Node(sid, "start"))
         edges[:0] = [Edge(sid, h) for h in heads]
     if not end_ids:
-        eid = new_id("end")
+        eid = ids.new("end")
         tails = [n.id for n in nodes if n.id not in has_out and n.kind != "start"]
         nodes.append(Node(eid, "end"))
         edges += [Edge(t, eid) for t in tails]
         end_ids = [eid]
+    by_id = {n.id: n for n in nodes}
     for gw, cond in no_branch:  # BPMN raises when an exclusive choice has no way out: so do we
         label = by_id[owner[gw]].label
         msg = f"no condition out of gateway {label!r} is true and it has no default flow"
-        n = Node(new_id(f"{owner[gw]}__no_branch"), "task", name=f"no branch of {label}",
+        n = Node(ids.new(f"{owner[gw]}__no_branch"), "task", name=f"no branch of {label}",
                  when=cond, code=f"raise RuntimeError({msg!r})")
         nodes.append(n)
         edges += [Edge(owner[gw], n.id), Edge(n.id, end_ids[0])]
-    _check_acyclic(nodes, edges)
+    return nodes, edges
 
+
+def _workflow(proc, root, path: Path | None, nodes: list[Node], edges: list[Edge]) -> Workflow:
+    """The Workflow: name, parameters and setup from nbflow's extension when the file has it,
+    else the process's name and the free names of the conditions as parameters."""
     wf_ext = _ext(proc, "workflow")
-    if wf_ext is not None:
-        params_el = wf_ext.find(_n("params"))
-        ps_el = wf_ext.find(_n("paramsSource"))
-        try:
-            params = json.loads(_get_text(params_el)) if params_el is not None else {}
-        except json.JSONDecodeError:
-            raise WorkflowError("nbflow:workflow params are not valid JSON") from None
-        wf = Workflow(
-            name=wf_ext.get("name") or "", nodes=nodes, edges=edges, params=params,
-            params_source=_get_text(ps_el) if ps_el is not None else "",
-            setup=[_get_text(s) for s in wf_ext.findall(_n("setup"))],
-            source=wf_ext.get("source"),
-            version=int(wf_ext.get("version") or 1))
-    else:
+    if wf_ext is None:
         name = (proc.get("name") or root.get("name") or (path.stem if path else "")
                 or proc.get("id") or "workflow")
-        wf = Workflow(name=" ".join(name.split()), nodes=nodes, edges=edges,
-                      params={p: None for p in _free_names(nodes)},
-                      source=str(path.resolve()) if path else None)
-    if base_dir is not None:
-        for n in wf.nodes:
-            if n.notebook and not os.path.isabs(n.notebook):
-                n.notebook = str((Path(base_dir) / n.notebook).resolve())
-    return wf.validate()
+        return Workflow(name=" ".join(name.split()), nodes=nodes, edges=edges,
+                        params={p: None for p in _free_names(nodes)},
+                        source=str(path.resolve()) if path else None)
+    params_el = wf_ext.find(_n("params"))
+    ps_el = wf_ext.find(_n("paramsSource"))
+    try:
+        params = json.loads(_get_text(params_el)) if params_el is not None else {}
+    except json.JSONDecodeError:
+        raise WorkflowError("nbflow:workflow params are not valid JSON") from None
+    return Workflow(
+        name=wf_ext.get("name") or "", nodes=nodes, edges=edges, params=params,
+        params_source=_get_text(ps_el) if ps_el is not None else "",
+        setup=[_get_text(s) for s in wf_ext.findall(_n("setup"))],
+        source=wf_ext.get("source"),
+        version=int(wf_ext.get("version") or 1))
 
 
 def _any(conds: list[str]) -> str:
