@@ -236,59 +236,30 @@ def test_parse_duration_rejects(text):
 
 # --- errors name the cell, its first line and the task ----------------------------------------
 
-def test_bad_cycle():
-    with pytest.raises(WorkflowError) as e:
-        compile_notebook(nb("bad_cycle"))
-    assert "a (cell 1) -> b (cell 2) -> c (cell 3) -> a (cell 1)" in str(e.value)
+# each bad notebook (tests/data/<name>.ipynb or its cells) and what its one error must say
+BAD = [
+    ("bad_cycle", ["a (cell 1) -> b (cell 2) -> c (cell 3) -> a (cell 1)"]),
+    ("bad_syntax", ["cell 3 `%%task broken`", "task 'broken'", "line 2 of the cell", "y = x +"]),
+    (["%load_ext nbflow\nimport os\ndef f(:\n    pass", "%%task a\nx = 1"],
+     ["cell 1 `%load_ext nbflow`", "setup", "line 3"]),                  # a setup cell
+    ("bad_after", ["task 'report' (cell 2 `%%task report --after extrct`)", "'extrct'",
+                   "did you mean 'extract'?"]),
+    ("bad_duplicate", ["duplicate task name 'load'", "cell 1 `%%task load`",
+                       "cell 3 `%%task load --retries 2`"]),
+    ("bad_ambiguous", ["ambiguous 'total'", "task 'north' (cell 1 `%%task north`)",
+                       "task 'south' (cell 2 `%%task south`)", "task 'report' (cell 3"]),
+    ("bad_map", ["--map over a name nothing defines", "'items'",
+                 "cell 2 `%%task each --map item in items`"]),
+]
 
 
-def test_bad_syntax_names_cell_and_line():
+@pytest.mark.parametrize("source,says", BAD, ids=[b[0] if isinstance(b[0], str) else "bad_setup"
+                                                  for b in BAD])
+def test_a_bad_notebook_is_one_error_naming_the_cell(source, says):
     with pytest.raises(WorkflowError) as e:
-        compile_notebook(nb("bad_syntax"))
+        compile_notebook(nb(source) if isinstance(source, str) else source)
     msg = str(e.value)
-    assert "cell 3 `%%task broken`" in msg and "task 'broken'" in msg
-    assert "line 2 of the cell" in msg and "y = x +" in msg
-
-
-def test_bad_syntax_in_setup_cell():
-    with pytest.raises(WorkflowError) as e:
-        compile_notebook(["%load_ext nbflow\nimport os\ndef f(:\n    pass", "%%task a\nx = 1"])
-    msg = str(e.value)
-    assert "cell 1 `%load_ext nbflow`" in msg and "setup" in msg and "line 3" in msg
-
-
-def test_bad_after_suggests():
-    with pytest.raises(WorkflowError) as e:
-        compile_notebook(nb("bad_after"))
-    msg = str(e.value)
-    assert "task 'report' (cell 2 `%%task report --after extrct`)" in msg
-    assert "'extrct'" in msg and "did you mean 'extract'?" in msg
-
-
-def test_bad_duplicate_names_both_cells():
-    with pytest.raises(WorkflowError) as e:
-        compile_notebook(nb("bad_duplicate"))
-    msg = str(e.value)
-    assert "duplicate task name 'load'" in msg
-    assert "cell 1 `%%task load`" in msg and "cell 3 `%%task load --retries 2`" in msg
-
-
-def test_bad_ambiguous_names_both_producers_and_the_name():
-    with pytest.raises(WorkflowError) as e:
-        compile_notebook(nb("bad_ambiguous"))
-    msg = str(e.value)
-    assert "ambiguous 'total'" in msg
-    assert "task 'north' (cell 1 `%%task north`)" in msg
-    assert "task 'south' (cell 2 `%%task south`)" in msg
-    assert "task 'report' (cell 3" in msg
-
-
-def test_bad_map():
-    with pytest.raises(WorkflowError) as e:
-        compile_notebook(nb("bad_map"))
-    msg = str(e.value)
-    assert "--map over a name nothing defines" in msg and "'items'" in msg
-    assert "cell 2 `%%task each --map item in items`" in msg
+    assert [s for s in says if s not in msg] == [], msg
 
 
 def test_empty_and_not_a_notebook(tmp_path):
