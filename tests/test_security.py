@@ -247,8 +247,12 @@ def test_a_worker_squatting_a_scheduled_starts_message_id_does_not_stop_the_run(
     wait_for(lambda: owner.status(rid).nodes["publish"].state == "awaiting_approval", 120,
              "the squatted run to start and await approval")
     assert [e.type for e in owner.history(rid)].count("RunStarted") == 1
-    owner.cancel(rid)
+    # the runs console cancels as the signed-in user it authenticated (the delegate role)
+    with SyncClient(url) as console:
+        console.aclient.delegate = True
+        console.cancel(rid, by="ann")
     assert owner.wait(rid, timeout=120).state == "cancelled"
+    assert [e["by"] for e in owner.history(rid) if e.type == "CancelRequested"] == ["ann"]
 
 
 def test_cancel_records_the_authenticated_user_and_a_forged_cancel_neither_cancels_nor_blocks(
