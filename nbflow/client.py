@@ -199,7 +199,7 @@ class Client(Runs):
     async def _caught_up(self, st: RunState, most: int = 500) -> RunState | None:
         """``st`` with the history events after its sequence folded in (None: too far behind
         for message-by-message reads; the caller replays)."""
-        subj = self.L.history_subject(st.run)
+        subj = await self._history_of(st.run)
         try:
             last = (await self.streams.get_last(self.L.history_stream, subj)).seq
         except NotFound:
@@ -227,15 +227,33 @@ class Client(Runs):
 
     def _sent_as(self, ev: Event, subject: str | None) -> bool:
         """Whether ``ev`` was published on its own kind's subject: one sent on another kind's
-        (a forgery the engine dead-letters and removes) is never shown or folded."""
-        return subject is None or self.L.history_kind(subject) == ev.type
+        (a forgery the engine dead-letters and removes) is never shown or folded. A run
+        recorded before subjects carried the kind has its events on its one legacy subject."""
+        return subject is None or subject == self.L.history_legacy_subject(ev.run) or \
+            self.L.history_kind(subject) == ev.type
+
+    async def _history_of(self, run: str) -> str:
+        """The subject filter of ``run``'s events: its kinds' subjects, or, for a run recorded
+        before subjects carried the kind (an older nbflow wrote this store), its legacy one."""
+        subj = self.L.history_subject(run)
+        try:
+            await self.streams.get_last(self.L.history_stream, subj)
+            return subj
+        except NotFound:
+            pass
+        legacy = self.L.history_legacy_subject(run)
+        try:
+            await self.streams.get_last(self.L.history_stream, legacy)
+            return legacy
+        except NotFound:
+            return subj
 
     async def history(self, run: str) -> list[Event]:
         run = await self._resolve_run(run)
         return [ev async for ev in self._events(run, follow=False)]
 
     async def _events(self, run: str, follow: bool) -> AsyncIterator[Event]:
-        subj = self.L.history_subject(run)
+        subj = await self._history_of(run)
         try:
             last = await self.streams.get_last(self.L.history_stream, subj)
             last_seq = last.seq

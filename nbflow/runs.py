@@ -207,11 +207,13 @@ class Runs:
 
     async def has_run(self, run: str) -> bool:
         """True when the history holds any event of this exact run id."""
-        try:
-            await self.streams.get_last(self.L.history_stream, self.L.history_subject(run))
-            return True
-        except NotFound:
-            return False
+        for subj in (self.L.history_subject(run), self.L.history_legacy_subject(run)):
+            try:
+                await self.streams.get_last(self.L.history_stream, subj)
+                return True
+            except NotFound:
+                pass
+        return False
 
     async def snapshot(self, run: str) -> RunState | None:
         """The engine's last snapshot of the run (None when there is none yet)."""

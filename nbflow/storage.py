@@ -144,7 +144,8 @@ async def gc(client, *, dry_run: bool = False, days: float | None = None,
         rep.runs.append(run)
         if dry_run:
             continue
-        await client.streams.purge(L.history_stream, subject=L.history_subject(run))
+        for subj in (L.history_subject(run), L.history_legacy_subject(run)):
+            await client.streams.purge(L.history_stream, subject=subj)
         for bucket in (L.approvals_bucket, L.signals_bucket):
             kv = await client.kv(bucket)
             for k in await kv.keys():

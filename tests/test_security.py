@@ -562,3 +562,46 @@ def test_an_engine_updates_a_history_consumer_an_older_version_created(tmp_path)
         asyncio.run(go())
     finally:
         srv.stop()
+
+
+def test_runs_an_older_version_recorded_keep_their_history_after_the_upgrade(tmp_path):
+    """A store an older nbflow wrote holds each run's events on nbflow.history.<run> (no kind).
+    After an engine of this version updated the stream, `history` and `status` of such a run
+    still show its events (they predate the upgrade: no role may publish there now)."""
+    from nats.js.api import StreamConfig
+
+    from nbflow.client import Client
+    from nbflow.engine.engine import Engine
+    from nbflow.nats.layout import Layout
+    from nbflow.stack import NatsServer
+
+    srv = NatsServer(tmp_path / "old").start()
+
+    async def go():
+        nc = await infra.connect(infra.ConnectOptions(url=srv.url), reconnect=False)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(StreamConfig(name="NBFLOW_HISTORY", subjects=["nbflow.history.*"],
+                                             allow_direct=True, duplicate_window=86400))
+            old = [make("CancelRequested", "oldrun", by="ann"),
+                   make("RunFinished", "oldrun", state="cancelled")]
+            for ev in old:
+                await js.publish("nbflow.history.oldrun", ev.encode())
+            eng = Engine(nc, Layout(""))
+            await eng.start()
+            c = await Client.connect(srv.url)
+            try:
+                got = await c.history("oldrun")
+                assert [(e.type, e.run) for e in got] == [(e.type, e.run) for e in old]
+                new = make("CancelRequested", "newrun", by="bob")
+                await js.publish(eng.L.history_subject("newrun", new.type), new.encode())
+                assert [e.type for e in await c.history("newrun")] == ["CancelRequested"]
+            finally:
+                await c.close()
+                eng.stop()
+        finally:
+            await nc.close()
+    try:
+        asyncio.run(go())
+    finally:
+        srv.stop()

@@ -125,6 +125,11 @@ class Layout:
         whose type is not its subject's kind. ``history_subject(run)`` matches all of a run."""
         return f"{self._subj}.history.{run}.{kind}"
 
+    def history_legacy_subject(self, run: str) -> str:
+        """Where a run's events were published before subjects carried the event kind. Read
+        only: no role may publish there any more, so what it holds predates the upgrade."""
+        return f"{self._subj}.history.{run}"
+
     def history_run(self, subject: str) -> str:
         """The run of a history subject."""
         return subject.rsplit(".", 2)[-2]
