@@ -524,14 +524,11 @@ def test_the_cluster_template_enforces_the_same_roles(tmp_path, monkeypatch):
         srv.stop()
 
 
-def test_an_engine_updates_a_history_consumer_an_older_version_created(tmp_path):
-    """Before history subjects carried the event kind, the engine's durable consumer filtered
-    nbflow.history.*: an engine of this version updates it (else it would receive nothing) and
-    the stream's subjects, and an event published now reaches it."""
-    from nats.js.api import ConsumerConfig, StreamConfig
+def _on_an_older_store(tmp_path, body):
+    """Run ``body(nc, js, url)`` against a server whose history stream an older nbflow created
+    (subjects nbflow.history.<run>, without the event kind)."""
+    from nats.js.api import StreamConfig
 
-    from nbflow.engine.engine import Engine
-    from nbflow.nats.layout import Layout
     from nbflow.stack import NatsServer
 
     srv = NatsServer(tmp_path / "old").start()
@@ -542,66 +539,64 @@ def test_an_engine_updates_a_history_consumer_an_older_version_created(tmp_path)
             js = nc.jetstream()
             await js.add_stream(StreamConfig(name="NBFLOW_HISTORY", subjects=["nbflow.history.*"],
                                              allow_direct=True, duplicate_window=86400))
-            await js.add_consumer("NBFLOW_HISTORY", ConsumerConfig(
-                durable_name="engine", filter_subject="nbflow.history.*", ack_wait=5))
-            eng = Engine(nc, Layout(""))
-            await eng.start()
-            L = eng.L
-            info = await js.consumer_info(L.history_stream, L.engine_consumer)
-            assert info.config.filter_subject == L.history_wildcard
-            assert (await js.stream_info(L.history_stream)).config.subjects == \
-                [L.history_wildcard]
-            ev = make("CancelRequested", "somerun", by="x")
-            await js.publish(L.history_subject("somerun", ev.type), ev.encode())
-            (m,) = await eng.history_sub.fetch(1, timeout=10)
-            assert m.subject == L.history_subject("somerun", "CancelRequested")
-            eng.stop()
+            await body(nc, js, srv.url)
         finally:
             await nc.close()
     try:
         asyncio.run(go())
     finally:
         srv.stop()
+
+
+def test_an_engine_updates_a_history_consumer_an_older_version_created(tmp_path):
+    """Before history subjects carried the event kind, the engine's durable consumer filtered
+    nbflow.history.*: an engine of this version updates it (else it would receive nothing) and
+    the stream's subjects, and an event published now reaches it."""
+    from nats.js.api import ConsumerConfig
+
+    from nbflow.engine.engine import Engine
+    from nbflow.nats.layout import Layout
+
+    async def body(nc, js, url):
+        await js.add_consumer("NBFLOW_HISTORY", ConsumerConfig(
+            durable_name="engine", filter_subject="nbflow.history.*", ack_wait=5))
+        eng = Engine(nc, Layout(""))
+        await eng.start()
+        L = eng.L
+        info = await js.consumer_info(L.history_stream, L.engine_consumer)
+        assert info.config.filter_subject == L.history_wildcard
+        assert (await js.stream_info(L.history_stream)).config.subjects == [L.history_wildcard]
+        ev = make("CancelRequested", "somerun", by="x")
+        await js.publish(L.history_subject("somerun", ev.type), ev.encode())
+        (m,) = await eng.history_sub.fetch(1, timeout=10)
+        assert m.subject == L.history_subject("somerun", "CancelRequested")
+        eng.stop()
+    _on_an_older_store(tmp_path, body)
 
 
 def test_runs_an_older_version_recorded_keep_their_history_after_the_upgrade(tmp_path):
     """A store an older nbflow wrote holds each run's events on nbflow.history.<run> (no kind).
     After an engine of this version updated the stream, `history` and `status` of such a run
     still show its events (they predate the upgrade: no role may publish there now)."""
-    from nats.js.api import StreamConfig
-
     from nbflow.client import Client
     from nbflow.engine.engine import Engine
     from nbflow.nats.layout import Layout
-    from nbflow.stack import NatsServer
 
-    srv = NatsServer(tmp_path / "old").start()
-
-    async def go():
-        nc = await infra.connect(infra.ConnectOptions(url=srv.url), reconnect=False)
+    async def body(nc, js, url):
+        old = [make("CancelRequested", "oldrun", by="ann"),
+               make("RunFinished", "oldrun", state="cancelled")]
+        for ev in old:
+            await js.publish("nbflow.history.oldrun", ev.encode())
+        eng = Engine(nc, Layout(""))
+        await eng.start()
+        c = await Client.connect(url)
         try:
-            js = nc.jetstream()
-            await js.add_stream(StreamConfig(name="NBFLOW_HISTORY", subjects=["nbflow.history.*"],
-                                             allow_direct=True, duplicate_window=86400))
-            old = [make("CancelRequested", "oldrun", by="ann"),
-                   make("RunFinished", "oldrun", state="cancelled")]
-            for ev in old:
-                await js.publish("nbflow.history.oldrun", ev.encode())
-            eng = Engine(nc, Layout(""))
-            await eng.start()
-            c = await Client.connect(srv.url)
-            try:
-                got = await c.history("oldrun")
-                assert [(e.type, e.run) for e in got] == [(e.type, e.run) for e in old]
-                new = make("CancelRequested", "newrun", by="bob")
-                await js.publish(eng.L.history_subject("newrun", new.type), new.encode())
-                assert [e.type for e in await c.history("newrun")] == ["CancelRequested"]
-            finally:
-                await c.close()
-                eng.stop()
+            got = await c.history("oldrun")
+            assert [(e.type, e.run) for e in got] == [(e.type, e.run) for e in old]
+            new = make("CancelRequested", "newrun", by="bob")
+            await js.publish(eng.L.history_subject("newrun", new.type), new.encode())
+            assert [e.type for e in await c.history("newrun")] == ["CancelRequested"]
         finally:
-            await nc.close()
-    try:
-        asyncio.run(go())
-    finally:
-        srv.stop()
+            await c.close()
+            eng.stop()
+    _on_an_older_store(tmp_path, body)
