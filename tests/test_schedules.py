@@ -266,7 +266,9 @@ def test_at_task_end_to_end(client, tmp_path):
     from support import finish
     from nbformat.v4 import new_code_cell, new_notebook
 
-    at = (datetime.now(timezone.utc) + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # far enough ahead that the run starts before it even on a loaded machine (the submit
+    # compiles and bundles first): an --at already past when the run starts sets no timer
+    at = (datetime.now(timezone.utc) + timedelta(seconds=8)).strftime("%Y-%m-%dT%H:%M:%SZ")
     nb = new_notebook(cells=[new_code_cell(f"%%task wait --at {at}"),
                              new_code_cell("%%task after --after wait\nb = 1")])
     path = tmp_path / "at.ipynb"
