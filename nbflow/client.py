@@ -642,6 +642,9 @@ def check_signal_name(name: str) -> str:
 
 
 def _decided_msg(run: str, task: str, rec: dict[str, Any]) -> str:
+    if not rec.get("by") and rec.get("reason"):      # closed by the run itself, not a person
+        return (f"task {task!r} of run {run} was already {rec.get('state')} "
+                f"({rec['reason']}) at {_local_time(rec.get('at'))}")
     return (f"task {task!r} of run {run} was already {rec.get('state')} by "
             f"{rec.get('by', '?')} at {_local_time(rec.get('at'))}")
 

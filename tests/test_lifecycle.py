@@ -96,3 +96,34 @@ def test_tracebacks_and_logs_name_the_users_cell_numbers(on_stack, tmp_path):
     logs = nbflow("logs", run_id(r.stderr + r.stdout), "boom", env=on_stack).stdout
     assert "--- cell 6 [failed]: y = x + 1" in logs and "Cell In[" not in logs, logs
     assert "cell 6 (task boom), line 3\n      2 y = x + 1\n----> 3 raise" in logs, logs
+
+
+def test_a_rejection_ends_the_run_and_closes_an_approval_only_the_rejected_branch_needed(
+        on_stack, client, tmp_path):
+    nb = write_notebook(tmp_path / "two.ipynb", [
+        '%%task pay --approval "Pay?"\npaid = 1',
+        '%%task ship --approval "Ship?"\nshipped = 1',
+        f"%%task settle_up\nopen({str(tmp_path / 'settled')!r}, 'w').write(str((paid, shipped)))"])
+    run = client.submit(str(nb))
+    wait_for(lambda: all(client.status(run).nodes[n].state == "awaiting_approval"
+                         for n in ("pay", "ship")), what="both approvals asked")
+
+    def record(node):
+        async def get():
+            kv = await client.aclient.kv(client.aclient.L.approvals_bucket)
+            entry = await kv.get_or_none(f"{run}.{node}")
+            return json.loads(entry.value) if entry else {}
+        return client._call(get())
+    wait_for(lambda: record("ship").get("state") == "pending", what="ship's approval recorded")
+    r = nbflow("approve", run, "pay", "--reject", env=on_stack)
+    assert r.returncode == 0, r.stderr
+    st = finish(client, run, timeout=60)
+    assert st.state == "rejected"
+    assert st.nodes["ship"].state == "skipped" and st.nodes["settle_up"].state == "skipped"
+    assert not (tmp_path / "settled").exists()
+    # ship's approval is no longer pending: its record is closed, deciding it now is refused
+    wait_for(lambda: record("ship")["state"] == "cancelled", what="ship's approval closed")
+    assert "token" not in record("ship")
+    r = nbflow("approve", run, "ship", env=on_stack)
+    assert r.returncode != 0
+    assert "already cancelled (not needed: upstream rejected)" in r.stderr, r.stderr

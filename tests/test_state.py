@@ -1113,6 +1113,45 @@ def test_a_rejection_ends_the_run_when_a_task_with_code_waits_only_for_the_skipp
     assert sim.signal("bank", 1) == []              # a late signal changes nothing
 
 
+def test_a_rejection_ends_the_run_when_another_approval_only_fed_the_rejected_branch():
+    # two approvals on parallel branches feed one join; rejecting one skips the join, so the
+    # other approval can change nothing: it is skipped and its record closed, the run ends
+    wf = build([
+        task("pay", "paid = 1", approval="Pay?"),
+        task("ship", "shipped = 1", approval="Ship?"),
+        task("settle_up", "done = (paid, shipped)",
+             sources={"paid": "pay", "shipped": "ship"}),
+    ])
+    sim = Sim(wf)
+    sim.start()
+    assert sim.node_states()["pay"] == sim.node_states()["ship"] == "awaiting_approval"
+    cmds = sim.approve("pay", approved=False)
+    assert [c.kind for c in cmds] == ["approval_closed", "finished"]
+    assert cmds[0].data == {"node": "ship", "state": "cancelled", "by": "",
+                            "reason": "not needed: upstream rejected"}
+    assert cmds[1]["state"] == "rejected" and sim.st.state == "rejected"
+    states = sim.node_states()
+    assert states["pay"] == "rejected" and states["settle_up"] == "skipped"
+    assert states["ship"] == "skipped"
+    assert sim.st.nodes["ship"].reason == "not needed: upstream rejected"
+    assert sim.st.nodes["ship"].approval["state"] == "cancelled"
+    assert sim.st.nodes["pay"].approval["state"] == "rejected"     # the decision itself stands
+    assert "ship" not in sim.st.tasks                # its code never ran
+    assert sim.approve("ship") == []                 # a late decision changes nothing
+
+
+def test_a_pending_approval_of_a_leaf_still_waits_after_a_rejection_elsewhere():
+    wf = build([task("pay", "paid = 1", approval="Pay?"),
+                task("ship", "shipped = 1", approval="Ship?")])
+    sim = Sim(wf)
+    sim.start()
+    assert sim.of(sim.approve("pay", approved=False), "approval_closed") == []
+    assert sim.st.state == "running" and sim.node_states()["ship"] == "awaiting_approval"
+    sim.approve("ship")
+    sim.run_workers()
+    assert sim.st.state == "rejected"
+
+
 def test_a_waiting_task_with_code_still_runs_after_a_rejection_elsewhere():
     wf = build([task("pay", "paid = 1", approval="Pay?"),
                 task("bank_in", "r = bank", wait_signal="bank")])

@@ -39,6 +39,8 @@ from nbflow.core.events import Command, Event, split_key, task_key
 RUN_FINAL = ("succeeded", "failed", "rejected", "cancelled")
 NODE_FINAL = ("succeeded", "failed", "skipped", "rejected", "cancelled")
 NODE_ACTIVE = ("sleeping", "waiting_signal", "awaiting_approval", "running")
+_GATED = ("sleeping", "waiting_signal", "awaiting_approval")   # waiting before its code runs
+_NOT_NEEDED = "not needed: upstream rejected"
 TASK_FINAL = ("succeeded", "failed", "skipped", "cancelled")
 TASK_ACTIVE = ("queued", "running", "retry_wait")
 NODE_STATES = ("pending",) + NODE_ACTIVE + NODE_FINAL
@@ -574,22 +576,29 @@ class _Step:
 
     # --- after every event: is the run over? --------------------------------------------------
     def drop_needless_gates(self) -> None:
-        """After a rejection: a node still waiting for a signal or a timer (a pure gate, or a
-        task with code that has not started) whose every successor is already skipped or
-        rejected only fed the rejected branch; skip it, so the run ends instead of waiting for a
-        signal only the skipped branch needed. A leaf (its successor is ``end``) still runs."""
-        changed = self.counts().any_node(("waiting_signal", "sleeping"))
+        """After a rejection: a node still waiting for a signal, a timer or an approval (a pure
+        gate, or a task with code that has not started) whose every successor is already skipped
+        or rejected only fed the rejected branch; skip it, so the run ends instead of waiting for
+        a signal or a person only the skipped branch needed. A skipped approval is closed (its
+        record stops being pending). A leaf (its successor is ``end``) still runs."""
+        changed = self.counts().any_node(_GATED)
         while changed:
             changed = False
             for n in self.wf.nodes:
                 ns = self.st.nodes.get(n.id)
-                if ns is None or ns.state not in ("waiting_signal", "sleeping"):
+                if ns is None or ns.state not in _GATED:
                     continue
                 succ = self.succ(n.id)
                 if n.needs_worker and any(self.g.node(s).kind == "end" for s in succ):
                     continue            # a leaf with code: its own effect is the point
                 if succ and all(self.st.nodes[s].state in ("skipped", "rejected") for s in succ):
-                    self.resolve(n.id, "skipped", "not needed: upstream rejected")
+                    if ns.state == "awaiting_approval":
+                        self.N(n.id).approval = {**(ns.approval or {}), "state": "cancelled",
+                                                 "by": "", "at": self.ev.ts,
+                                                 "reason": _NOT_NEEDED}
+                        self.cmds.append(Command("approval_closed", {
+                            "node": n.id, "state": "cancelled", "by": "", "reason": _NOT_NEEDED}))
+                    self.resolve(n.id, "skipped", _NOT_NEEDED)
                     changed = True
 
     def settle(self) -> None:

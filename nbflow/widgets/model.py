@@ -205,6 +205,8 @@ def decision_text(ap: dict[str, Any]) -> str:
                                       if ap.get("expires_text") else "")
     if ap.get("reason") == "timeout":
         return f"rejected: no decision before the timeout ({ap['at_text']})"
+    if not ap.get("by") and ap.get("reason"):       # closed by the run, not by a person
+        return f"{ap['state']}: {ap['reason']} ({ap['at_text']})"
     text = f"{ap['state']} by {ap['by']} at {ap['at_text']}"
     return text + (f": {ap['comment']}" if ap.get("comment") else "")
 
