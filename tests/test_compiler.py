@@ -416,3 +416,26 @@ def test_a_relative_file_hand_off_warns_that_it_cannot_work_and_how_to_fix_it():
         assert "relative path cannot hand a file from one task to another" in w
         assert "own copy of the notebook's folder" in w
         assert "absolute path (e.g. /data/out/x.csv)" in w and "as a variable" in w
+
+
+def test_blank_lines_above_the_task_line_are_recorded_for_tracebacks():
+    from nbflow.compiler.tasknb import task_notebook
+    from nbflow.core.tracebacks import user_cells
+
+    wf = compile_notebook(["%%task a\nx = 1", "\n\n%%task b\ny = x\nraise ValueError(y)"])
+    assert wf.node("a").line_offset == 0 and wf.node("b").line_offset == 2
+    # absent when 0, so a definition stored by an older version keeps its content hash ...
+    d = wf.to_dict()
+    assert "line_offset" not in next(n for n in d["nodes"] if n["id"] == "a")
+    old = json.loads(wf.to_json())
+    for n in old["nodes"]:
+        n.pop("line_offset", None)
+    assert Workflow.from_dict(old).node("b").line_offset == 0   # ... and reads as before
+    task = task_notebook(wf, "b")
+    cell = next(c for c in task.cells if c.metadata.get("nbflow", {}).get("task") == "b")
+    cell.execution_count = 4
+    tb = "Cell In[4], line 2\n      1 y = x\n----> 2 raise ValueError(y)"
+    assert user_cells(task, tb) == \
+        "cell 2 (task b), line 5\n      4 y = x\n----> 5 raise ValueError(y)"
+    del cell.metadata["nbflow"]["offset"]          # a task notebook of an older version
+    assert user_cells(task, tb).startswith("cell 2 (task b), line 3\n      2 y = x")

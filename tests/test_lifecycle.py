@@ -98,6 +98,19 @@ def test_tracebacks_and_logs_name_the_users_cell_numbers(on_stack, tmp_path):
     assert "cell 6 (task boom), line 3\n      2 y = x + 1\n----> 3 raise" in logs, logs
 
 
+def test_tracebacks_count_blank_lines_above_the_task_line(on_stack, tmp_path):
+    nb = write_notebook(tmp_path / "blank.ipynb", [
+        "%%task fine\nx = 1",
+        "\n\n%%task boom\ny = x + 1\nraise ValueError('bad ' + str(y))"])
+    r = nbflow("run", str(nb), env=on_stack)
+    assert r.returncode == 1
+    # Jupyter shows the raise on line 5 of cell 2 (two blank lines, %%task, y = ..., raise)
+    assert "cell 2 (task boom), line 5" in r.stdout, r.stdout
+    assert "      4 y = x + 1\n----> 5 raise ValueError" in r.stdout, r.stdout
+    logs = nbflow("logs", run_id(r.stderr + r.stdout), "boom", env=on_stack).stdout
+    assert "cell 2 (task boom), line 5\n      4 y = x + 1\n----> 5 raise" in logs, logs
+
+
 def test_a_rejection_ends_the_run_and_closes_an_approval_only_the_rejected_branch_needed(
         on_stack, client, tmp_path):
     nb = write_notebook(tmp_path / "two.ipynb", [

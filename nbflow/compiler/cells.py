@@ -106,6 +106,7 @@ class TaskSpec:
     code: str = ""
     cell: int | None = None                  # 1-based index among all cells of the notebook
     first_line: str = ""
+    line_offset: int = 0                     # blank lines above the %%task line
     doc: str = ""
     after: list[str] = field(default_factory=list)
     retries: int = 0
@@ -303,8 +304,8 @@ def parse_task_cell(source: str, cell: int | None = None, doc: str = "") -> Task
         opts = parse_task_line(argstring)
     except WorkflowError as e:
         raise WorkflowError(f"{where(cell, fl, guess)}: {e}") from None
-    spec = TaskSpec(code=body, cell=cell,
-                    first_line=fl, doc=doc, **opts)
+    spec = TaskSpec(code=body, cell=cell, first_line=fl, line_offset=offset - 1, doc=doc,
+                    **opts)
     tree = parse_python(body, where(cell, fl, spec.name), offset)
     spec.defines, reads = analyze_names(tree)
     if spec.when:

@@ -271,7 +271,8 @@ def _add_order(wf: Workflow, w: str, r: str, path: str) -> Edge:
 
 def _node(spec: TaskSpec) -> Node:
     return Node(id=spec.name, kind="task", code=spec.code, cell=spec.cell,
-                first_line=spec.first_line, doc=spec.doc, **spec.node_options())
+                first_line=spec.first_line, line_offset=spec.line_offset, doc=spec.doc,
+                **spec.node_options())
 
 
 def build_workflow(parsed: ParsedNotebook, *, name: str, source: str | None = None) -> Workflow:

@@ -74,7 +74,9 @@ def task_notebook(wf: Workflow, node_id: str) -> nbformat.NotebookNode:
     cells.append(_cell(LOAD_SOURCE, "nbflow-load", "load"))
     if node.when:
         cells.append(_cell(when_source(node.when), "nbflow-when", "when"))
-    cells.append(_cell(code, "nbflow-task", "task", nbflow={"task": node.id, "cell": node.cell}))
+    cells.append(_cell(code, "nbflow-task", "task", nbflow={"task": node.id, "cell": node.cell,
+                                                       **({"offset": node.line_offset}
+                                                          if node.line_offset else {})}))
     cells.append(_cell(SAVE_SOURCE, "nbflow-save", "save"))
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": dict(KERNELSPEC),

@@ -51,6 +51,7 @@ class Node:
     code: str = ""                           # task cell body, without the %%task line
     cell: int | None = None                  # 1-based index among ALL cells of the notebook
     first_line: str = ""                     # the %%task line as written (for error messages)
+    line_offset: int = 0                     # blank lines above the %%task line in the cell
     doc: str = ""                            # documentation (preceding markdown heading)
     inputs: list[str] = field(default_factory=list)    # names this task reads from upstream tasks
     outputs: list[str] = field(default_factory=list)   # names this task assigns that others read
@@ -150,6 +151,9 @@ class Workflow:
         for e in d["edges"]:            # absent unless inferred: older versions keep their hash
             if not e.get("files"):
                 e.pop("files", None)
+        for n in d["nodes"]:            # absent unless set: older versions keep their hash
+            if not n.get("line_offset"):
+                n.pop("line_offset", None)
         return d
 
     def to_json(self, indent: int | None = None) -> str:

@@ -1,6 +1,7 @@
 """Tracebacks as the user sees their notebook: IPython's ``Cell In[5], line 2`` (the task
 notebook's execution count, the task body numbered from 1) becomes ``cell 7 (task report),
-line 3`` with the source listing numbered the same way (the %%task line is line 1). Pure text:
+line 3`` with the source listing numbered the same way (the cell's first line is line 1: the
+%%task line, unless blank lines are above it). Pure text:
 used by the worker (task errors, ``nbflow logs``) and by the widgets (a failed task's output)."""
 from __future__ import annotations
 
@@ -38,9 +39,13 @@ def user_cells(nb, text: str) -> str:
     labels: dict[str, tuple[str, int]] = {}
     for i, cell in enumerate(nb.get("cells", []), 1):
         if cell.get("cell_type") == "code" and cell.get("execution_count"):
-            task = (cell.get("metadata", {}).get("nbflow") or {}).get("task")
+            meta = cell.get("metadata", {}).get("nbflow") or {}
+            task = meta.get("task")
+            # the body's line 1 is the user's line 2 (the %%task line), more if blank lines are
+            # above it (``offset``: recorded by the compiler; absent in older task notebooks)
             labels[str(cell["execution_count"])] = (
-                cell_label(cell, i) + (f" (task {task})" if task else ""), 1 if task else 0)
+                cell_label(cell, i) + (f" (task {task})" if task else ""),
+                1 + int(meta.get("offset") or 0) if task else 0)
 
     def sub(m: re.Match) -> str:
         if m.group(1) not in labels:
