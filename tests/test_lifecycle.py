@@ -140,3 +140,12 @@ def test_a_rejection_ends_the_run_and_closes_an_approval_only_the_rejected_branc
     r = nbflow("approve", run, "ship", env=on_stack)
     assert r.returncode != 0
     assert "already cancelled (not needed: upstream rejected)" in r.stderr, r.stderr
+    # the console's run page and the RunView say why, not "by ?"
+    from nbflow.console import views
+    from nbflow.widgets.model import approvals, decision_text
+    wf = client.workflow(st.wf)
+    page = views.run_page(views.Ctx("/", "ann", True, ""), st, wf, "")
+    assert "not needed: upstream rejected" in page and "by <strong class=\"decider\">?" not in page
+    texts = {a["node"]: decision_text(a) for a in approvals(st, wf)}
+    assert texts["ship"].startswith("cancelled: not needed: upstream rejected"), texts
+    assert texts["pay"].startswith("rejected by "), texts

@@ -125,6 +125,17 @@ def page(ctx: Ctx, current: str, title: str, body: str, live: str = "", topic: s
 
 # --- inbox ------------------------------------------------------------------------------------
 
+_DECIDER = ' class="decider"'
+
+
+def _by(ap: dict, attrs: str) -> str:
+    """`` by <strong>WHO</strong>``; nothing when the run itself closed the approval (no person:
+    e.g. not needed after a rejection elsewhere)."""
+    if not ap.get("by") and ap.get("reason"):
+        return ""
+    return f' by <strong{attrs}>{e(ap.get("by") or "?")}</strong>'
+
+
 def approval_card(ctx: Ctx, st: RunState, node: str, wf, pending: bool) -> str:
     ns = st.nodes[node]
     ap = ns.approval or {}
@@ -182,7 +193,7 @@ def approval_card(ctx: Ctx, st: RunState, node: str, wf, pending: bool) -> str:
         state = ap.get("state", ns.state)
         c = f' — “{e(ap.get("comment"))}”' if ap.get("comment") else ""
         reason = f' ({e(ap.get("reason"))})' if ap.get("reason") else ""
-        body.append(f'<p class="decision">{badge(state)} by <strong>{e(ap.get("by") or "?")}</strong> '
+        body.append(f'<p class="decision">{badge(state)}{_by(ap, "")} '
                     f'{when(ap.get("at") or ns.finished)}{reason}{c}</p>')
     cls = "card pending" if pending else "card decided"
     return f'<article class="{cls}" data-run="{e(st.run)}" data-task="{e(node)}">{head}{"".join(body)}</article>'
@@ -334,9 +345,11 @@ def run_page(ctx: Ctx, st: RunState, wf, svg: str) -> str:
                if ns.approval and ns.approval.get("state") not in (None, "pending")]
     if decided:
         items = "".join(
-            f'<li><strong>{e(nid)}</strong>: {badge(ns.approval.get("state", ""))} by '
-            f'<strong class="decider">{e(ns.approval.get("by") or "?")}</strong> '
+            f'<li><strong>{e(nid)}</strong>: {badge(ns.approval.get("state", ""))}'
+            f'{_by(ns.approval, _DECIDER)} '
             f'{when(ns.approval.get("at") or ns.finished)}'
+            + (f' ({e(ns.approval["reason"])})' if not ns.approval.get("by")
+               and ns.approval.get("reason") else "")
             + (f' — “{e(ns.approval.get("comment"))}”' if ns.approval.get("comment") else "")
             + "</li>" for nid, ns in decided)
         parts.append(f'<section><h2>Decisions</h2><ul class="decisions">{items}</ul></section>')
