@@ -100,6 +100,22 @@ def test_a_kernel_whose_task_folder_is_gone_is_reset_and_kept(reuse, tmp_path):
     assert c2.kernel_uses == 1 and reuse.started == 1
 
 
+def test_a_long_temp_dir_path_falls_back_to_loopback_tcp(tmp_path, monkeypatch):
+    """Unix socket paths hold ~107 bytes: under a long TMPDIR the pool failed to start any
+    kernel ("File name too long"); it now uses loopback TCP there."""
+    import tempfile
+
+    long = tmp_path / ("d" * 60) / ("e" * 60)
+    long.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    p = KernelPool(size=1, isolation="reuse")
+    try:
+        nb, _, err = execute(p, notebook("print(6 * 7)"), tmp_path)
+        assert err is None and text(nb) == "42\n"
+    finally:
+        p.shutdown()
+
+
 def test_reuse_moves_cwd_and_sys_path_per_task(reuse, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()

@@ -54,6 +54,7 @@ from nbflow.worker.kernels.cellrun import POLL_SLICE, RunControl
 from nbflow.worker.kernels.kernel import PooledKernel
 
 log = logging.getLogger("nbflow.worker.kernels.pool")
+_IPC_PATH_MAX = 100      # sun_path is 108 bytes; jupyter_client appends "-<n>" to the name
 
 ISOLATIONS = ("run", "fresh", "reuse")
 REUSING = ("run", "reuse")    # isolations whose kernels are reset and kept after a task
@@ -76,6 +77,7 @@ class KernelPool:
         # everything a kernel leaves on disk (ipc sockets, connection files) lives here: removed
         # at shutdown, and by workdirs.clean_stale once this process is gone (its pid is named)
         self._home = tempfile.mkdtemp(prefix=f"nbflow-kernels-{os.getpid()}-")
+        self._tcp_noted = False
         self._cond = threading.Condition()
         self._idle: list[PooledKernel] = []
         self._busy: set[PooledKernel] = set()
@@ -122,6 +124,14 @@ class KernelPool:
     def _start_kernel(self) -> PooledKernel:
         # unix sockets in the pool's private (0700) dir: no loopback TCP ports to other users
         ipc = os.path.join(self._home, f"k-{uuid.uuid4().hex[:12]}") if os.name == "posix" else ""
+        if len(ipc.encode()) > _IPC_PATH_MAX:
+            # a unix socket path holds ~107 bytes: under a long TMPDIR use loopback TCP (the
+            # connection file, 0600 in the pool's 0700 dir, holds the key every message needs)
+            if not self._tcp_noted:
+                self._tcp_noted = True
+                log.warning("nbflow: the temp dir %s is too long a path for kernel sockets; "
+                            "kernels listen on 127.0.0.1 instead", self._home)
+            ipc = ""
         km = KernelManager(kernel_name=self.kernel_name, context=self._ctx,
                            connection_file=os.path.join(self._home,
                                                         f"kernel-{uuid.uuid4().hex[:12]}.json"),
