@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 
@@ -199,7 +198,7 @@ def test_a_module_the_worker_lacks_fails_at_once_naming_it_and_the_worker(hidden
     nb = write_notebook(hidden / "needs" / "needs.ipynb", [
         "import os",
         f"%%task a\nimport nbflow_no_such_module_xyz\nopen({str(effects)!r}, 'a').write('a')",
-        f"%%task b\nimport papermill\nv = papermill.__version__",
+        "%%task b\nimport papermill\nv = papermill.__version__",
     ])
     with SyncClient(url, namespace=NS) as c:
         run = c.submit(str(nb))

@@ -29,6 +29,8 @@ FORBIDDEN = [
                                "nbflow.stack", "nbflow.schedules")),  # kernels know no NATS
     ("nbflow.compiler.bpmn", ("nbflow.compiler.notebook", "nbflow.compiler.tasknb",
                               "nbflow.compiler.bundle")),   # BPMN <-> IR, never a notebook
+    ("nbflow.client", ("nbflow.engine", "nbflow.cli", "nbflow.widgets", "nbflow.magics",
+                       "nbflow.console", "nbflow.schedules")),   # below every face
     ("nbflow.nats", ("nbflow.engine", "nbflow.client", "nbflow.cli", "nbflow.widgets",
                      "nbflow.magics", "nbflow.console", "nbflow.worker", "nbflow.schedules")),
 ]
@@ -84,8 +86,20 @@ def _under(mod: str, prefix: str) -> bool:
                                                        else prefix + ".")
 
 
+# packages whose modules are their own rooms: the rest of nbflow imports the package only
+# (``from nbflow.client import Client``), so a room can move without touching a face
+SEALED = ("nbflow.client",)
+
+
 def violations(graph: dict[str, set[str]]) -> list[str]:
     out = []
+    for mod, deps in sorted(graph.items()):
+        for pkg in SEALED:
+            if _under(mod, pkg):
+                continue
+            for dep in sorted(deps):
+                if dep.startswith(pkg + "."):
+                    out.append(f"{mod} imports {dep} (outside {pkg}, import {pkg} itself)")
     for mod, deps in sorted(graph.items()):
         for layer, banned in FORBIDDEN:
             if not _under(mod, layer):
@@ -163,7 +177,12 @@ def test_the_contract_catches_a_violation_and_a_cycle(graph):
     bad = {k: set(v) for k, v in graph.items()}
     bad["nbflow.core.state"].add("nbflow.client")            # the core reaching up
     bad["nbflow.engine.engine"].add("nbflow.widgets.runview")  # the engine drawing widgets
+    bad["nbflow.widgets.runs"].add("nbflow.client.reading")   # a face reaching into a room
+    bad["nbflow.client.reading"].add("nbflow.engine.engine")   # the client reaching up
     assert violations(bad) == [
+        "nbflow.widgets.runs imports nbflow.client.reading (outside nbflow.client, "
+        "import nbflow.client itself)",
+        "nbflow.client.reading imports nbflow.engine.engine (layer nbflow.client may not)",
         "nbflow.core.state imports nbflow.client (layer nbflow.core may not)",
         "nbflow.engine.engine imports nbflow.widgets.runview (layer nbflow.engine may not)"]
     bad = {k: set(v) for k, v in graph.items()}

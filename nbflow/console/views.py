@@ -260,7 +260,7 @@ def runs_filter(runs: list[RunState], state: str = "", notebook: str = "", sched
 def runs_page(ctx: Ctx, rows: list[RunState], total: int, f: dict[str, str], notebooks: list[str],
               schedules: list[str], offset: int) -> str:
     def sel(name, label, options):
-        opts = [f'<option value="">any</option>'] + [
+        opts = ['<option value="">any</option>'] + [
             f'<option value="{e(o)}"{" selected" if f.get(name) == o else ""}>{e(o)}</option>'
             for o in options]
         return (f'<label>{label} <select name="{name}">{"".join(opts)}</select></label>')
@@ -293,7 +293,7 @@ def runs_table(ctx: Ctx, rows: list[RunState], total: int, f: dict[str, str], of
     cap = f"{total} run{'s' if total != 1 else ''}" + (
         f", showing {offset + 1}–{offset + len(rows)}" if total > len(rows) else "")
     if not rows:
-        return f'<p class="empty">No runs match.</p>'
+        return '<p class="empty">No runs match.</p>'
     return (f'<div class="scroll"><table class="runs"><caption>{cap}</caption><thead><tr>'
             '<th scope="col">Run</th><th scope="col">Notebook</th><th scope="col">State</th>'
             '<th scope="col">Started</th><th scope="col">Duration</th><th scope="col">Tasks done</th>'
