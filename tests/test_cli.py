@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,8 +94,10 @@ def test_ctrl_c_detaches_and_leaves_the_run_going(on_stack, client, tmp_path):
                          env={**os.environ, **on_stack})
     line = p.stderr.readline()                        # "run XXXX of slow started"
     assert line.startswith("run "), line
-    run = line.split()[1].strip("\x1b[1m").replace("\x1b[0m", "").replace("\x1b[22m", "")
-    run = "".join(ch for ch in run if ch.isalnum())[-8:]
+    run = re.sub(r"\x1b\[[0-9;]*m", "", line).split()[1]
+    while "running" not in line:                      # Ctrl-C while it follows the run
+        line = p.stderr.readline()
+        assert line, "nbflow run ended before its task ran"
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130

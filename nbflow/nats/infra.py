@@ -106,6 +106,11 @@ async def guarded(nc, aw):
     task = asyncio.ensure_future(aw)
     try:
         await asyncio.wait({task, fut}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # cancelled (Ctrl-C): pass it on to ``aw``, which may handle it — `nbflow run` then
+        # detaches and returns its exit code — rather than leave it running on a closing client
+        task.cancel()
+        return await task
     finally:
         d.waiters.discard(fut)
     if task.done():
