@@ -24,16 +24,9 @@ snapshot that loses is dropped: the winner's is a later or equal fold of the sam
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
-import math
 import os
-import secrets
-import signal
 import time
-from collections import OrderedDict
 from typing import Any
 
 from nbflow.core.ir import Workflow
@@ -41,11 +34,15 @@ from nbflow.errors import Conflict, NotFound, Transient
 from nbflow.nats import infra
 from nbflow.nats.kv import KV
 from nbflow.nats.streams import Streams
-from nbflow.core.events import (Command, Event, TaskMessage, decode, finished_msg_id, make,
-                                 task_msg_id, timer_msg_id, timer_schedule_msg_id)
+from nbflow.core.events import Event, decode, timer_msg_id
 from nbflow.errors import BadMessage
-from nbflow.nats.layout import MSG_ID, SCHEDULE, SCHEDULE_TARGET, Layout
-from nbflow.core.state import RunState, fold, has_active_tasks
+from nbflow.nats.layout import MSG_ID, Layout
+from nbflow.core.state import RunState, fold, has_active_tasks  # noqa: F401 - RunState: bench/profile_engine.py
+from nbflow.engine.approvals import Approvals
+from nbflow.engine.commands import Commands, _message_id_key
+from nbflow.engine.crash import _crash_point
+from nbflow.engine.deadletter import DeadLetters
+from nbflow.engine.snapshots import LRU, SNAPSHOT_EVERY_S, Snapshots
 
 log = logging.getLogger("nbflow.engine")
 
@@ -53,39 +50,15 @@ log = logging.getLogger("nbflow.engine")
 # Short, so events a killed engine held reach another engine within seconds; a batch that takes
 # longer is kept alive with in_progress() (_keep_alive), so a slow engine is not duplicated.
 ACK_WAIT_S = float(os.environ.get("NBFLOW_ENGINE_ACK_WAIT", "5"))
-# A busy run's snapshot is written once it has lagged this long (history has what it lacks).
-SNAPSHOT_EVERY_S = float(os.environ.get("NBFLOW_SNAPSHOT_EVERY", "0.25"))
+
+__all__ = ["ACK_WAIT_S", "SNAPSHOT_EVERY_S", "Engine", "LRU", "serve"]
 
 
-def _crash_point(name: str) -> None:
-    """Fault injection for the kill tests: NBFLOW_CRASH_AT=<point>[:<nth>] kills us with SIGKILL."""
-    spec = os.environ.get("NBFLOW_CRASH_AT", "")
-    if not spec:
-        return
-    point, _, nth = spec.partition(":")
-    if point != name:
-        return
-    count = _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    if count >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+class Engine(Snapshots, Commands, Approvals, DeadLetters):
+    """The history loop and the timer loop around ``core.state.fold``. Its rooms: snapshots.py
+    (the snapshot cache and writes), commands.py (carrying out commands), approvals.py (approval
+    records, checks of decisions and starts), deadletter.py (dead letters)."""
 
-
-_crash_counts: dict[str, int] = {}
-
-
-class LRU(OrderedDict):
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def put(self, k, v):
-        self[k] = v
-        self.move_to_end(k)
-        while len(self) > self.size:
-            self.popitem(last=False)
-
-
-class Engine:
     def __init__(self, nc, layout: Layout | None = None, *, batch: int = 256,
                  snapshot_cache: int = 500):
         self.nc = nc
@@ -172,52 +145,6 @@ class Engine:
                 except Exception:  # noqa: BLE001 - stopping: history still has everything
                     pass
 
-    def _due(self, run: str) -> float:
-        """When a lagging snapshot is written: SNAPSHOT_EVERY_S after it started to lag, or ten
-        times what its last write took if that is longer — a big run's snapshot (O(run size) to
-        encode and send) then costs at most ~10 % of the engine's time however big it grows."""
-        return self.behind[run] + max(SNAPSHOT_EVERY_S, 10 * self.write_s.get(run, 0.0))
-
-    async def _write_behind(self, idle: bool = False) -> None:
-        """Write the lagging snapshots that are due (all of them with ``idle``). Between
-        batches, so never concurrently with a batch of the same run."""
-        now = time.monotonic()
-        for run in list(self.behind):
-            if not idle and now < self._due(run):
-                continue
-            cached = self.snapshots.get(run)
-            if cached is None:               # evicted: the next event catches the run up
-                self.behind.pop(run, None)
-                self.write_s.pop(run, None)
-                continue
-            st, rev = cached
-            try:
-                new_rev = await self._write_snapshot(st, rev)
-            except Conflict:                 # another engine wrote a later fold: reload later
-                self.snapshots.pop(run, None)
-                self.behind.pop(run, None)
-                continue
-            except Exception as e:  # noqa: BLE001 - transient: try again on the next round
-                log.warning("run %s: snapshot write failed (%s); will retry", run, e)
-                continue
-            self.snapshots.put(run, (st, new_rev))
-            self.behind.pop(run, None)
-
-    async def _write_snapshot(self, st: RunState, rev: int) -> int:
-        _crash_point("before_snapshot")
-        t0 = time.monotonic()
-        value = json.dumps(st.to_dict(compact=True), separators=(",", ":")).encode()
-        self.snapshot_writes += 1
-        try:
-            if rev:
-                return await self.runs_kv.update(st.run, value, last=rev)
-            return await self.runs_kv.create(st.run, value)
-        finally:
-            if st.is_final:
-                self.write_s.pop(st.run, None)
-            else:
-                self.write_s[st.run] = time.monotonic() - t0
-
     async def _keep_alive(self, msgs: list) -> None:
         """While a batch is being handled, tell JetStream we are alive (AckWait is short)."""
         while True:
@@ -296,16 +223,6 @@ class Engine:
         for m, _ in good:
             await m.ack()
         self.processed += len(good)
-
-    async def load_snapshot(self, run: str) -> tuple[RunState | None, int]:
-        cached = self.snapshots.get(run)
-        if cached:
-            return cached
-        try:
-            e = await self.runs_kv.get(run)
-        except NotFound:
-            return None, 0
-        return RunState.from_dict(json.loads(e.value)), e.revision
 
     async def workflow(self, wf_hash: str) -> Workflow:
         wf = self.defs.get(wf_hash)
@@ -407,193 +324,6 @@ class Engine:
         self.snapshots.put(run, (st, new_rev))
         self.behind.pop(run, None)
         return True
-
-    # --- commands -----------------------------------------------------------------------------
-    async def execute(self, st: RunState, cmds: list[Command]) -> None:
-        futs = []
-        params_json = None          # encoded once for all of this batch's dispatches (a map's)
-        for c in cmds:
-            if c.kind == "dispatch":
-                task = TaskMessage.for_dispatch(st.run, st.params, c.data)
-                if params_json is None:
-                    params_json = TaskMessage.encode_params(st.params)
-                futs.append(await self.streams.publish_async(
-                    self.L.task_subject(task.queue, st.run), task.encode(params_json),
-                    headers={MSG_ID: task_msg_id(st.run, task.key, task.attempt)}))
-            elif c.kind == "timer":
-                futs.append(await self.schedule_timer(st.run, c))
-            elif c.kind == "approval":
-                await self._request_approval(st, c)
-            elif c.kind == "approval_closed":
-                await self._close_approval(st, c)
-            elif c.kind == "cancel_tasks":
-                # queued tasks never start: remove them from the work queue; running ones are
-                # told to stop (their workers kill the kernel)
-                await self.streams.purge(self.L.tasks_stream,
-                                         subject=self.L.task_subject("*", st.run))
-                await self.nc.publish(self.L.cancel_subject(st.run),
-                                      json.dumps({"keys": c["keys"]}).encode())
-            elif c.kind == "remember":
-                # the index `run --reuse` reads: the latest success of each fingerprint wins
-                await self.fps_kv.put(c["fp"], json.dumps(c.data, separators=(",", ":"),
-                                                          default=str).encode())
-            elif c.kind == "finished":
-                log.info("run %s %s", st.run, c["state"])
-                ev = make("RunFinished", st.run, state=c["state"])
-                futs.append(await self.streams.publish_async(
-                    self.L.history_subject(st.run, ev.type), ev.encode(),
-                    headers={MSG_ID: self.msg_id(finished_msg_id(st.run))}))
-        for f in futs:
-            if f is not None:
-                await f
-
-    async def schedule_timer(self, run: str, c: Command):
-        ev = make("TimerFired", run, timer=c["id"], kind=c["kind"], key=c["key"],
-                  attempt=c["attempt"])
-        at = c["at"]
-        if at <= time.time() + 0.5:      # already due: record it now
-            return await self.streams.publish_async(
-                self.L.history_subject(run, ev.type), ev.encode(),
-                headers={MSG_ID: self.msg_id(timer_msg_id(c["id"]))})
-        # message schedules have one-second resolution: round up so we never fire early
-        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(at)))
-        tid = c["id"].replace(".", "_")
-        return await self.streams.publish_async(
-            self.L.timer_schedule_subject(tid), ev.encode(),
-            headers={SCHEDULE: f"@at {iso}", SCHEDULE_TARGET: self.L.timer_fire_subject(tid),
-                     MSG_ID: timer_schedule_msg_id(c["id"])})
-
-    def msg_id(self, base: str) -> str:
-        """The ``Nats-Msg-Id`` of an event only the engine publishes: deterministic (a redone
-        step is deduplicated) yet unguessable, so that nobody else can publish a message with
-        it first and have the genuine event dropped as a duplicate (message ids are per stream,
-        not per subject, and workers and authors publish to the history stream too)."""
-        return f"{base}.{hmac.new(self._mid_key, base.encode(), 'sha256').hexdigest()[:20]}"
-
-    async def _forged(self, ev: Event, why: str) -> None:
-        """An event its publisher may not produce: dead-lettered and removed from the history
-        (readers replaying the run must not see it either); never applied."""
-        await self._dead_letter_raw(self.L.history_subject(ev.run, ev.type), ev.encode(), why)
-        try:
-            await self.streams.delete_msg(self.L.history_stream, ev.seq)
-        except NotFound:         # already deleted by another engine
-            pass
-
-    async def _decision_recorded(self, ev: Event) -> bool:
-        """An approval counts only when the decide service recorded it (authenticated decider,
-        single-use token, compare-and-set, fresh decision id): a decision published straight
-        onto the history stream by anyone else is removed from the history and dead-lettered,
-        never applied."""
-        from nbflow.engine.decide import decision_is_genuine
-
-        # a failed read (Transient) propagates: the batch is redelivered, never dead-lettered
-        try:
-            rec = json.loads((await self.approvals_kv.get(f"{ev.run}.{ev['node']}")).value)
-        except NotFound:         # no such approval was ever requested
-            rec = {}
-        if decision_is_genuine(ev, rec):
-            return True
-        await self._dead_letter_raw(self.L.history_subject(ev.run), ev.encode(),
-                                    f"ApprovalDecided for {ev['node']!r} was not decided through "
-                                    f"the approvals bucket (record: {rec.get('state', 'none')})")
-        try:
-            await self.streams.delete_msg(self.L.history_stream, ev.seq)
-        except NotFound:         # already deleted by another engine
-            pass
-        return False
-
-    async def _start_recorded(self, ev: Event) -> bool:
-        """A run starts only when its submitter recorded the start in the definitions bucket
-        (which workers cannot write): a RunStarted published by anyone else is removed from
-        the history and dead-lettered."""
-        from nbflow.core.events import start_record
-
-        try:
-            rec = json.loads((await self.defs_kv.get(f"start.{ev.run}")).value)
-        except NotFound:         # a failed read (Transient) propagates: the batch is redelivered
-            rec = {}
-        if rec == start_record(ev["wf"], ev.get("params") or {}):
-            return True
-        await self._dead_letter_raw(self.L.history_subject(ev.run), ev.encode(),
-                                    "RunStarted without a matching start record (only authors "
-                                    "may start runs)")
-        try:                              # readers replaying history must not see it either
-            await self.js.delete_msg(self.L.history_stream, ev.seq)
-        except Exception:  # noqa: BLE001 - already deleted by another engine
-            pass
-        return False
-
-    async def _close_approval(self, st: RunState, c: Command) -> None:
-        """A pending approval that can no longer be given (timed out, run cancelled): its
-        record stops being pending and its token is dropped."""
-        key = f"{st.run}.{c['node']}"
-        for _ in range(5):
-            try:
-                entry = await self.approvals_kv.get(key)
-            except NotFound:     # never recorded
-                return
-            rec = json.loads(entry.value)
-            if rec.get("state") != "pending":
-                return
-            rec.pop("token", None)
-            rec.update(state=c["state"], by=c["by"], reason=c["reason"], at=time.time())
-            try:
-                await self.approvals_kv.update(key, json.dumps(rec).encode(), last=entry.revision)
-                return
-            except Conflict:     # a person decided meanwhile: look again
-                continue
-
-    async def _request_approval(self, st: RunState, c: Command) -> None:
-        key = f"{st.run}.{c['node']}"
-        body = {"run": st.run, "node": c["node"], "prompt": c["prompt"],
-                "expires": c.data.get("expires"),
-                "token": secrets.token_urlsafe(24), "state": "pending",
-                "requested": time.time()}
-        try:
-            await self.approvals_kv.create(key, json.dumps(body).encode())
-        except Conflict:         # exists already: a replayed command
-            pass
-
-    # --- dead letters -------------------------------------------------------------------------
-    async def dead_letter(self, msg, why: str) -> None:
-        await self._dead_letter_raw(msg.subject, msg.data, why)
-        try:
-            await msg.term()
-        except Exception:  # noqa: BLE001
-            await msg.ack()
-
-    async def _dead_letter_raw(self, where: str, data: bytes, why: str) -> None:
-        self.dead_letters += 1
-        log.warning("dead letter on %s: %s", where, why)
-        record = {"where": where, "why": why, "data": data[:65536].decode("utf-8", "replace"),
-                  "ts": time.time()}
-        # a dead letter that cannot be recorded must not be dropped: the caller's message stays
-        # unacked (the exception propagates) and is handled again later
-        mid = "dl." + hashlib.sha256(where.encode() + b"\0" + data).hexdigest()[:32]
-        await self.streams.publish(self.L.dead_letter_subject(), json.dumps(record).encode(),
-                                   headers={MSG_ID: mid})
-
-
-async def _message_id_key(js, L: Layout, replicas: int | None = None) -> bytes:
-    """The engines' shared secret for :meth:`Engine.msg_id`, in a bucket only engines can read
-    (created by the first engine; another engine racing it reads the winner's)."""
-    try:
-        kv = await js.key_value(L.engine_bucket)
-    except Exception:  # noqa: BLE001 - not there yet (a failed read raises again below)
-        from nats.js.api import KeyValueConfig, StorageType
-
-        try:
-            kv = await js.create_key_value(KeyValueConfig(
-                bucket=L.engine_bucket, history=1, storage=StorageType.FILE,
-                replicas=replicas or 1,
-                description="nbflow engine-only state (never readable by other roles)"))
-        except Exception:  # noqa: BLE001 - another engine created it meanwhile
-            kv = await js.key_value(L.engine_bucket)
-    try:
-        await kv.create("msgid-key", secrets.token_hex(32).encode())
-    except Exception:  # noqa: BLE001 - exists (or another engine won the race): read it
-        pass
-    return (await kv.get("msgid-key")).value
 
 
 async def serve(url: str, namespace: str = "", replicas: int | None = None,
