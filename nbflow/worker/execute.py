@@ -1,0 +1,188 @@
+"""Executing one task: its workflow definition and task notebook (cached), its bundle and
+folder, its inputs fetched from the artifacts store, the environment check, the run through
+papermill (``runner.run_task``) and its outputs stored — ending in the completion event to
+publish (TaskSucceeded, TaskSkipped or TaskFailed, with bounded error text). A mixin of
+:class:`nbflow.worker.worker.Worker`."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+from typing import Any
+
+from nbflow.core.events import TaskMessage, make
+from nbflow.core.ir import Workflow
+from nbflow.errors import BundleError, NotFound
+from nbflow.worker import bundles, environment
+from nbflow.worker.artifacts import notebook_key, output_key
+
+log = logging.getLogger("nbflow.worker")
+
+# An output bigger than this fails the task with a clear message instead of filling the store.
+MAX_OUTPUT_BYTES = int(float(os.environ.get("NBFLOW_MAX_OUTPUT_MB", "2048")) * 1024 * 1024)
+# A failure's text in TaskFailed stays small, so publishing it always fits in one message; the
+# full error and traceback stay in the executed notebook.
+MAX_ERROR_CHARS = 4_000
+MAX_TRACEBACK_CHARS = 32_000
+MAX_CELL_CHARS = 16_000
+
+
+def bounded(text: str | None, limit: int) -> str:
+    """``text`` cut to about ``limit`` characters (head and tail kept, the cut said)."""
+    text = text or ""
+    if len(text) <= limit:
+        return text
+    head, tail = text[: limit * 3 // 4], text[-(limit // 4):]
+    return (f"{head}\n... [{len(text) - len(head) - len(tail):,} characters cut; the full text "
+            f"is in the task's executed notebook: nbflow logs] ...\n{tail}")
+
+
+class Execution:
+    async def workflow(self, wf_hash: str) -> Workflow:
+        wf = self._defs.get(wf_hash)
+        if wf is None:
+            wf = Workflow.stored((await self.defs_kv.get(wf_hash)).value, wf_hash)
+            self._defs[wf_hash] = wf
+        return wf
+
+    def task_notebook(self, wf: Workflow, wf_hash: str, node: str):
+        from nbflow.compiler.tasknb import task_notebook
+
+        k = (wf_hash, node)
+        if k not in self._nbs:
+            self._nbs[k] = task_notebook(wf, node)
+        return self._nbs[k]
+
+    async def _execute(self, task: TaskMessage, workdir: str, cancel: threading.Event,
+                       leases: contextlib.AsyncExitStack):
+        from nbflow.worker.runner import run_task
+
+        run, key, attempt, node_id = task.run, task.key, task.attempt, task.node
+        # a NATS hiccup reading the definition propagates (Transient: the task is nakked and
+        # runs later); only a definition that is missing or cannot be built fails the attempt
+        try:
+            wf = await self.workflow(task.wf)
+        except NotFound:
+            return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
+                        error=f"cannot build the task notebook for {node_id!r}: its workflow "
+                              f"definition {task.wf} is not in {self.L.defs_bucket}")
+        try:
+            unpacked = (await leases.enter_async_context(self.bundles.using(wf.bundle))
+                        if wf.bundle else None)
+        except BundleError as e:
+            return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
+                        error=f"{type(e).__name__}: {e}")
+        try:
+            # other notebooks a task runs (BPMN imports) are found in the bundle, not on the
+            # submitter's disk
+            here = wf if unpacked is None else bundles.located(wf, unpacked)
+            nb = self.task_notebook(here, task.wf, node_id)
+        except Exception as e:  # noqa: BLE001 - a definition we cannot build is a failed attempt
+            return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
+                        error=f"cannot build the task notebook for {node_id!r}: {e}")
+        node = wf.node(node_id)
+        inputs: dict[str, Any] = {}
+        os.makedirs(os.path.join(workdir, "in"), exist_ok=True)
+        for name, ref in task.inputs.items():
+            if isinstance(ref, list):
+                files = []
+                for i, r in enumerate(ref):
+                    if r is None:
+                        files.append(None)
+                        continue
+                    rel = f"in/{name}.{i}.pkl"
+                    await self.art.get_file(r, os.path.join(workdir, rel))
+                    files.append(rel)
+                inputs[name] = files
+            else:
+                rel = f"in/{name}.pkl"
+                await self.art.get_file(ref, os.path.join(workdir, rel))
+                inputs[name] = rel
+        io = {"task": node_id, "key": key, "run": run, "dir": workdir, "inputs": inputs,
+              "map": task.map, "signal": task.signal, "outputs": node.outputs}
+        try:
+            cwd = await self._task_cwd(wf, workdir, unpacked)
+        except BundleError as e:
+            return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
+                        error=f"{type(e).__name__}: {e}")
+        env_key = (task.wf, node_id)
+        if env_key not in self._env_checks:       # the first check scans installed packages
+            self._env_checks[env_key] = await asyncio.get_running_loop().run_in_executor(
+                None, environment.check, wf, node_id, cwd)
+        missing, warnings = self._env_checks[env_key]
+        if missing:
+            return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
+                        error=environment.missing_error(missing, node_id, self.name, wf))
+        nb = environment.with_warnings(nb, warnings)
+        loop = asyncio.get_running_loop()
+        res = await loop.run_in_executor(None, lambda: run_task(
+            nb, params=task.params, io=io, cwd=cwd, timeout=task.timeout,
+            cancel=cancel, engine=self.engine, isolation=task.isolation, scope=run))
+        if unpacked and cwd and res.notebook_path and os.path.exists(res.notebook_path):
+            # relative writes land in the task's private copy of the bundle and vanish: say so
+            written = await loop.run_in_executor(None, bundles.written_files, unpacked, cwd)
+            if written:
+                log.info("task %s of run %s wrote %d file(s) relative to its folder: %s", key,
+                         run, len(written), ", ".join(written[:10]))
+                await loop.run_in_executor(None, bundles.note_writes, res.notebook_path,
+                                           written)
+        nb_key = ""
+        if res.notebook_path and os.path.exists(res.notebook_path):
+            nb_key = notebook_key(run, key, attempt, task.delivery)
+            await self.art.put_file(nb_key, res.notebook_path)
+        if res.status == "succeeded":
+            outputs, lens = {}, {}
+            meta_path = os.path.join(res.outputs_dir or "", "_meta.json")
+            if os.path.exists(meta_path):
+                with open(meta_path) as f:
+                    lens = json.load(f).get("lens", {})
+            too_big = [(n, os.path.getsize(p)) for n in node.outputs
+                       if os.path.exists(p := os.path.join(res.outputs_dir or "", f"{n}.pkl"))
+                       and os.path.getsize(p) > MAX_OUTPUT_BYTES]
+            if too_big:
+                name, size = too_big[0]
+                return make("TaskFailed", run, key=key, attempt=attempt, reason="too_big",
+                            error=f"OutputTooLarge: output {name!r} of task {node_id!r} is "
+                                  f"{size / 2**20:.0f} MB, over the limit of "
+                                  f"{MAX_OUTPUT_BYTES / 2**20:.0f} MB (NBFLOW_MAX_OUTPUT_MB); "
+                                  f"write big data to files or a database and pass its path",
+                            notebook=nb_key, duration=res.duration)
+            for name in node.outputs:
+                p = os.path.join(res.outputs_dir or "", f"{name}.pkl")
+                if os.path.exists(p):
+                    ok = output_key(run, key, attempt, name, task.delivery)
+                    await self.art.put_file(ok, p)
+                    outputs[name] = ok
+            return make("TaskSucceeded", run, key=key, attempt=attempt, outputs=outputs,
+                        lens=lens, notebook=nb_key, exec_s=res.exec_s, duration=res.duration)
+        if res.status == "skipped":
+            return make("TaskSkipped", run, key=key, attempt=attempt, reason=res.reason or "when",
+                        notebook=nb_key)
+        reason = res.reason or "error"
+        if "cannot be pickled" in res.error:
+            reason = "unpicklable"
+        return make("TaskFailed", run, key=key, attempt=attempt,
+                    error=bounded(res.error or "failed", MAX_ERROR_CHARS),
+                    traceback=bounded(res.traceback, MAX_TRACEBACK_CHARS),
+                    cell=bounded(res.cell, MAX_CELL_CHARS), notebook=nb_key, reason=reason,
+                    duration=res.duration)
+
+    async def _task_cwd(self, wf: Workflow, workdir: str, unpacked: str | None) -> str | None:
+        """The task's cwd: its own copy of the run's bundle (``unpacked``); without a bundle the
+        notebook's folder in place (a shared filesystem); None (its work dir) for a workflow
+        without one."""
+        if unpacked:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, bundles.task_folder, unpacked, workdir)
+        if not wf.source:
+            return None
+        if not os.path.isfile(wf.source):
+            raise BundleError(
+                f"the notebook {wf.source} is not on worker {self.name}'s filesystem: the run "
+                f"was submitted without a bundle (--no-bundle / NBFLOW_BUNDLE=0), which needs "
+                f"the notebook's folder on a filesystem the workers share; submit with bundles "
+                f"(the default) instead")
+        return os.path.dirname(wf.source)
