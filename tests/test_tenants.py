@@ -253,9 +253,12 @@ def test_the_recorded_decider_is_the_authenticated_user(tmp_path, accounts):
 
 
 def _approval_record(c, key):
+    """The approval's KV record, or None while the engine has not written it (the client's
+    status folds history itself, so it can say 'awaiting approval' a moment before)."""
     async def get():
         kv = await c.aclient.kv(c.aclient.L.approvals_bucket)
-        return json.loads((await kv.get(key)).value)
+        entry = await kv.get_or_none(key)
+        return None if entry is None else json.loads(entry.value)
     return c._call(get())
 
 
@@ -304,6 +307,6 @@ def test_an_expired_approvals_record_is_no_longer_pending(client, tmp_path):
     run = client.submit(str(nb), {})
     assert client.wait(run, timeout=90).state == "rejected"
     # the client sees the timeout in history first; the engine closes the record as it applies it
-    rec = wait_for(lambda: (r := _approval_record(client, f"{run}.publish"))["state"] != "pending"
-                   and r, 30, "the engine to close the approval record")
+    rec = wait_for(lambda: (r := _approval_record(client, f"{run}.publish")) and
+                   r["state"] != "pending" and r, 30, "the engine to close the approval record")
     assert rec["state"] == "rejected" and rec["by"] == "timeout" and "token" not in rec
