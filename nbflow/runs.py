@@ -207,13 +207,19 @@ class Runs:
 
     async def has_run(self, run: str) -> bool:
         """True when the history holds any event of this exact run id."""
-        for subj in (self.L.history_subject(run), self.L.history_legacy_subject(run)):
+        return (await self._history_last(run))[1] is not None
+
+    async def _history_last(self, run: str):
+        """The subject filter of ``run``'s events and its newest one (None: no event yet): its
+        kinds' subjects, or, for a run recorded before subjects carried the kind (an older
+        nbflow wrote this store), its legacy one."""
+        subj = self.L.history_subject(run)
+        for s in (subj, self.L.history_legacy_subject(run)):
             try:
-                await self.streams.get_last(self.L.history_stream, subj)
-                return True
+                return s, await self.streams.get_last(self.L.history_stream, s)
             except NotFound:
                 pass
-        return False
+        return subj, None
 
     async def snapshot(self, run: str) -> RunState | None:
         """The engine's last snapshot of the run (None when there is none yet)."""

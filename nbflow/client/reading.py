@@ -50,11 +50,10 @@ class Reading(Session):
     async def _caught_up(self, st: RunState, most: int = 500) -> RunState | None:
         """``st`` with the history events after its sequence folded in (None: too far behind
         for message-by-message reads; the caller replays)."""
-        subj = await self._history_of(st.run)
-        try:
-            last = (await self.streams.get_last(self.L.history_stream, subj)).seq
-        except NotFound:
+        subj, newest = await self._history_last(st.run)
+        if newest is None:
             return st
+        last = newest.seq
         events: list[Event] = []
         seq = st.seq + 1
         while seq <= last:
@@ -83,35 +82,15 @@ class Reading(Session):
         return subject is None or subject == self.L.history_legacy_subject(ev.run) or \
             self.L.history_kind(subject) == ev.type
 
-    async def _history_of(self, run: str) -> str:
-        """The subject filter of ``run``'s events: its kinds' subjects, or, for a run recorded
-        before subjects carried the kind (an older nbflow wrote this store), its legacy one."""
-        subj = self.L.history_subject(run)
-        try:
-            await self.streams.get_last(self.L.history_stream, subj)
-            return subj
-        except NotFound:
-            pass
-        legacy = self.L.history_legacy_subject(run)
-        try:
-            await self.streams.get_last(self.L.history_stream, legacy)
-            return legacy
-        except NotFound:
-            return subj
-
     async def history(self, run: str) -> list[Event]:
         run = await self._resolve_run(run)
         return [ev async for ev in self._events(run, follow=False)]
 
     async def _events(self, run: str, follow: bool) -> AsyncIterator[Event]:
-        subj = await self._history_of(run)
-        try:
-            last = await self.streams.get_last(self.L.history_stream, subj)
-            last_seq = last.seq
-        except NotFound:
-            if not follow:
-                return
-            last_seq = 0
+        subj, newest = await self._history_last(run)
+        if newest is None and not follow:
+            return
+        last_seq = 0 if newest is None else newest.seq
         sub = await self.js.subscribe(subj, ordered_consumer=True, stream=self.L.history_stream)
         try:
             while True:
