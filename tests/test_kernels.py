@@ -244,3 +244,37 @@ def test_run_isolation_reuses_a_kernel_within_a_run_but_never_across_runs(tmp_pa
         assert pool.stats()["isolation"] == "run"
     finally:
         pool.shutdown()
+
+
+def test_run_isolation_starts_the_next_runs_kernel_before_that_run_comes(tmp_path):
+    """Back-to-back runs: once run b has taken the spare, run a's idle kernel is retired and a
+    fresh one started in the background, so run c gets a kernel that was ready before it came
+    (a kernel never serves two runs, and a variable or module attribute never crosses)."""
+    pool = KernelPool(size=2, isolation="run")
+    try:
+        def task(scope):
+            nb, c, err = execute(pool, notebook(
+                "import sys\nprint(getattr(sys, '_leak', None), 'x' in globals())\n"
+                f"sys._leak = {scope!r}\nx = 1\nprint(os.getpid())"), tmp_path,
+                control=RunControl(cwd=str(tmp_path), scope=scope))
+            assert err is None
+            seen, pid = text(nb).split("\n")[:2]
+            assert seen == "None False"                 # nothing of another run is visible
+            return c.kernel_pid
+        pids = []
+        for scope in ("run-a", "run-b", "run-c", "run-d"):
+            pool.wait_ready(2)                          # the run comes after the pool settled
+            with pool._cond:
+                ready = {k.pid for k in pool._idle if k.scope is None}
+            assert ready, pool.stats()                  # a never-used kernel is waiting for it
+            pids.append(task(scope))
+            assert pids[-1] in ready                    # ... and it is the one the run got
+        assert len(set(pids)) == 4                      # one kernel per run
+        assert pool.retired_ahead >= 2
+        # runs that interleave: run b (its kernel retired ahead) comes back and gets a kernel
+        # (a fresh one); retiring ahead pauses, kernels of other runs are retired on demand only
+        before = pool.retired_ahead
+        assert task("run-b") not in pids
+        assert pool.retired_ahead == before
+    finally:
+        pool.shutdown()

@@ -12,6 +12,11 @@ Isolation
     how a notebook behaves in Jupyter (one kernel for all its cells), as fast as ``reuse`` within a
     pipeline (~33 ms per task instead of a ~0.55 s kernel start on a saturated pool), and correct
     across runs: a local module edited between two runs is imported afresh.
+    Warm runs stay warm: once a newer run has taken the never-used spare, the idle kernel of an
+    older run (none of whose kernels is busy) is retired and a fresh spare started in the
+    background, so the next run finds one ready instead of paying a kernel start on its critical
+    path. If a run whose kernel was retired that way comes back (runs interleave on this worker),
+    retiring ahead is paused for a minute: kernels are then only retired on demand, as before.
 ``fresh``: a kernel runs one task, then is shut down in a background thread and the
     pool refills in the background. Same semantics as a papermill run (nothing leaks between
     tasks: modules, globals, env, threads). While a warm kernel is waiting a task costs ~38 ms;
@@ -87,6 +92,10 @@ class KernelPool:
         self._start_error: BaseException | None = None
         self._closed = False
         self._threads: set[threading.Thread] = set()
+        self._newest_scope: str | None = None   # "run": the run that acquired most recently
+        self._retired: dict[str, None] = {}     # runs whose idle kernel was retired ahead
+        self._ahead_off_until = 0.0             # monotonic: retiring ahead paused until then
+        self.retired_ahead = 0                  # kernels retired ahead (for tests)
         self.started = 0                    # kernels started over the pool's life (for tests)
         with self._cond:
             self._fill()
@@ -190,9 +199,32 @@ class KernelPool:
                 self._idle.append(k)
             self._cond.notify_all()
             self._fill()
+            self._keep_spare()
         if not ok:
             k.kill()
             k.close()
+
+    def _keep_spare(self) -> None:
+        """``run`` isolation, called with the lock held: when no never-used kernel is idle or
+        starting, retire the least recently used idle kernel of an older run that holds no busy
+        kernel, and start a fresh one in its place (in the background), so that the next run does
+        not wait for a kernel start. Nothing crosses runs: the retired kernel is shut down."""
+        if (self.isolation != "run" or self._closed or self._start_error is not None
+                or self._starting or time.monotonic() < self._ahead_off_until
+                or any(k.scope is None for k in self._idle)):
+            return
+        active = {k.scope for k in self._busy} | set(self._recycling_scopes)
+        active.add(self._newest_scope)
+        old = next((k for k in self._idle if k.scope not in active), None)
+        if old is None:
+            return
+        self._idle.remove(old)
+        self._retired[old.scope] = None
+        while len(self._retired) > 256:
+            self._retired.pop(next(iter(self._retired)))
+        self.retired_ahead += 1
+        self._spawn(old.close)
+        self._fill()
 
     # -- API
 
@@ -234,6 +266,13 @@ class KernelPool:
                         continue
                     self._busy.add(k)
                     self._fill(urgent=True)
+                    if self.isolation == "run":
+                        if scope in self._retired:   # runs interleave here: retire on demand only
+                            del self._retired[scope]
+                            self._ahead_off_until = time.monotonic() + 60.0
+                        self._newest_scope = scope
+                        k.scope = scope
+                        self._keep_spare()
                     break
                 if self._start_error is not None and self._starting == 0:
                     e, self._start_error = self._start_error, None
