@@ -32,8 +32,8 @@ def fanout_workflow(width: int, name: str = "bench_fanout") -> Workflow:
 
 
 def map_workflow(n: int, name: str = "bench_map") -> Workflow:
-    """One ``--map`` node over a parameter list of ``n`` items (each instance's task message
-    carries the run's parameters, the list included: what a user's map over a parameter costs)."""
+    """One ``--map`` node over a parameter list of ``n`` items: what a user's map over a
+    parameter costs (each instance's task message carries its element, not the list)."""
     nodes = [Node("start", "start"), Node("m", "task", code="pass", map_var="i", map_over="items"),
              Node("end", "end")]
     return Workflow(name, nodes=nodes, edges=[Edge("start", "m"), Edge("m", "end")],

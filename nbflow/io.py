@@ -5,7 +5,7 @@ The worker injects one papermill parameter, ``__nbflow__``, a JSON dict::
 
     {"task": "by_region", "key": "by_region#1", "run": "k3x9...", "dir": "/tmp/nbflow-io-...",
      "inputs": {"sales": "in/sales.pkl", "total": ["in/total.0.pkl", null, ...]},
-     "map": {"var": "region", "over": "regions", "index": 1} | null,
+     "map": {"var": "region", "over": "regions", "index": 1, "value": "north"} | null,
      "signal": {"var": "answer", "value": <json>} | null,
      "outputs": ["total"]}
 
@@ -53,8 +53,11 @@ def load_inputs(ns: dict, spec: dict | None) -> None:
             ns[name] = _load_file(spec, ref)
     m = spec.get("map")
     if m:
-        seq = ns[m["over"]]
-        ns[m["var"]] = list(seq)[m["index"]]
+        if "value" in m:                  # the engine sent the element (a parameter's)
+            ns[m["var"]] = m["value"]
+        else:
+            seq = ns[m["over"]]
+            ns[m["var"]] = list(seq)[m["index"]]
     s = spec.get("signal")
     if s:
         ns[s["var"]] = s.get("value")

@@ -18,7 +18,7 @@ DISPATCH = {"key": "b#2", "node": "b", "attempt": 3, "queue": "gpu", "wf": "abc1
 def test_a_dispatched_task_round_trips():
     t = TaskMessage.for_dispatch("r1", {"day": "2026-11-20"}, DISPATCH)
     wire = json.loads(t.encode())
-    assert wire["v"] == 1 and wire["run"] == "r1" and wire["params"] == {"day": "2026-11-20"}
+    assert wire["v"] == 2 and wire["run"] == "r1" and wire["params"] == {"day": "2026-11-20"}
     assert "signal" not in wire                      # absent, as the engine always sent it
     back = TaskMessage.decode(t.encode())
     assert back == t and (back.queue, back.attempt, back.map["index"]) == ("gpu", 3, 2)
@@ -27,11 +27,20 @@ def test_a_dispatched_task_round_trips():
     assert json.loads(once) == wire and TaskMessage.decode(once) == t
 
 
+def test_a_version_1_message_still_decodes():
+    # sent by an engine before version 2 (all the run's params, no map element): still run
+    old = (b'{"v": 1, "run": "r", "key": "m#1", "node": "m", "attempt": 1, "wf": "w", '
+           b'"params": {"items": ["a", "b"]}, "map": {"var": "i", "over": "items", "index": 1}}')
+    t = TaskMessage.decode(old)
+    assert t.params == {"items": ["a", "b"]} and "value" not in t.map
+
+
 @pytest.mark.parametrize("body, why", [
     (b"{", "not JSON"),
     (b"[1]", "JSON object"),
     (b'{"run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w"}', "task message version None"),
-    (b'{"v": 2, "run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w"}', "task message version 2"),
+    (b'{"v": 3, "run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w"}', "task message version 3"),
+    (b'{"v": true, "run": "r", "key": "a", "node": "a", "attempt": 1, "wf": "w"}', "task message version True"),
     (b'{"v": 1, "run": "r", "key": "a", "node": "a", "wf": "w"}', "missing field 'attempt'"),
     (b'{"v": 1, "run": "r", "key": "a", "node": "a", "attempt": true, "wf": "w"}',
      "'attempt' must be int"),

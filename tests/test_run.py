@@ -48,6 +48,24 @@ def test_map_fans_out_and_in_in_element_order(client, tmp_path):
                                                 "per_item#2", "per_item#3", "total", "report"}
 
 
+def test_map_instances_get_the_run_element_and_the_params_their_code_reads(client, tmp_path):
+    # a task message carries only the parameters a task reads, and a map instance its element;
+    # a setup cell's function reading a parameter counts as reading it
+    nb = write_notebook(tmp_path / "reads.ipynb", [
+        "def how_many():\n    return len(regions)",
+        "%%task per --map r in regions\nlabel = f'{r}:{scale}:{how_many()}'",
+        "%%task doubled --map r in regions\ntwice = r * 2",
+        "%%task solo\nprint(('solo', scale))",
+        "%%task gather\nprint(list(label), list(twice))",
+    ], params='regions = ["a", "b"]\nscale = 1')
+    run = client.submit(str(nb), {"regions": ["x", "y", "z"], "scale": 7})
+    st = finish(client, run)
+    assert st.state == "succeeded", st.error
+    assert client.load_output(run, "per", "label") == ["x:7:3", "y:7:3", "z:7:3"]
+    assert client.load_output(run, "doubled", "twice") == ["xx", "yy", "zz"]
+    assert "('solo', 7)" in client.logs(run, "solo")
+
+
 def test_when_skips_and_skip_propagates(client):
     run = client.submit(str(DATA / "conditions.ipynb"), {"threshold": 100})
     st = finish(client, run)

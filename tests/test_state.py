@@ -155,7 +155,8 @@ def test_map_over_param_list_dispatches_each_instance_and_joins_in_instance_orde
     cmds = sim.start()
     assert sim.keys(cmds) == ["m#0", "m#1", "m#2"]
     for i, c in enumerate(sim.dispatches(cmds)):
-        assert c["map"] == {"var": "item", "over": "items", "index": i}
+        assert c["map"] == {"var": "item", "over": "items", "index": i,
+                            "value": sim.st.params["items"][i]}   # its element, not the list
         assert c["node"] == "m" and c["attempt"] == 1
     assert sim.st.nodes["m"].count == 3
     for n, i in enumerate(order):
@@ -172,6 +173,28 @@ def test_map_over_param_list_dispatches_each_instance_and_joins_in_instance_orde
 def test_map_count_from_run_params_overrides_default():
     sim = Sim(fanout_params())
     assert sim.keys(sim.start(params={"items": ["only"]})) == ["m#0"]
+
+
+def test_map_instances_carry_their_element_of_the_run_params():
+    sim = Sim(fanout_params())
+    cmds = sim.start(params={"items": ["x", "y"]})
+    assert [c["map"]["value"] for c in sim.dispatches(cmds)] == ["x", "y"]
+    # a map over a dict walks its keys, as the kernel did with list(items)
+    sim = Sim(fanout_params())
+    cmds = sim.start(params={"items": {"k1": 1, "k2": 2}})
+    assert [c["map"]["value"] for c in sim.dispatches(cmds)] == ["k1", "k2"]
+
+
+def test_dispatch_names_the_params_a_task_reads():
+    wf = build([task("a", "y = day + 1"), task("b", "print(f'{region}')", when="flag"),
+                task("c", "%time z = 1"), task("d", "x = globals()['day']")],
+               params={"day": 1, "region": "n", "flag": True, "big": [0] * 100})
+    wf.setup = ["import os\ndef helper():\n    return big_default"]
+    cmds = Sim(wf).start()
+    reads = {c["key"]: c["reads"] for c in Sim.of(cmds, "dispatch")}
+    assert {"day"} <= reads["a"] and "region" not in reads["a"] and "big" not in reads["a"]
+    assert {"region", "flag", "big_default"} <= reads["b"] and "day" not in reads["b"]
+    assert reads["c"] is None and reads["d"] is None       # a magic, globals(): send them all
 
 
 def test_map_over_upstream_output_uses_lens():

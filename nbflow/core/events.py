@@ -118,7 +118,7 @@ def validate(ev: Event) -> None:
             raise BadMessage(f"{ev.type}: field {name!r} must be {tname}, got {type(v).__name__}")
 
 
-def _versioned_object(raw: bytes, version: int, noun: str, kind: str) -> dict[str, Any]:
+def _versioned_object(raw: bytes, version: int | tuple[int, ...], noun: str, kind: str) -> dict[str, Any]:
     """``raw`` as a JSON object of ``version`` (its ``v`` field), else BadMessage saying why;
     ``noun`` names one ("an event"), ``kind`` the schema ("event schema")."""
     try:
@@ -127,8 +127,10 @@ def _versioned_object(raw: bytes, version: int, noun: str, kind: str) -> dict[st
         raise BadMessage(f"not JSON: {e}") from None
     if not isinstance(d, dict):
         raise BadMessage(f"{noun} must be a JSON object")
-    if d.get("v") != version:
-        raise BadMessage(f"unsupported {kind} version {d.get('v')!r} (expected {version})")
+    ok = version if isinstance(version, tuple) else (version,)
+    if d.get("v") not in ok or isinstance(d.get("v"), bool):
+        raise BadMessage(f"unsupported {kind} version {d.get('v')!r} (expected "
+                         f"{' or '.join(map(str, ok))})")
     return d
 
 
@@ -145,7 +147,11 @@ def decode(raw: bytes, seq: int | None = None) -> Event:
 
 # --- the task message (engine -> tasks stream -> worker) ----------------------------------------
 
-TASK_VERSION = 1
+# 2: ``params`` holds only the parameters the task reads, and a --map instance over a run
+# parameter gets its element as ``map.value`` (a worker of version 1 would take the element from
+# the parameter's default: it refuses these messages instead). Version 1 messages still decode.
+TASK_VERSION = 2
+TASK_VERSIONS = (1, 2)
 # field -> (type(s), required); a task message is one attempt of one task
 _TASK_FIELDS: dict[str, tuple[Any, bool]] = {
     "run": (str, True), "key": (str, True), "node": (str, True), "attempt": (int, True),
@@ -159,7 +165,9 @@ _TASK_FIELDS: dict[str, tuple[Any, bool]] = {
 class TaskMessage:
     """What the engine publishes on ``tasks.<queue>.<run>`` for a worker to run. ``inputs`` maps
     a name to the artifact key(s) of its value; ``map`` is ``{var, over, index}`` for a --map
-    instance; ``signal`` is ``{var, value}`` for a task that waited for a signal."""
+    instance (plus ``value``, its element, when ``over`` is a run parameter); ``params`` are the
+    run parameters the task reads (:mod:`nbflow.core.reads`); ``signal`` is ``{var, value}``
+    for a task that waited for a signal."""
     run: str
     key: str
     node: str
@@ -200,8 +208,9 @@ class TaskMessage:
 
     @classmethod
     def decode(cls, raw: bytes) -> "TaskMessage":
-        """Strict: a JSON object of version 1 with every required field of the right type."""
-        d = _versioned_object(raw, TASK_VERSION, "a task message", "task message")
+        """Strict: a JSON object of a known version with every required field of the right
+        type."""
+        d = _versioned_object(raw, TASK_VERSIONS, "a task message", "task message")
         for name, (typ, required) in _TASK_FIELDS.items():
             v = d.get(name)
             if v is None:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 from nbflow.core.fingerprint import reusable_across_runs
 from nbflow.core.ir import Node, Workflow
 from nbflow.core.events import Command, Event, split_key, task_key
+from nbflow.core.reads import param_reads
 # the records and what a person is shown of them live in core.records; they are named here too,
 # as every reader of a state has always imported them from core.state
 from nbflow.core.records import (  # noqa: F401 - re-exported
@@ -151,6 +152,7 @@ class _Step:
         self._tasks: dict[str, Any] = {}
         self._nstate: dict[str, str | None] = {}       # id -> state when last counted
         self._tstate: dict[str, str | None] = {}
+        self._seqs: dict[str, list] = {}                # a --map's parameter, as a list
 
     # --- graph helpers ------------------------------------------------------------------------
     def succ(self, node_id: str) -> list[str]:
@@ -400,9 +402,29 @@ class _Step:
         }
         if inst is not None:
             data["map"] = {"var": node.map_var, "over": node.map_over, "index": inst}
+            seq = self._map_seq(node)
+            if seq is not None and inst < len(seq):
+                data["map"]["value"] = seq[inst]      # its element, not the whole list
+        # the message carries only the parameters the task's code reads (None: all of them)
+        data["reads"] = param_reads(self.wf, node)
         if node.wait_signal:
             data["signal"] = {"var": node.wait_signal, "value": ns.signal}
         self.cmds.append(Command("dispatch", data))
+
+    def _map_seq(self, node: Node) -> Any:
+        """The run parameter a --map over a parameter walks (indexable; None when the list is a
+        task's output, which instances read from the artifacts store)."""
+        over = node.map_over or ""
+        if node.sources.get(over) or over not in self.st.params:
+            return None
+        v = self.st.params[over]
+        if isinstance(v, list):
+            return v
+        if not isinstance(v, (tuple, str, dict)):
+            return None
+        if over not in self._seqs:                   # list(dict) once per step, not per instance
+            self._seqs[over] = list(v)
+        return self._seqs[over]
 
     def timer(self, kind: str, key: str, at: float, attempt: int | None = None) -> None:
         # '~' cannot occur in a node name (unlike '-'), so map instances never collide with tasks

@@ -14,6 +14,7 @@ import time
 
 from nbflow.core.events import (Command, TaskMessage, finished_msg_id, make, task_msg_id,
                                  timer_msg_id, timer_schedule_msg_id)
+from nbflow.core.reads import task_params
 from nbflow.core.state import RunState
 from nbflow.nats.layout import MSG_ID, SCHEDULE, SCHEDULE_TARGET, Layout
 
@@ -23,14 +24,17 @@ log = logging.getLogger("nbflow.engine")
 class Commands:
     async def execute(self, st: RunState, cmds: list[Command]) -> None:
         futs = []
-        params_json = None          # encoded once for all of this batch's dispatches (a map's)
+        # the parameters a task reads, encoded once for all of this batch's dispatches that read
+        # the same names (a map's instances)
+        params_json: dict = {}
         for c in cmds:
             if c.kind == "dispatch":
-                task = TaskMessage.for_dispatch(st.run, st.params, c.data)
-                if params_json is None:
-                    params_json = TaskMessage.encode_params(st.params)
+                reads = c.data.get("reads")
+                if reads not in params_json:
+                    params_json[reads] = TaskMessage.encode_params(task_params(st.params, reads))
+                task = TaskMessage.for_dispatch(st.run, {}, c.data)
                 futs.append(await self.streams.publish_async(
-                    self.L.task_subject(task.queue, st.run), task.encode(params_json),
+                    self.L.task_subject(task.queue, st.run), task.encode(params_json[reads]),
                     headers={MSG_ID: task_msg_id(st.run, task.key, task.attempt)}))
             elif c.kind == "timer":
                 futs.append(await self.schedule_timer(st.run, c))
