@@ -15,6 +15,7 @@ import traceback
 
 from bench import BENCHES, FIGURES, GOALS, QUICK, goal_met, load
 from bench.harness import _kill_all
+from bench.notebook_bench import PHASES as _PHASES
 
 # (figure, label, value key, baseline key, ratio key, goal key) per benchmark; the goal key's
 # target is printed and checked; ratio = value / baseline unless the ratio key says otherwise
@@ -74,7 +75,10 @@ ROWS = {
         ("overhead/task p99 ms (--isolation reuse)", "task_overhead_reuse_ms_p99", None, None,
          None),
         ("pooled kernel RSS MB", "kernel_rss_mb", None, None, None),
-    ],
+        ("split: sum of the phases' means vs mean overhead, ms", "task_overhead_phases_mean_sum_ms",
+         "task_overhead_ms_mean", None, None),
+    ] + [(f"  {label}, ms p50 (baseline: mean)", f"task_overhead_phase_{name}_ms_p50",
+          f"task_overhead_phase_{name}_ms_mean", None, None) for name, label in _PHASES],
     "pipeline10": [
         ("s end to end vs 1 kernel (floor)", "pipeline10_s", "pipeline10_floor_s",
          "pipeline10_vs_floor", "pipeline10_vs_floor"),
@@ -114,6 +118,9 @@ DEFINITIONS = [
     "the event, ack both, on the same JetStream streams; fanout floor batches like the engine",
     "task overhead: per task of a chain, (its TaskSucceeded ts - predecessor's TaskSucceeded ts "
     "or RunStarted ts) - exec_s (the task cell's own time, from papermill cell metadata)",
+    "task overhead split: the worker's steps from the phases (ms) in each completion event; "
+    "cells excludes the task cell; between = the rest of the gap (engine, dispatch, fetch); the "
+    "phases' means sum to the mean overhead",
     "pipeline10 floor: the notebook with %%task lines stripped, papermill in one new kernel "
     "(kernel start included; the cells alone take pipeline10_floor_cells_s)",
     "fanout_map efficiency: ideal (items x 20 ms / 2 workers) / measured (submit -> final)",

@@ -114,6 +114,76 @@ def chain_overheads(snap: dict) -> tuple[list[float], list[float]]:
     return walls, over
 
 
+# The split of a task's overhead, in order: the worker's steps (the ``phases`` of its completion
+# event: nbflow.worker.execute.Phases, nbflow.worker.runner.phase_split) and what lies between
+# two tasks of the chain. Means add up to the mean overhead exactly (see overhead_split).
+PHASES = [
+    ("between", "between tasks: engine, dispatch, worker fetch"),
+    ("prev_tail", "previous task's result publish + acks + cleanup"),
+    ("accept", "decode the task message"),
+    ("started", "TaskStarted publish + ack"),
+    ("prep", "definition, bundle, task notebook, work dir"),
+    ("inputs", "input fetch"),
+    ("folder", "task folder + environment check"),
+    ("nb_write", "task notebook written for papermill"),
+    ("parameterize", "papermill reads + parameterizes"),
+    ("kernel", "warm kernel acquired + entered"),
+    ("cells", "cell round trips (task cell excluded)"),
+    ("release", "kernel handed back for reset"),
+    ("nb_save", "executed notebook written"),
+    ("run_other", "rest of the run (executor hop)"),
+    ("writes_check", "relative-writes check"),
+    ("upload_nb", "executed notebook upload"),
+    ("upload_outputs", "outputs upload"),
+    ("result", "completion event built"),
+    ("other", "phases this bench does not name"),
+]
+
+
+def overhead_split(snap: dict, events: list) -> dict[str, list[float]]:
+    """Per task of a chain (ms): each phase of PHASES, from the tasks' completion events.
+    ``cells`` excludes the task cell's own time (exec_s), ``between`` is what the worker did not
+    measure: the gap since the predecessor's completion minus the worker's phases (and the
+    previous task's tail, measured by the same worker). Per task the parts sum to its overhead."""
+    done = {ev.data["key"]: ev for ev in events
+            if ev.type in ("TaskSucceeded", "TaskFailed", "TaskSkipped")}
+    tasks = sorted(snap["tasks"].values(), key=lambda t: t["finished"])
+    prev = snap["started"]
+    out: dict[str, list[float]] = {name: [] for name, _ in PHASES}
+    for t in tasks:
+        ev = done.get(t["key"])
+        wall_ms = (t["finished"] - prev) * 1000
+        prev = t["finished"]
+        if ev is None or not isinstance(ev.data.get("phases"), dict):
+            continue                       # an older worker: no split
+        ph = {k: float(v) for k, v in ev.data["phases"].items()}
+        exec_ms = (t.get("exec_s") or 0.0) * 1000
+        ph["cells"] = ph.get("cells", 0.0) - exec_ms
+        ph["prev_tail"] = float(ev.data.get("phases_prev_tail") or 0.0)
+        named = dict(PHASES)
+        ph["other"] = sum(v for k, v in ph.items() if k not in named)   # still counted
+        ph["between"] = wall_ms - exec_ms - sum(v for k, v in ph.items() if k in named
+                                                and k != "between")
+        for name, _ in PHASES:
+            out[name].append(ph.get(name, 0.0))
+    return out
+
+
+def split_figures(split: dict[str, list[float]], prefix: str = "task_overhead") -> dict:
+    out = {}
+    means = 0.0
+    for name, xs in split.items():
+        if not xs:
+            continue
+        out[f"{prefix}_phase_{name}_ms_p50"] = round(percentile(xs, 50), 2)
+        mean = sum(xs) / len(xs)
+        out[f"{prefix}_phase_{name}_ms_mean"] = round(mean, 2)
+        means += mean
+    if means:
+        out[f"{prefix}_phases_mean_sum_ms"] = round(means, 2)
+    return out
+
+
 # --- benchmarks --------------------------------------------------------------------------------
 
 async def _overhead_once(env: Env, n: int, isolation: str | None) -> dict:
@@ -126,6 +196,7 @@ async def _overhead_once(env: Env, n: int, isolation: str | None) -> dict:
         kernels = [p for p in descendants(env.procs["worker0"].pid)
                    if "ipykernel" in cmdline(p)]
         krss = [rss_kb(p) for p in kernels]
+        split = overhead_split(snap, await c.history(snap["run"]))
     finally:
         await c.close()
         _stop_workers(env)
@@ -133,6 +204,7 @@ async def _overhead_once(env: Env, n: int, isolation: str | None) -> dict:
     execs = [t.get("exec_s") or 0.0 for t in snap["tasks"].values()]
     return {"n": n, "wall_s": dt, "p50": 1000 * percentile(over, 50),
             "p99": 1000 * percentile(over, 99), "exec_ms_mean": 1000 * sum(execs) / len(execs),
+            "mean": 1000 * sum(over) / len(over), "split": split,
             "kernel_rss_mb": (max(krss) / 1024) if krss else None, "kernels": len(kernels)}
 
 
@@ -147,6 +219,8 @@ async def task_overhead(size: str = "full") -> dict:
         "task_overhead_tasks": n_fresh,
         "task_overhead_ms_p50": round(fresh["p50"], 1),
         "task_overhead_ms_p99": round(fresh["p99"], 1),
+        "task_overhead_ms_mean": round(fresh["mean"], 2),
+        **split_figures(fresh["split"]),
         "task_overhead_exec_ms_mean": round(fresh["exec_ms_mean"], 2),
         "task_overhead_reuse_tasks": n_reuse,
         "task_overhead_reuse_ms_p50": round(reuse["p50"], 1),

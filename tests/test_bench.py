@@ -78,3 +78,29 @@ def test_noop_worker_completes_tasks_in_process():
 
     with Env("noop") as env:
         asyncio.run(go(env))
+
+
+def test_task_overhead_split_adds_up_to_each_tasks_overhead():
+    """The split is built from the completion events' phases: per task, the phases (the task
+    cell taken out of ``cells``) plus ``between`` equal the task's overhead; an event without
+    phases (an older worker) is left out of the split."""
+    from bench.notebook_bench import PHASES, chain_overheads, overhead_split
+    from nbflow.core.events import Event
+
+    snap = {"started": 100.0, "tasks": {
+        "a": {"key": "a", "finished": 100.050, "exec_s": 0.010},
+        "b": {"key": "b", "finished": 100.090, "exec_s": 0.001},
+        "c": {"key": "c", "finished": 100.200, "exec_s": 0.0}}}
+    evs = [Event("TaskSucceeded", "r", {"key": "a", "attempt": 1,
+                                        "phases": {"started": 2.0, "cells": 20.0, "upload_nb": 3.0}}),
+           Event("TaskSucceeded", "r", {"key": "b", "attempt": 1, "phases_prev_tail": 4.0,
+                                        "phases": {"started": 1.0, "cells": 12.0, "odd": 0.5}}),
+           Event("TaskSucceeded", "r", {"key": "c", "attempt": 1})]
+    split = overhead_split(snap, evs)
+    _, over = chain_overheads(snap)
+    assert [n for n, _ in PHASES] == list(split)
+    for i in range(2):
+        total = sum(xs[i] for xs in split.values())
+        assert abs(total - over[i] * 1000) < 1e-6, (i, total, over[i])
+    assert split["cells"][:2] == [10.0, 11.0] and split["prev_tail"][:2] == [0.0, 4.0]
+    assert split["other"] == [0.0, 0.5] and len(split["started"]) == 2

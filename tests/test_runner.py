@@ -84,6 +84,18 @@ def test_success_pickles_outputs_and_params_reach_the_task(pool, tmp_path):
     assert res.exec_s > 0 and res.duration >= res.exec_s
 
 
+def test_the_run_says_where_its_time_went(pool, tmp_path):
+    """The phase split (ms) covers the run's steps, the task cell inside ``cells``, and adds up
+    to no more than the run's duration (the bench's task_overhead split is built on it)."""
+    res = run(pool, task_nb("import time\ntime.sleep(0.05)"), tmp_path)
+    assert res.status == "succeeded", res
+    assert list(res.phases) == ["nb_write", "parameterize", "kernel", "cells", "release",
+                                "nb_save"]
+    assert all(v >= 0 for v in res.phases.values())
+    assert res.phases["cells"] >= res.exec_s * 1000 > 0
+    assert sum(res.phases.values()) <= res.duration * 1000 + 0.1
+
+
 def test_inputs_from_pickles_with_fan_in_list_and_map_element(pool, tmp_path):
     io = io_spec(tmp_path, outputs=["summary"], map_={"var": "region", "over": "regions", "index": 1},
                  inputs={"regions": "in/regions.pkl",

@@ -36,16 +36,21 @@ _SPEC: dict[str, dict[str, tuple[Any, bool]]] = {
         "key": (str, True), "attempt": (int, True), "outputs": (dict, False),
         "lens": (dict, False), "notebook": (str, False), "duration": ((int, float), False),
         "worker": (str, False), "exec_s": ((int, float), False),
+        # the worker's time by step, ms (nbflow.worker.execute.Phases; a few fixed keys), and
+        # its previous task's result publish, ack and cleanup: optional, for the bench
+        "phases": (dict, False), "phases_prev_tail": ((int, float), False),
     },
     "TaskFailed": {
         "key": (str, True), "attempt": (int, True), "error": (str, True),
         "traceback": (str, False), "cell": (str, False), "notebook": (str, False),
         "duration": ((int, float), False), "worker": (str, False), "reason": (str, False),
+        "phases": (dict, False), "phases_prev_tail": ((int, float), False),
     },
     # the task's --when condition was false in its kernel
     "TaskSkipped": {
         "key": (str, True), "attempt": (int, True), "reason": (str, False),
         "notebook": (str, False), "worker": (str, False),
+        "phases": (dict, False), "phases_prev_tail": ((int, float), False),
     },
     "ApprovalDecided": {
         "node": (str, True), "approved": (bool, True), "by": (str, True),

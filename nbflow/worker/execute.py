@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from nbflow.core.events import TaskMessage, make
@@ -40,6 +41,37 @@ def bounded(text: str | None, limit: int) -> str:
             f"is in the task's executed notebook: nbflow logs] ...\n{tail}")
 
 
+class Phases:
+    """Where a task's time went on its worker, in ms by step (the ``phases`` of its completion
+    event: a small dict with a fixed set of keys, absent in events of older workers).
+    ``mark(name)`` adds the time since the previous mark to ``name``."""
+
+    def __init__(self, t0: float | None = None):
+        self.ms: dict[str, float] = {}
+        self._t = time.monotonic() if t0 is None else t0
+
+    def mark(self, name: str) -> None:
+        t = time.monotonic()
+        self.ms[name] = self.ms.get(name, 0.0) + (t - self._t) * 1000
+        self._t = t
+
+    def add(self, parts: dict, total_name: str) -> None:
+        """Replace the time since the last mark by ``parts`` (a split of it, ms) and put what
+        they miss under ``total_name``."""
+        t = time.monotonic()
+        total = (t - self._t) * 1000
+        for k, v in parts.items():
+            self.ms[k] = self.ms.get(k, 0.0) + v
+        self.ms[total_name] = self.ms.get(total_name, 0.0) + max(0.0, total - sum(parts.values()))
+        self._t = t
+
+    def since_last(self) -> float:
+        return (time.monotonic() - self._t) * 1000
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.ms.items()}
+
+
 class Execution:
     async def workflow(self, wf_hash: str) -> Workflow:
         wf = self._defs.get(wf_hash)
@@ -57,9 +89,11 @@ class Execution:
         return self._nbs[k]
 
     async def _execute(self, task: TaskMessage, workdir: str, cancel: threading.Event,
-                       leases: contextlib.AsyncExitStack):
+                       leases: contextlib.AsyncExitStack, phases: Phases | None = None):
+        """Run ``task``; its completion event. ``phases`` (optional) gets the time by step."""
         from nbflow.worker.runner import run_task
 
+        ph = phases if phases is not None else Phases()
         run, key, attempt, node_id = task.run, task.key, task.attempt, task.node
         # a NATS hiccup reading the definition propagates (Transient: the task is nakked and
         # runs later); only a definition that is missing or cannot be built fails the attempt
@@ -84,6 +118,7 @@ class Execution:
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
                         error=f"cannot build the task notebook for {node_id!r}: {e}")
         node = wf.node(node_id)
+        ph.mark("prep")
         inputs: dict[str, Any] = {}
         os.makedirs(os.path.join(workdir, "in"), exist_ok=True)
         for name, ref in task.inputs.items():
@@ -103,6 +138,7 @@ class Execution:
                 inputs[name] = rel
         io = {"task": node_id, "key": key, "run": run, "dir": workdir, "inputs": inputs,
               "map": task.map, "signal": task.signal, "outputs": node.outputs}
+        ph.mark("inputs")
         try:
             cwd = await self._task_cwd(wf, workdir, unpacked)
         except BundleError as e:
@@ -118,9 +154,11 @@ class Execution:
                         error=environment.missing_error(missing, node_id, self.name, wf))
         nb = environment.with_warnings(nb, warnings)
         loop = asyncio.get_running_loop()
+        ph.mark("folder")
         res = await loop.run_in_executor(None, lambda: run_task(
             nb, params=task.params, io=io, cwd=cwd, timeout=task.timeout,
             cancel=cancel, engine=self.engine, isolation=task.isolation, scope=run))
+        ph.add(res.phases, "run_other")
         if unpacked and cwd and res.notebook_path and os.path.exists(res.notebook_path):
             # relative writes land in the task's private copy of the bundle and vanish: say so
             written = await loop.run_in_executor(None, bundles.written_files, unpacked, cwd)
@@ -129,10 +167,12 @@ class Execution:
                          run, len(written), ", ".join(written[:10]))
                 await loop.run_in_executor(None, bundles.note_writes, res.notebook_path,
                                            written)
+        ph.mark("writes_check")
         nb_key = ""
         if res.notebook_path and os.path.exists(res.notebook_path):
             nb_key = notebook_key(run, key, attempt, task.delivery)
             await self.art.put_file(nb_key, res.notebook_path)
+        ph.mark("upload_nb")
         if res.status == "succeeded":
             outputs, lens = {}, {}
             meta_path = os.path.join(res.outputs_dir or "", "_meta.json")
@@ -156,6 +196,7 @@ class Execution:
                     ok = output_key(run, key, attempt, name, task.delivery)
                     await self.art.put_file(ok, p)
                     outputs[name] = ok
+            ph.mark("upload_outputs")
             return make("TaskSucceeded", run, key=key, attempt=attempt, outputs=outputs,
                         lens=lens, notebook=nb_key, exec_s=res.exec_s, duration=res.duration)
         if res.status == "skipped":

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import nbformat
@@ -43,6 +43,9 @@ class TaskResult:
     exec_s: float = 0.0         # time spent executing the task's own cell(s)
     duration: float = 0.0       # wall time of the whole run_task call
     reason: str = ""            # "timeout" | "cancelled" | "error" | "when" | ""
+    # where the time went, ms (see :func:`phase_split`): nb_write, parameterize, kernel, cells,
+    # release, nb_save
+    phases: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +72,7 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
     in_path = os.path.join(workdir, INPUT_NB)
     out_path = os.path.join(workdir, EXECUTED_NB)
     nbformat.write(nb, in_path)
+    t_written = time.monotonic()
     if not cwd or not os.path.isdir(cwd):
         cwd = workdir
     cwd = os.path.abspath(cwd)
@@ -103,6 +107,7 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
     say(f"nbflow: task {task!r}: running ({engine} engine)")
     err: PapermillExecutionError | None = None
     executed = None
+    t_pm = time.monotonic()
     try:
         executed = papermill.execute_notebook(in_path, out_path, **args)
     except PapermillExecutionError as e:
@@ -113,8 +118,10 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
     finally:
         if watchdog is not None:
             watchdog.stop()
+    t_done = time.monotonic()
 
     res = TaskResult("succeeded", notebook_path=out_path if os.path.exists(out_path) else "")
+    res.phases = phase_split(t0, t_written, t_pm, t_done, control.marks)
     out_dir = os.path.join(workdir, nbio.OUT_DIR)
     if os.path.isdir(out_dir):
         res.outputs_dir = out_dir
@@ -150,6 +157,28 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
     say(f"nbflow: task {task!r}: {res.status}{' (' + res.reason + ')' if res.reason else ''}"
         f"{': ' + res.error if res.error else ''}")
     return _finish(res, t0)
+
+
+def phase_split(t0: float, written: float, pm: float, done: float, marks: dict) -> dict:
+    """The run's time in ms by step, summing to ``done - t0``: ``nb_write`` (the task notebook
+    to disk), ``parameterize`` (papermill reads it, injects the parameters), ``kernel`` (a warm
+    kernel acquired and pointed at the task's folder), ``cells`` (every cell's round trip, the
+    task's own included), ``release`` (the kernel handed back for its reset), ``nb_save``
+    (papermill writes the executed notebook). Steps the engine did not reach (the baseline
+    engine, a task stopped early) are folded into the step before."""
+    points = [("nb_write", written), ("papermill", pm)]
+    for name in ("engine", "kernel", "cells", "released"):
+        if name in marks:
+            points.append((name, marks[name]))
+    label = {"nb_write": "nb_write", "papermill": "nb_write", "engine": "parameterize",
+             "kernel": "kernel", "cells": "cells", "released": "release"}
+    out: dict = {}
+    prev = t0
+    for name, t in points:
+        out[label[name]] = out.get(label[name], 0.0) + (t - prev) * 1000
+        prev = t
+    out["nb_save"] = (done - prev) * 1000
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def _clean_exit(nb) -> PapermillExecutionError | None:

@@ -33,7 +33,7 @@ from nbflow.worker import bundles
 from nbflow.worker import workdirs
 from nbflow.worker.artifacts import Artifacts
 from nbflow.worker.execute import (MAX_CELL_CHARS, MAX_ERROR_CHARS, MAX_OUTPUT_BYTES,
-                                   MAX_TRACEBACK_CHARS, Execution, bounded)
+                                   MAX_TRACEBACK_CHARS, Execution, Phases, bounded)
 from nbflow.worker.presence import PRESENCE_S, Presence
 from nbflow.worker.reporting import Reporting
 
@@ -85,6 +85,7 @@ class Worker(Execution, Reporting, Presence):
         self._held: dict[tuple[str, str, int], list] = {}
         self._env_checks: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
         self.done = 0
+        self._tail_ms: float | None = None    # the last task's result publish, ack and cleanup
 
     async def start(self) -> None:
         from nbflow.worker.kernels import registry as kernels
@@ -204,6 +205,7 @@ class Worker(Execution, Reporting, Presence):
             self._slots.release()
 
     async def _handle_inner(self, msg) -> None:
+        ph = Phases()
         try:
             task = TaskMessage.decode(msg.data)
         except BadMessage as e:
@@ -231,8 +233,10 @@ class Worker(Execution, Reporting, Presence):
             await msg.ack()
             return
         wall0 = time.time()
+        ph.mark("accept")
         await self._publish(make("TaskStarted", run, key=key, attempt=attempt, worker=self.name),
                             started_msg_id(run, key, attempt, delivered))
+        ph.mark("started")
         workdir = workdirs.make(run, key)
         cancel = threading.Event()
         self._cancels[(run, key)] = cancel
@@ -242,12 +246,17 @@ class Worker(Execution, Reporting, Presence):
             task.delivery = secrets.token_hex(4)      # this delivery's artifact keys
             try:
                 async with contextlib.AsyncExitStack() as leases:   # the bundle in use
-                    ev = await self._execute(task, workdir, cancel, leases)
+                    ev = await self._execute(task, workdir, cancel, leases, ph)
             except StoreFull as e:       # say which limit, not "worker lost"
                 ev = make("TaskFailed", run, key=key, attempt=attempt, reason="store_full",
                           error=f"StoreFull: {e}")
             ev.data.setdefault("duration", time.time() - wall0)
             ev.data["worker"] = self.name
+            ph.mark("result")
+            ev.data["phases"] = ph.rounded()
+            if self._tail_ms is not None and self.concurrency == 1:
+                # the time between two tasks of this worker starts with the previous one's tail
+                ev.data["phases_prev_tail"] = round(self._tail_ms, 2)
             # a result is held until JetStream takes it (a site may be cut off from the hub
             # for a while); the msg id makes the retries safe
             try:
@@ -271,6 +280,7 @@ class Worker(Execution, Reporting, Presence):
             self._cancels.pop((run, key), None)
             self._held.pop((run, key, attempt), None)
             shutil.rmtree(workdir, ignore_errors=True)
+            self._tail_ms = ph.since_last()
 
     async def _heartbeat(self, holder: list) -> None:
         while True:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nbformat
@@ -40,6 +40,9 @@ class RunControl:
     kernel_pid: int = 0
     kernel_ready_at: float = 0.0           # time.time() when the kernel became ready
     kernel_uses: int = 0                   # tasks this kernel ran before this one
+    # time.monotonic() marks of the engine's steps (the task's phase split): "engine" (papermill
+    # handed over), "kernel" (a kernel acquired and entered), "cells" (the last cell done)
+    marks: dict = field(default_factory=dict)
 
     def interrupted(self) -> str:
         if self.cancel is not None and self.cancel.is_set():

@@ -49,6 +49,7 @@ class WarmEngine(Engine):
                                  nbflow_pool: KernelPool | None = None, **kwargs):
         control = nbflow_control or RunControl(
             isolation=os.environ.get("NBFLOW_PAPERMILL_ISOLATION") or "fresh")
+        control.marks["engine"] = time.monotonic()
         pool = nbflow_pool or get_pool(kernel_name, control.isolation)
         nb = nb_man.nb
         # papermill's own cwd= chdirs the whole process (racy with concurrent tasks): the runner
@@ -62,6 +63,7 @@ class WarmEngine(Engine):
         if k is None:                                   # cancelled/timed out waiting for a kernel
             cls._stop_before_start(nb_man, control)
             return nb
+        control.marks["kernel"] = time.monotonic()
         control.kernel_id, control.kernel_pid = k.id, k.pid
         control.kernel_ready_at, control.kernel_uses = k.ready_at, k.uses
         reuse = pool.isolation in REUSING
@@ -96,7 +98,9 @@ class WarmEngine(Engine):
             if k.language_info:
                 nb.metadata["language_info"] = k.language_info
         finally:
+            control.marks["cells"] = time.monotonic()
             pool.release(k, reuse=reuse and not k.dead)
+            control.marks["released"] = time.monotonic()
         return nb
 
     @classmethod
