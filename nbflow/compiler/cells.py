@@ -1,5 +1,6 @@
-"""Cell sources -> TaskSpec: the ``%%task`` options (parsed with IPython's ``magic_arguments``,
-so ``%%task?`` shows the same help), cell text, and a whole notebook's cells parsed; the names
+"""Cell sources -> TaskSpec: the ``%%task`` options (the magic declares them with IPython's
+``magic_arguments``, so ``%%task?`` shows their help; the compiler parses them with the same
+argparse options without importing IPython, ~0.3-1.3 s on every `nbflow run`), cell text, and a whole notebook's cells parsed; the names
 each cell defines and reads come from :mod:`nbflow.compiler.names`.
 
 Cell numbers: everywhere in nbflow a cell is named by its 1-based index among *all* cells of
@@ -8,16 +9,15 @@ on every run and are not reliable.  The first line of the cell is quoted next to
 """
 from __future__ import annotations
 
+import argparse
 import ast
+import functools
 import json
 import re
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
-
-from IPython.core.error import UsageError
-from IPython.core.magic_arguments import argument, magic_arguments
 
 from nbflow.compiler.names import analyze_names
 from nbflow.core import durations
@@ -51,6 +51,11 @@ def parse_instant(text: str) -> str:
 
 # --- the %%task options -----------------------------------------------------------------------
 
+def argument(*args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    """One ``%%task`` option: ``argparse``'s ``add_argument`` arguments."""
+    return args, kwargs
+
+
 _TASK_ARGS = [
     argument("name", nargs="?", help="the task's name: letters, digits, _ and -"),
     argument("--after", nargs="+", metavar="TASK", default=[],
@@ -83,20 +88,32 @@ _TASK_ARGS = [
 
 def task_magic_arguments(func):
     """Decorate ``func`` with the ``%%task`` options (its docstring becomes the help)."""
-    for deco in reversed(_TASK_ARGS):
-        func = deco(func)
+    from IPython.core.magic_arguments import argument as ipython_argument, magic_arguments
+
+    for a, kw in reversed(_TASK_ARGS):
+        func = ipython_argument(*a, **kw)(func)
     func = magic_arguments()(func)
     func.parser.allow_abbrev = False
     return func
 
 
-@task_magic_arguments
-def task_signature(line, cell=None):
-    """Mark a notebook cell as a workflow task: ``%%task NAME [options]``.
+class _BadOptions(Exception):
+    pass
 
-    Dependencies are inferred: a task that reads a name another task assigns runs after it.
-    DURATION is like 30s, 10m, 2h, 1d, 1h30m, 250ms or plain seconds.
-    """
+
+class _TaskParser(argparse.ArgumentParser):
+    """The ``%%task`` options as IPython's magic parser has them: no -h, errors raised."""
+
+    def error(self, message):
+        raise _BadOptions(message)
+
+
+@functools.lru_cache(maxsize=1)
+def _task_parser() -> _TaskParser:
+    p = _TaskParser(prog="task", add_help=False, allow_abbrev=False)
+    for a, kw in _TASK_ARGS:
+        p.add_argument(*a, **kw)
+    return p
 
 
 @dataclass
@@ -147,8 +164,8 @@ def parse_task_line(argstring: str) -> dict[str, Any]:
     except ValueError as e:
         raise WorkflowError(f"cannot split the options: {e}") from None
     try:
-        ns = task_signature.parser.parse_args(argv)
-    except UsageError as e:
+        ns = _task_parser().parse_args(argv)
+    except _BadOptions as e:
         raise WorkflowError(f"bad options: {e}") from None
     except SystemExit:       # argparse exits on -h / some errors; never let it out
         raise WorkflowError("bad options (see `%%task?` for help)") from None
@@ -256,7 +273,13 @@ def first_line(source: str) -> str:
 
 
 def parse_python(source: str, where: str, line_offset: int = 0) -> ast.Module:
-    """IPython-transform then ``ast.parse``; a syntax error names ``where`` and the cell line."""
+    """IPython-transform then ``ast.parse``; a syntax error names ``where`` and the cell line.
+    Plain Python (most cells) is parsed as it is: IPython's transforms leave valid Python
+    unchanged, and importing IPython costs ~0.3-1.3 s."""
+    try:
+        return ast.parse(source)
+    except (SyntaxError, ValueError):
+        pass
     from IPython.core.inputtransformer2 import TransformerManager
 
     try:
