@@ -47,3 +47,33 @@ def test_bad_task_options_are_still_named(tmp_path):
     nb = write_notebook(tmp_path / "bad2.ipynb", ["%%task a --retr 1\nx = 1"])
     with pytest.raises(WorkflowError, match="unrecognized arguments: --retr"):
         compile_file(str(nb))
+
+
+def _kernel_children(pid: int) -> int:
+    from nbflow.worker.autoscale import _children
+
+    n = 0
+    for c in _children(pid):
+        try:
+            with open(f"/proc/{c}/cmdline", "rb") as f:
+                n += b"ipykernel" in f.read()
+        except OSError:
+            continue
+    return n
+
+
+def test_a_worker_starts_its_warm_kernels_before_its_first_task(nats_server, tmp_path):
+    """The kernels a worker keeps warm (one per slot + a spare) start with the worker, while it
+    connects, not when its first task comes: a cold `nbflow run` does not wait for them."""
+    from support import wait_for
+
+    from nbflow.stack import Supervisor
+
+    sup = Supervisor(nats_server.url, workers=1, namespace="eager",
+                     log_file=tmp_path / "stack.log").start()
+    try:
+        pid = sup.pids("worker")[0]
+        wait_for(lambda: _kernel_children(pid) >= 2, timeout=120,
+                 what="the worker's 2 warm kernels, with no task submitted")
+    finally:
+        sup.stop()

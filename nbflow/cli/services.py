@@ -133,6 +133,11 @@ def worker(nats_url, namespace, queue, concurrency, name, min_kernels, max_kerne
     """Run a worker: pulls tasks and executes them with papermill."""
     import logging
 
+    # a worker reads notebooks with nbformat, whose validator imports jsonschema, which imports
+    # rfc3987_syntax where it is installed (with jupyter_server): that import builds a Lark
+    # grammar (1-5 s of a cold start) for an "iri" format check nbformat's schemas never use
+    sys.modules.setdefault("rfc3987_syntax", None)
+
     from nbflow.stack import nats_url as resolve_url
     from nbflow.worker.worker import serve
 
@@ -146,6 +151,12 @@ def worker(nats_url, namespace, queue, concurrency, name, min_kernels, max_kerne
     elif max_memory is not None:
         raise UserError("--max-memory bounds scaling: give --max-kernels N too")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    if scale is None:
+        # the warm kernels start now, while the worker connects, not on its first task
+        from nbflow.worker.kernels import registry as kernels
+
+        kernels.configure(concurrency=concurrency)
+        kernels.get_pool()
     try:
         _arun(serve(resolve_url(nats_url), namespace, queue, concurrency, name=name,
                     scale=scale))
