@@ -146,6 +146,21 @@ def test_embedded_stack_on_demand_up_and_down(tmp_path):
     assert not (home / "stack.json").exists()
 
 
+def test_a_stack_this_process_started_is_reaped_when_it_stops(tmp_path):
+    """A notebook kernel starts the embedded stack in the background (`%flow run`) and later
+    stops it (`%flow down`): the stopped stack is that process's own child, so `down` must reap
+    it, not wait out its timeout on a zombie and SIGKILL it."""
+    from nbflow import stack
+
+    home = tmp_path / "home"
+    stack.ensure_background(str(home))
+    pid = json.loads((home / "stack.json").read_text())["pid"]
+    assert stack.down(str(home), timeout=120)["pid"] == pid
+    with pytest.raises(ChildProcessError):            # reaped by down, not left a zombie
+        os.waitpid(pid, os.WNOHANG)
+    assert not (home / "stack.json").exists()         # it stopped itself cleanly
+
+
 def test_up_in_the_foreground_and_ctrl_c_stops_everything(tmp_path):
     from nbflow.stack import free_port
 

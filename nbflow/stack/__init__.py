@@ -28,7 +28,7 @@ from nbflow.stack.credentials import (add_user, create_streams, reload_server,
                                       request_namespace, served_namespaces, stack_authorization,
                                       stack_role_env, wait_permitted)
 from nbflow.stack.files import LOCK_FILE, LOG_FILE, STACK_FILE, data_dir, open_private
-from nbflow.stack.procs import listens_on, lock_store, store_holders
+from nbflow.stack.procs import exited, listens_on, lock_store, store_holders
 from nbflow.stack.record import clean_stale, read_stack, write_stack
 from nbflow.stack.server import (NatsServer, default_port, free_port, nats_server_binary,
                                  start_server, wait_port)
@@ -59,8 +59,40 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
         workers = max(1, os.cpu_count() or 1)
     if workers < 0:
         raise StackError(f"--workers must be 0 or more, not {workers}")
+    # a stop asked for while the stack starts (`nbflow down` right after a background start
+    # found the URL) is honoured once the start is over, with everything stopped in order
+    stopping: list[int] = []
+
+    def _stop(*_):
+        stopping.append(1)
+    old_int = signal.signal(signal.SIGINT, _stop)
+    old_term = signal.signal(signal.SIGTERM, _stop)
+    sups: dict[str, Supervisor] = {}
+    held: dict[str, NatsServer] = {}     # the server, once started (restarted if it dies)
+    try:
+        _serve(d, port, workers, namespace, sups, held, stopping, echo)
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        echo("stopping nbflow stack ...")
+        for sup in sups.values():
+            sup.stop()
+        if "server" in held:
+            held["server"].stop()
+        try:
+            (d / STACK_FILE).unlink()
+        except OSError:
+            pass
+        lock.close()
+    return 0
+
+
+def _serve(d, port: int, workers: int, namespace: str | None, sups: dict, held: dict,
+           stopping: list, echo) -> None:
+    """Start the server (into ``held``) and one supervisor per served namespace (into ``sups``),
+    then watch them until ``stopping``; the caller stops what was started."""
     auth_conf = stack_authorization(d, namespace)
-    server = start_server(d, port or default_port(), auth_conf)
+    server = held["server"] = start_server(d, port or default_port(), auth_conf)
     serving = served_namespaces(d, namespace)   # with those clients asked for before
     for ns in serving:
         create_streams(d, server.url, ns)
@@ -74,52 +106,34 @@ def run_foreground(data: str | None = None, port: int = 0, workers: int | None =
     def supervise(ns: str) -> Supervisor:
         return Supervisor(server.url, workers=workers, namespace=ns, log_file=d / LOG_FILE,
                           die_with_parent=True, role_env=stack_role_env(d)).start()
-    sups: dict[str, Supervisor] = {}
     record()                             # before the children: they find their credentials by it
     for ns in serving:                   # one engine and the workers per namespace
+        if stopping:
+            return
         sups[ns] = supervise(ns)
     record()
-    stopping = []
-
-    def _stop(*_):
-        stopping.append(1)
-    old_int = signal.signal(signal.SIGINT, _stop)
-    old_term = signal.signal(signal.SIGTERM, _stop)
-    try:
-        # only now: a Ctrl-C right after this line must stop the stack, not abort the process
+    if not stopping:
         echo(f"nbflow stack up: {server.url} · data {d} · {workers} worker(s) · Ctrl-C to stop")
-        while not stopping:
-            if server.proc.poll() is not None:          # the server died: restart it
-                server = start_server(d, server.port, stack_authorization(d, namespace))
+    while not stopping:
+        if server.proc.poll() is not None:          # the server died: restart it
+            server = held["server"] = start_server(d, server.port,
+                                                   stack_authorization(d, namespace))
+            record()
+        for ns in served_namespaces(d, namespace):  # a client asked for another one
+            if ns not in sups:
+                try:
+                    reload_server(d, server.port, server.proc.pid, namespace)
+                    create_streams(d, server.url, ns)
+                    wait_permitted(d, server.url, ns)
+                except Exception as e:  # noqa: BLE001 - asked again on the next pass
+                    echo(f"could not serve namespace {ns!r} yet: {e}")
+                    continue
+                sups[ns] = supervise(ns)
                 record()
-            for ns in served_namespaces(d, namespace):  # a client asked for another one
-                if ns not in sups:
-                    try:
-                        reload_server(d, server.port, server.proc.pid, namespace)
-                        create_streams(d, server.url, ns)
-                        wait_permitted(d, server.url, ns)
-                    except Exception as e:  # noqa: BLE001 - asked again on the next pass
-                        echo(f"could not serve namespace {ns!r} yet: {e}")
-                        continue
-                    sups[ns] = supervise(ns)
-                    record()
-                    echo(f"serving namespace {ns!r} too")
-            for sup in sups.values():
-                sup.check()
-            time.sleep(0.5)
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-        echo("stopping nbflow stack ...")
+                echo(f"serving namespace {ns!r} too")
         for sup in sups.values():
-            sup.stop()
-        server.stop()
-        try:
-            (d / STACK_FILE).unlink()
-        except OSError:
-            pass
-        lock.close()
-    return 0
+            sup.check()
+        time.sleep(0.5)
 
 
 def nats_url(url: str | None = None) -> str:
@@ -199,9 +213,7 @@ def down(data: str | None = None, timeout: float = 30.0) -> dict | None:
     os.kill(info["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(info["pid"], 0)
-        except OSError:
+        if exited(info["pid"]):
             return info
         time.sleep(0.1)
     os.kill(info["pid"], signal.SIGKILL)

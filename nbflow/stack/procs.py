@@ -113,6 +113,26 @@ def listens_on(pid: int, port: int) -> bool:
     return False
 
 
+def exited(pid: int) -> bool:
+    """``pid`` has ended: reaped here when it is this process's own child (a notebook kernel or a
+    test that started the stack in the background: until reaped, its stack stays a zombie that
+    ``kill(pid, 0)`` still finds), or a zombie waiting for another parent."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:          # not our child: its parent (or init) reaps it
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def alive(pid: int | None, *cmd_words: str) -> bool:
     """``pid`` runs and (where /proc tells) its command line contains every word."""
     if not pid:
