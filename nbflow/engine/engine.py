@@ -92,6 +92,8 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
             stream=self.L.history_stream,
             config=infra.consumer_config(self.L.engine_consumer, self.L.history_wildcard,
                                          ACK_WAIT_S, 10_000))
+        # one outstanding pull request, topped up, instead of a probe + a long poll per fetch
+        self.history_pull = infra.Puller(self.history_sub, self.batch)
         self.timer_sub = await self.js.pull_subscribe(
             self.L.timer_fire_subject(">"), durable=self.L.timers_consumer,
             stream=self.L.timers_stream,
@@ -124,7 +126,7 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
                 if self.behind:       # wake up in time for the first lagging snapshot due
                     due = min(self._due(r) for r in self.behind) - time.monotonic()
                     wait = min(1.0, max(0.05, due))
-                msgs = await infra.fetch(self.history_sub, self.batch, self._stop, timeout=wait,
+                msgs = await infra.fetch(self.history_pull, self.batch, self._stop, timeout=wait,
                                          what="engine fetch")
                 if msgs:
                     by_run: dict[str, list] = {}
