@@ -104,3 +104,17 @@ def save_outputs(ns: dict, spec: dict | None) -> None:
             pass
     with open(os.path.join(out, META_FILE), "w") as f:
         json.dump(meta, f)
+
+
+def forget(ns: dict, keep: set) -> None:
+    """Between two --map instances run in one kernel (a chunk): drop every name the last one
+    made (``keep``: the names after the task's setup cells) and the output cache, so an
+    instance never sees another's variables."""
+    for name in [n for n in ns if n not in keep]:
+        del ns[name]
+    out = ns.get("Out")
+    if isinstance(out, dict):
+        out.clear()
+    for name in ("_", "__", "___"):
+        if name in ns:
+            ns[name] = ""

@@ -40,7 +40,7 @@ def test_map_fans_out_and_in_in_element_order(client, tmp_path):
     ], params='words = ["a", "bb", "ccc"]')
     run = client.submit(str(nb), {"words": ["x", "yyyy", "zz", "q"]})
     st = finish(client, run)
-    assert st.state == "succeeded"
+    assert st.state == "succeeded", st.error
     assert st.nodes["per_item"].count == 4
     assert client.load_output(run, "per_item", "length") == [2, 8, 4, 2]
     assert client.load_output(run, "total", "summary") == [2, 8, 4, 2]

@@ -9,6 +9,7 @@ dead-lettered as a failed attempt (reason ``lost``), never silently dropped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -32,6 +33,7 @@ from nbflow.nats.layout import Layout
 from nbflow.worker import bundles
 from nbflow.worker import workdirs
 from nbflow.worker.artifacts import Artifacts
+from nbflow.worker.chunks import CHUNK_FIRST, CHUNK_MAX, CHUNK_TARGET_S, Chunks, _nak  # noqa: F401
 from nbflow.worker.execute import (MAX_CELL_CHARS, MAX_ERROR_CHARS, MAX_OUTPUT_BYTES,
                                    MAX_TRACEBACK_CHARS, Execution, Phases, bounded)
 from nbflow.worker.presence import PRESENCE_S, Presence
@@ -47,11 +49,13 @@ MAX_DELIVER = 5
 RESULT_PATIENCE_S = float(os.environ.get("NBFLOW_RESULT_PATIENCE_S", str(24 * 3600)))
 
 
-class Worker(Execution, Reporting, Presence):
+class Worker(Chunks, Execution, Reporting, Presence):
     """Pulls tasks and follows each through its lifecycle (stale checks, TaskStarted,
-    heartbeats, cancel, the completion published before the ack). Its rooms: execute.py
-    (running one task), reporting.py (publishing to the history, dead letters), presence.py
+    heartbeats, cancel, the completion published before the ack). Its rooms: chunks.py (--map
+    instances taken and run several at a time), execute.py (running one task), reporting.py (publishing to the history, dead letters), presence.py
     (the heartbeat record)."""
+
+    heartbeat_s = HEARTBEAT_S
 
     def __init__(self, nc, layout: Layout | None = None, *, queue: str = "default",
                  concurrency: int = 1, name: str | None = None, engine: str | None = None,
@@ -86,6 +90,14 @@ class Worker(Execution, Reporting, Presence):
         self._env_checks: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
         self.done = 0
         self._tail_ms: float | None = None    # the last task's result publish, ack and cleanup
+        # map chunks: messages taken for a later turn (kept alive by heartbeats), the measured
+        # seconds per instance of a (workflow, node), live slots on the queue (cached), runs
+        # cancelled while some of their messages were held here
+        self._backlog: collections.deque = collections.deque()
+        self._instance_s: dict[tuple[str, str], float] = {}
+        self._slots_seen: tuple[float, int] = (0.0, 0)
+        self._cancelled_runs: dict[str, float] = {}
+        self._in_chunk: dict[tuple[str, str], Any] = {}   # (run, key) -> its chunk
 
     async def start(self) -> None:
         from nbflow.worker.kernels import registry as kernels
@@ -118,6 +130,7 @@ class Worker(Execution, Reporting, Presence):
 
     async def run(self) -> None:
         hb = asyncio.create_task(self._presence())
+        held_beat = asyncio.create_task(self._beat_many(self._backlog))
         scaling = None
         if self.scaler is not None:
             scaling = asyncio.create_task(self.scaler.run(self._pending, lambda: len(self._running)))
@@ -127,7 +140,7 @@ class Worker(Execution, Reporting, Presence):
                 while self.scaler is not None and len(self._running) >= self.scaler.capacity \
                         and not self._stop.is_set():
                     await asyncio.sleep(0.05)         # hold no more tasks than kernels
-                msg = None
+                msg = self._backlog.popleft() if self._backlog else None
                 while msg is None and not self._stop.is_set():
                     try:
                         msgs = await self.sub.fetch(1, timeout=1.0)
@@ -140,11 +153,19 @@ class Worker(Execution, Reporting, Presence):
                 if msg is None:
                     self._slots.release()
                     break
-                t = asyncio.create_task(self._handle(msg))
+                group = await self._gather(msg)
+                if not group:
+                    self._slots.release()
+                    continue
+                t = asyncio.create_task(self._handle(msg) if len(group) == 1
+                                        else self._handle_chunk(group))
                 self._running.add(t)
                 t.add_done_callback(self._running.discard)
         finally:
             hb.cancel()
+            held_beat.cancel()
+            while self._backlog:                 # not started: back to the queue for others
+                await _nak(self._backlog.popleft())
             if scaling is not None:
                 scaling.cancel()
             for ev in self._cancels.values():
@@ -162,6 +183,10 @@ class Worker(Execution, Reporting, Presence):
             keys = json.loads(msg.data).get("keys") or []
         except ValueError:
             return
+        if keys:
+            self._cancelled_runs[run] = time.time()
+            if len(self._cancelled_runs) > 1000:
+                self._cancelled_runs.pop(next(iter(self._cancelled_runs)))
         for key in keys:
             ev = self._cancels.get((run, key))
             if ev:
@@ -184,7 +209,7 @@ class Worker(Execution, Reporting, Presence):
         return not (t.get("attempt") == attempt and t.get("state") in
                     ("succeeded", "failed", "skipped", "cancelled"))
 
-    async def _handle(self, msg) -> None:
+    async def _handle(self, msg, release: bool = True) -> None:
         try:
             await self._handle_inner(msg)
         except Exception as e:  # noqa: BLE001 - never lose the worker over one task
@@ -202,7 +227,8 @@ class Worker(Execution, Reporting, Presence):
             except Exception:  # noqa: BLE001 - unacked: redelivered after AckWait anyway
                 pass
         finally:
-            self._slots.release()
+            if release:
+                self._slots.release()
 
     async def _handle_inner(self, msg) -> None:
         ph = Phases()
