@@ -278,3 +278,16 @@ def test_run_isolation_starts_the_next_runs_kernel_before_that_run_comes(tmp_pat
         assert pool.retired_ahead == before
     finally:
         pool.shutdown()
+
+
+def test_a_new_pool_starts_its_first_kernel_alone_then_the_others():
+    """A cold start waits for the first kernel: it starts alone (kernels starting together on
+    few cores each take as long as all of them), the others once it is ready."""
+    pool = KernelPool(size=3, isolation="run")
+    try:
+        assert pool.stats()["starting"] == 1
+        pool.wait_ready(1)
+        pool.wait_ready(3)                      # ... and the others follow by themselves
+        assert pool.started == 3
+    finally:
+        pool.shutdown()

@@ -126,7 +126,15 @@ class KernelPool:
                 return
         else:
             have = len(self._idle) + len(self._busy) + self._recycling + self._starting
-        for _ in range(self.size - have):
+        want = self.size - have
+        if self.started == 0 and not urgent:
+            # a new pool: its first kernel starts alone and the others once it is ready — a
+            # cold start waits for the first, and kernels starting together on few cores
+            # each take as long as all of them
+            if self._starting:
+                return
+            want = min(1, want)
+        for _ in range(want):
             self._starting += 1
             self._spawn(self._start_one)
 
@@ -181,6 +189,7 @@ class KernelPool:
                 close_now = False
                 self._idle.append(k)
                 self._cond.notify_all()
+                self._fill()                # a new pool's other kernels start after its first
         if close_now:
             k.kill()
             k.close()
