@@ -95,6 +95,8 @@ ROWS = {
          "fanout_map_efficiency", "fanout_map_efficiency"),
         ("s, same with --isolation reuse", "fanout_map_reuse_s", "fanout_map_ideal_s",
          "fanout_map_reuse_efficiency", None),
+        ("s, same without map chunks (NBFLOW_CHUNK_MAX=1)", "fanout_map_unchunked_s",
+         "fanout_map_ideal_s", "fanout_map_unchunked_efficiency", None),
     ],
     "memory": [
         ("engine RSS MB after N runs vs before", "engine_rss_after_mb", "engine_rss_before_mb",

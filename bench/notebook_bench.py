@@ -61,11 +61,13 @@ def stripped(path: str, out: str) -> str:
 
 # --- the stack ---------------------------------------------------------------------------------
 
-async def _stack(env: Env, workers: int = 1, isolation: str | None = None) -> None:
-    """The engine (once per Env) and ``workers`` fresh worker processes."""
+async def _stack(env: Env, workers: int = 1, isolation: str | None = None,
+                 extra: dict | None = None) -> None:
+    """The engine (once per Env) and ``workers`` fresh worker processes (``extra``: more of
+    their environment)."""
     if "engine" not in env.procs:
         env.engine()
-    wenv = {"NBFLOW_ISOLATION": isolation} if isolation else None
+    wenv = {**({"NBFLOW_ISOLATION": isolation} if isolation else {}), **(extra or {})} or None
     for i in range(workers):
         env.worker(f"worker{i}", concurrency=1, env=wenv)
 
@@ -350,10 +352,13 @@ async def fanout_map(size: str = "full") -> dict:
     res = {}
     with Env("fanoutmap") as env:
         path = map_notebook(str(env.dir / "map.ipynb"), items, sleep)
-        for label, iso in (("", None), ("_reuse", "reuse")):
-            if size == "quick" and label == "_reuse":
-                continue          # the default (run isolation) is the figure; full adds reuse
-            await _stack(env, workers, iso)
+        # the default (run isolation, map chunks) is the figure; full adds reuse, and the
+        # same without chunks (one instance per task run: NBFLOW_CHUNK_MAX=1)
+        for label, iso, extra in (("", None, None), ("_reuse", "reuse", None),
+                                  ("_unchunked", None, {"NBFLOW_CHUNK_MAX": "1"})):
+            if size == "quick" and label:
+                continue
+            await _stack(env, workers, iso, extra)
             c, watch = await _connected(env, workers)
             try:
                 await _run(env, c, watch, map_notebook(str(env.dir / "warm.ipynb"), 4, 0.0))
@@ -365,7 +370,8 @@ async def fanout_map(size: str = "full") -> dict:
     out = {"fanout_map_items": items, "fanout_map_ideal_s": round(ideal, 3)}
     out["fanout_map_s"] = round(res[""], 3)
     out["fanout_map_efficiency"] = round(ideal / res[""], 3)
-    if "_reuse" in res:
-        out["fanout_map_reuse_s"] = round(res["_reuse"], 3)
-        out["fanout_map_reuse_efficiency"] = round(ideal / res["_reuse"], 3)
+    for label in ("_reuse", "_unchunked"):
+        if label in res:
+            out[f"fanout_map{label}_s"] = round(res[label], 3)
+            out[f"fanout_map{label}_efficiency"] = round(ideal / res[label], 3)
     return out

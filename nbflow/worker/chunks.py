@@ -31,7 +31,7 @@ log = logging.getLogger("nbflow.worker")
 
 CHUNK_TARGET_S = float(os.environ.get("NBFLOW_CHUNK_TARGET_S", "1.0"))
 CHUNK_FIRST = 4
-CHUNK_MAX = int(os.environ.get("NBFLOW_CHUNK_MAX", "64"))
+CHUNK_MAX = int(os.environ.get("NBFLOW_CHUNK_MAX", "64"))       # 1: no chunks
 
 
 @dataclass
@@ -90,7 +90,7 @@ class Chunks:
     def _chunk_size(self, wf: str, node: str) -> int:
         est = self._instance_s.get((wf, node))
         if est is None:
-            return CHUNK_FIRST
+            return min(CHUNK_FIRST, CHUNK_MAX)
         return max(1, min(CHUNK_MAX, int(CHUNK_TARGET_S / max(est, 0.001))))
 
     async def _live_slots(self) -> int:
