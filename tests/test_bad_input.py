@@ -17,6 +17,7 @@ from support import DATA, check_replay, finish, wait_for, ipython_shell
 from nbhelpers import write_notebook
 
 from nbflow.cli.main import main as cli
+from nbflow.core.events import TASK_VERSIONS
 from nbflow.errors import AlreadyDecided, NbflowError, WorkflowError
 
 NS = "itest"
@@ -345,7 +346,8 @@ TASK_GARBAGE = [
     ("missing fields", b'{"v": 1, "run": "MARK"}'),
     ("wrong types", b'{"v": 1, "run": "MARK", "key": "a", "node": "a", "attempt": "one"}'),
     ("a list", b'["MARK"]'),
-    ("another version", b'{"v": 2, "run": "MARK", "key": "a", "node": "a", "attempt": 1, "wf": "w"}'),
+    ("another version", b'{"v": NEXT, "run": "MARK", "key": "a", "node": "a", "attempt": 1, '
+                        b'"wf": "w"}'.replace(b"NEXT", str(max(TASK_VERSIONS) + 1).encode())),
 ]
 
 
