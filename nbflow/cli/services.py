@@ -138,6 +138,14 @@ def worker(nats_url, namespace, queue, concurrency, name, min_kernels, max_kerne
     # grammar (1-5 s of a cold start) for an "iri" format check nbformat's schemas never use
     sys.modules.setdefault("rfc3987_syntax", None)
 
+    if min_kernels is None and max_kernels is None:
+        # the warm kernels start now, while the worker imports and connects, not on its first
+        # task (a scaling worker sizes its pool itself)
+        from nbflow.worker.kernels import registry as kernels
+
+        kernels.configure(concurrency=concurrency)
+        kernels.get_pool()
+
     from nbflow.stack import nats_url as resolve_url
     from nbflow.worker.worker import serve
 
@@ -151,12 +159,6 @@ def worker(nats_url, namespace, queue, concurrency, name, min_kernels, max_kerne
     elif max_memory is not None:
         raise UserError("--max-memory bounds scaling: give --max-kernels N too")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
-    if scale is None:
-        # the warm kernels start now, while the worker connects, not on its first task
-        from nbflow.worker.kernels import registry as kernels
-
-        kernels.configure(concurrency=concurrency)
-        kernels.get_pool()
     try:
         _arun(serve(resolve_url(nats_url), namespace, queue, concurrency, name=name,
                     scale=scale))
