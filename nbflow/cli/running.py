@@ -1,6 +1,7 @@
 """`nbflow run` and `nbflow retry`: start a run, follow it to the end, print the summary."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -44,6 +45,10 @@ def run(notebook, params, no_wait, reuse, no_bundle, nats_url, namespace):
     Exit code 0 only when the run succeeded. Ctrl-C detaches: the run goes on.
     Without --reuse every task executes (a scheduled pipeline reads fresh data).
     """
+    if not nats_url and os.path.isfile(notebook):
+        from nbflow.stack import start_background
+
+        start_background()                 # the embedded stack starts while the notebook compiles
     wf = _load_workflow(notebook)          # refuse a bad notebook before anything is submitted
     _bundle_warnings_as_lines()
 

@@ -39,7 +39,7 @@ _wait_port = wait_port            # the names tests and tools import from here
 __all__ = ["StackError", "NatsServer", "Supervisor", "free_port", "nats_server_binary",
            "wait_port", "data_dir", "read_stack", "add_user", "stack_authorization",
            "stack_role_env", "lock_store", "store_holders", "listens_on", "run_foreground",
-           "ensure_background", "running_url", "nats_url", "down", "serve_namespace"]
+           "ensure_background", "start_background", "running_url", "nats_url", "down", "serve_namespace"]
 
 
 def run_foreground(data: str | None = None, port: int = 0, workers: int | None = None,
@@ -148,17 +148,40 @@ def running_url(data: str | None = None) -> str | None:
     return info["url"] if info and _connectable(info["url"]) else None
 
 
+_spawned: set[str] = set()       # data dirs whose stack this process started
+
+
+def _spawn_background(d) -> None:
+    log = open_private(d / LOG_FILE)
+    subprocess.Popen([sys.executable, "-m", "nbflow", "up", "--data", str(d)], stdout=log,
+                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                     env=child_env(None))
+    log.close()
+    _spawned.add(str(d))
+
+
+def start_background(data: str | None = None) -> None:
+    """Start the embedded stack in the background when no NATS is configured and it is not
+    running, without waiting for it (:func:`ensure_background` waits): `nbflow run` calls this
+    first, so that the stack starts while the notebook compiles."""
+    if os.environ.get("NBFLOW_NATS_URL"):
+        return
+    d = data_dir(data)
+    if str(d) in _spawned:
+        return
+    info = read_stack(d)
+    if not (info and _connectable(info["url"])):
+        _spawn_background(d)
+
+
 def ensure_background(data: str | None = None, timeout: float = 60.0) -> str:
     """Return the URL of the embedded stack, starting it in the background if needed."""
     d = data_dir(data)
     info = read_stack(d)
     if info and _connectable(info["url"]):
         return info["url"]
-    log = open_private(d / LOG_FILE)
-    subprocess.Popen([sys.executable, "-m", "nbflow", "up", "--data", str(d)], stdout=log,
-                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                     env=child_env(None))
-    log.close()
+    if str(d) not in _spawned:       # else started by start_background: being started
+        _spawn_background(d)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = read_stack(d)
