@@ -54,17 +54,28 @@ def test_instances_of_a_chunk_share_the_setup_but_nothing_else(nats_server, one_
         "leftover = r\n"
         f"open(os.path.join({str(writes)!r}, str(r)), 'a').write('x')\n"
         "print('instance', r)",
-        "%%task gather\nprint('saw', sorted(set(saw)))",
+        # an instance skipped by its --when leaves nothing behind either
+        "%%task odd --map r in regions --when 'r % 2'\nsaw_odd = 'leftover_odd' in globals()\n"
+        "leftover_odd = r",
+        "%%task gather\nprint('saw', sorted(set(saw)))\n"
+        "print('odd', [s for s in saw_odd if s is not None])",
     ], params=f"regions = {list(range(N))!r}")
     with SyncClient(nats_server.url, namespace="chunks-setup") as c:
         run = c.submit(str(nb), {})
         st = c.wait(run, timeout=180)
         check_replay(c, run)
         assert st.state == "succeeded", st.error
-        assert success_counts(c, run) == {**{f"per#{i}": 1 for i in range(N)}, "gather": 1}
+        assert success_counts(c, run) == {**{f"per#{i}": 1 for i in range(N)},
+                                          **{f"odd#{i}": 1 for i in range(1, N, 2)},
+                                          "gather": 1}
+        assert {k for k, t in st.tasks.items() if t.state == "skipped"} == \
+            {f"odd#{i}" for i in range(0, N, 2)}
         assert _files(writes) == {str(i): 1 for i in range(N)}       # each instance once
-        assert len(os.listdir(setups)) < N          # setup ran once per chunk, not per instance
-        assert "saw [False]" in c.logs(run, "gather")   # no instance saw another's names
+        # setup ran once per chunk, not once per task run (2 N + 1 of them)
+        assert len(os.listdir(setups)) < N
+        text = c.logs(run, "gather")
+        assert "saw [False]" in text                    # no instance saw another's names
+        assert f"odd {[False] * (N // 2)}" in text
         # each instance has its own executed notebook: its logs are its own
         for i in (0, 5, N - 1):
             printed = re.findall(r"instance (\d+)", c.logs(run, f"per#{i}"))

@@ -125,7 +125,10 @@ class ChunkKernel:
             ok = run_cell(self.k, step, shift(self.prelude[-1]), run, control)
             shown.outputs, shown.execution_count = step.outputs, step.get("execution_count")
             if not ok:
-                failed_cell = shown
+                failed_cell = shown             # (a --when that is false: skipped)
+                if not control.reason:          # what it bound goes before the next instance
+                    run_cell(self.k, nbformat.v4.new_code_cell(FORGET), -1,
+                             CellRun(nbformat.v4.new_notebook()), control)
             else:
                 task = nb.cells[shift(self.task_at)]
                 t1 = time.monotonic()

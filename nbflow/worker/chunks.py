@@ -65,23 +65,35 @@ class Chunks:
         want = self._chunk_size(t.wf, t.node) - 1
         if want <= 0:
             return [msg]
+        same = (t.run, t.node, t.wf, t.isolation)
+        group = [msg]
+        if self._backlog:                     # its siblings fetched earlier come first
+            rest = []
+            for m in self._backlog:
+                o = _decoded(m)
+                if len(group) <= want and o is not None and o.map is not None \
+                        and _delivered(m) == 1 and (o.run, o.node, o.wf, o.isolation) == same:
+                    group.append(m)
+                else:
+                    rest.append(m)
+            self._backlog.clear()              # (the same deque: its heartbeat task holds it)
+            self._backlog.extend(rest)
+            want -= len(group) - 1
+            if want <= 0:
+                return group
         try:
             pending, slots = await self._pending(), await self._live_slots()
             # never fewer chunks than live slots while instances remain
             want = min(want, pending // max(1, slots))
             if want <= 0:
-                return [msg]
+                return group
             more = await self.sub.fetch(want, timeout=0.2)
-        except Exception:  # noqa: BLE001 - no more at hand (timeout) or NATS away: run this one
-            return [msg]
-        group = [msg]
+        except Exception:  # noqa: BLE001 - no more at hand (timeout) or NATS away: run these
+            return group
         for m in more:
-            try:
-                o = TaskMessage.decode(m.data)
-            except BadMessage:
-                o = None
+            o = _decoded(m)
             if (o is not None and o.map is not None and _delivered(m) == 1
-                    and (o.run, o.node, o.wf, o.isolation) == (t.run, t.node, t.wf, t.isolation)):
+                    and (o.run, o.node, o.wf, o.isolation) == same):
                 group.append(m)
             else:
                 self._backlog.append(m)
@@ -308,6 +320,13 @@ class Chunks:
                     traceback=bounded(res.traceback, MAX_TRACEBACK_CHARS),
                     cell=bounded(res.cell, MAX_CELL_CHARS), notebook=nb_key, reason=reason,
                     duration=res.duration)
+
+
+def _decoded(msg) -> TaskMessage | None:
+    try:
+        return TaskMessage.decode(msg.data)
+    except BadMessage:
+        return None
 
 
 async def _nak(msg) -> None:
