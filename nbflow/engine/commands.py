@@ -23,6 +23,12 @@ log = logging.getLogger("nbflow.engine")
 
 class Commands:
     async def execute(self, st: RunState, cmds: list[Command]) -> None:
+        for f in await self.send(st, cmds):
+            await f
+
+    async def send(self, st: RunState, cmds: list[Command]) -> list:
+        """Carry out the commands: what is published is sent, in order, when this returns (the
+        awaitables returned are its acks); the rest is done."""
         futs = []
         # the parameters a task reads, encoded once for all of this batch's dispatches that read
         # the same names (a map's instances)
@@ -59,9 +65,7 @@ class Commands:
                 futs.append(await self.streams.publish_async(
                     self.L.history_subject(st.run, ev.type), ev.encode(),
                     headers={MSG_ID: self.msg_id(finished_msg_id(st.run))}))
-        for f in futs:
-            if f is not None:
-                await f
+        return [f for f in futs if f is not None]
 
     async def schedule_timer(self, run: str, c: Command):
         ev = make("TimerFired", run, timer=c["id"], kind=c["kind"], key=c["key"],

@@ -24,6 +24,7 @@ snapshot that loses is dropped: the winner's is a later or equal fold of the sam
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -262,6 +263,7 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
 
     async def _apply_batch(self, run: str, batch: list[tuple[Any, Event]]) -> bool:
         st, rev = await self.load_snapshot(run)
+        before = st
         last = st.seq if st else 0
         todo = [ev for _, ev in batch if ev.seq > last]
         if not todo:
@@ -313,19 +315,52 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
             await self._dead_letter_raw(run, ev.encode(), why)
         if st is None:
             return True
-        await self.execute(st, cmds)
         if rev and not st.is_final and has_active_tasks(st):
+            await self.execute(st, cmds)
             # a worker or a timer will speak next: write the snapshot behind (history has it)
             self.snapshots.put(run, (st, rev))
             self.behind.setdefault(run, time.monotonic())
             return True
+        # the commands and the snapshot at once, one wait for both: all commands are on the
+        # connection before the snapshot write (one connection keeps the order), so a crash
+        # cannot leave a snapshot whose commands never reached the server
+        acks = await self.send(st, cmds)
+        write = asyncio.ensure_future(self._write_snapshot(st, rev))
         try:
-            new_rev = await self._write_snapshot(st, rev)
+            for f in acks:
+                await f
+        except BaseException:
+            await self._undo_snapshot(run, write, before)
+            raise
+        try:
+            new_rev = await write
         except Conflict:
             return False
         self.snapshots.put(run, (st, new_rev))
         self.behind.pop(run, None)
         return True
+
+
+    async def _undo_snapshot(self, run: str, write, before: RunState | None) -> None:
+        """A command was refused while the snapshot that says it was carried out may be
+        written: put the snapshot back to the state before the batch, so that the redelivered
+        events are applied (and their commands sent) again."""
+        self.snapshots.pop(run, None)
+        self.behind.pop(run, None)
+        try:
+            rev = await write
+        except BaseException:  # noqa: BLE001 - not written: nothing to undo
+            return
+        try:
+            if before is None:
+                await self.runs_kv.delete(run)
+            else:
+                await self.runs_kv.update(run, json.dumps(
+                    before.to_dict(compact=True), separators=(",", ":")).encode(), last=rev)
+        except Exception as e:  # noqa: BLE001
+            log.error("run %s: a command failed after its snapshot was written and the "
+                      "snapshot could not be put back (%s): the batch's commands may be lost",
+                      run, e)
 
 
 async def serve(url: str, namespace: str = "", replicas: int | None = None,
