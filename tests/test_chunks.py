@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -116,17 +117,19 @@ def test_a_worker_killed_mid_chunk_loses_no_instance_and_runs_none_twice(nats_se
     nb = write_notebook(tmp_path / "kill.ipynb", [
         "%%task per --map r in regions\n"
         "import os, time\n"
-        "time.sleep(0.4)\n"
+        "time.sleep(1.0)\n"
         f"open(os.path.join({str(writes)!r}, str(r)), 'a').write('x')",
     ], params=f"regions = {list(range(n))!r}")
     with SyncClient(nats_server.url, namespace="chunks-kill") as c:
         run = c.submit(str(nb), {})
-        wait_for(lambda: 2 <= len(os.listdir(writes)), timeout=120,
-                 what="two instances to have written their file")
+        # mid-chunk and mid-cell: the third instance is running (two are recorded), more held
+        wait_for(lambda: sum(e.type == "TaskStarted" for e in c.history(run)) >= 3,
+                 timeout=120, what="the third instance to start")
+        time.sleep(0.3)
         victim = next(e["worker"] for e in c.history(run) if e.type == "TaskStarted")
         pid = int(victim.rsplit("-", 1)[1])
         assert pid in sup.pids("worker")
-        os.kill(pid, signal.SIGKILL)                   # mid-chunk: more instances were held
+        os.kill(pid, signal.SIGKILL)
         st = c.wait(run, timeout=180)
         check_replay(c, run)
         assert st.state == "succeeded", st.error
@@ -139,7 +142,10 @@ def test_a_worker_killed_mid_chunk_loses_no_instance_and_runs_none_twice(nats_se
         assert done_by_victim and len(done_by_victim) < n      # it died with work left
         files = _files(writes)
         assert set(files) == {str(i) for i in range(n)}        # no instance lost
-        # an instance recorded before the kill never ran again; at most the one(s) in flight
-        # when it died ran twice (their side effect happened, their result was not recorded)
-        assert all(files[k.split("#")[1]] == 1 for k in done_by_victim)
-        assert sum(files.values()) <= n + 2
+        # an instance recorded (and acked) before the kill never runs again; the one in its cell
+        # when the worker died runs again elsewhere. (A result published but not yet acked when
+        # a worker dies is redelivered, recorded once, and re-run only if the engine's snapshot
+        # lags behind the history: at least once, as for any task.)
+        twice = [k for k in done_by_victim if files[k.split("#")[1]] != 1]
+        assert not twice, [(e.type, e.get("key"), e.get("worker"), e.seq, e.ts) for e in hist]
+        assert sum(files.values()) <= n + 1
