@@ -29,7 +29,7 @@ from nbflow.worker.presence import PRESENCE_S
 
 log = logging.getLogger("nbflow.worker")
 
-CHUNK_TARGET_S = float(os.environ.get("NBFLOW_CHUNK_TARGET_S", "1.0"))
+CHUNK_TARGET_S = float(os.environ.get("NBFLOW_CHUNK_TARGET_S", "2.0"))
 CHUNK_FIRST = 4
 CHUNK_MAX = int(os.environ.get("NBFLOW_CHUNK_MAX", "64"))       # 1: no chunks
 
@@ -161,7 +161,7 @@ class Chunks:
                 freed.cancel()
                 while len(tails) > 4:
                     await asyncio.wait(set(tails), return_when=asyncio.FIRST_COMPLETED)
-                if t is not None:
+                if t is not None and m is not group[0]:   # the first also paid kernel + setup
                     k = (t.wf, t.node)
                     dt = time.monotonic() - t0
                     old = self._instance_s.get(k)
