@@ -26,6 +26,14 @@ def pytest_runtest_setup(item):
         os.environ["JPY_SESSION_NAME"] = path
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    # only the notebook's own kernel is told: a test file run after it in the same process (the
+    # suite runs on several) must not find a notebook its kernel does not run
+    if str(getattr(item, "path", "") or getattr(item, "fspath", "")).endswith(".ipynb"):
+        os.environ.pop("JPY_SESSION_NAME", None)
+
+
 def pytest_sessionfinish(session, exitstatus):
     from nbflow import stack
 
