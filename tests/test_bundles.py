@@ -393,3 +393,44 @@ def test_relative_writes_are_named_in_the_tasks_log_with_where_to_write_instead(
     # the next task saw the bundle's folder, not the discarded changes
     assert "6 ['1', '2', '3']" in client.logs(run, "after")
     assert (proj / "data.txt").read_text() == "1 2 3\n" and not (proj / "out").exists()
+
+
+def test_a_task_folder_is_reused_only_while_it_is_still_the_bundle(tmp_path):
+    """A task's copy of the bundle goes to the next task only if nothing in it was written,
+    removed or made (caches of imports aside): relative writes never reach another task."""
+    from nbflow.worker.bundles import TaskFolders, folder_state
+
+    bundle = tmp_path / "bundle"
+    (bundle / "data").mkdir(parents=True)
+    (bundle / "data" / "x.txt").write_text("1\n")
+    (bundle / "util.py").write_text("X = 1\n")
+    folders = TaskFolders()
+    seen = []
+
+    def task(act):
+        f = folders.take(str(bundle))
+        seen.append(f)
+        act(f)
+        written, unchanged = folder_state(str(bundle), f)
+        for d in folders.give(str(bundle), f, unchanged):
+            shutil.rmtree(d)
+        return written, unchanged
+
+    def cache(f):                            # an import's cache is not a change
+        os.makedirs(os.path.join(f, "__pycache__"))
+        open(os.path.join(f, "__pycache__", "util.pyc"), "w").close()
+
+    assert task(lambda f: open(os.path.join(f, "data", "x.txt")).read()) == ([], True)
+    assert task(cache) == ([], True)
+    assert seen[0] == seen[1]                 # the same copy, not a new one
+    assert task(lambda f: open(os.path.join(f, "data", "x.txt"), "a").write("2")) == (
+        ["data/x.txt"], False)
+    assert not os.path.exists(seen[2])        # changed: removed, never handed out again
+    assert task(lambda f: os.remove(os.path.join(f, "util.py"))) == ([], False)
+    assert task(lambda f: os.makedirs(os.path.join(f, "empty"))) == ([], False)
+    f = folders.take(str(bundle))
+    assert f not in seen[2:] and open(os.path.join(f, "data", "x.txt")).read() == "1\n"
+    assert sorted(os.listdir(f)) == ["data", "util.py"]
+    for d in folders.give(str(bundle), f, True) + folders.clear():
+        shutil.rmtree(d)
+    assert not os.path.exists(f)

@@ -129,6 +129,33 @@ def test_reuse_moves_cwd_and_sys_path_per_task(reuse, tmp_path):
     assert err is None and text(nb2) == f"{b} {b} 0\n"
 
 
+def test_the_next_task_in_the_same_folder_finds_the_kernel_there_reset(reuse, tmp_path):
+    """The reset goes back into the last task's folder (one round trip), so the next task in
+    that folder needs no change of directory; a task moving away, a changed sys.path and the
+    namespace are still undone, and a folder that is gone sends the kernel home."""
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "only_in_a.py").write_text("X = 1\n")
+    probe = "import sys\nprint(os.getcwd(), sys.path[0], sys.path.count({a!r}), 'y' in globals())"
+    _, c1, err = execute(reuse, notebook("import only_in_a\ny = 1\nos.chdir('/')\n"
+                                         "import sys\nsys.path.insert(0, '/elsewhere')"),
+                         tmp_path, control=RunControl(cwd=str(a)))
+    assert err is None
+    nb2, c2, err = execute(reuse, notebook("import only_in_a", probe.format(a=str(a))), tmp_path,
+                           control=RunControl(cwd=str(a)))
+    assert err is None and text(nb2) == f"{a} {a} 1 False\n"
+    reuse.wait_ready(1)
+    k = reuse._idle[0]
+    assert k.entered >= 1 and c2.kernel_pid == c1.kernel_pid
+    import shutil
+    shutil.rmtree(a)
+    b = tmp_path / "b"
+    b.mkdir()
+    nb3, _, err = execute(reuse, notebook(probe.format(a=str(a))), tmp_path,
+                          control=RunControl(cwd=str(b)))
+    assert err is None and text(nb3) == f"{b} {b} 0 False\n"
+
+
 def test_a_killed_kernel_is_never_handed_out_again(reuse, tmp_path):
     reuse.wait_ready()                              # the deadline also covers getting a kernel
     ctl = RunControl(cwd=str(tmp_path), deadline=time.monotonic() + 1, timeout=1)

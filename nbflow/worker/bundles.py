@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 import zipfile
 
@@ -332,6 +333,79 @@ def written_files(bundle_dir: str, folder: str) -> list[str]:
             if st.st_size != orig.st_size or st.st_mtime_ns != orig.st_mtime_ns:
                 out.append(rel)                      # changed (the copy kept the mtimes)
     return sorted(out)
+
+
+def _tree(root: str) -> tuple[set[str], set[str]]:
+    """(files, dirs) under ``root``, relative, without caches of imports and Jupyter."""
+    files, dirs = set(), set()
+    for d, sub, names in os.walk(root):
+        sub[:] = [x for x in sub if x not in _NOT_WRITES]
+        rel = os.path.relpath(d, root)
+        dirs.update(os.path.normpath(os.path.join(rel, x)) for x in sub)
+        files.update(os.path.normpath(os.path.join(rel, x)) for x in names)
+    return files, dirs
+
+
+_TREES: dict[str, tuple[set[str], set[str]]] = {}     # unpacked bundles never change
+
+
+def folder_state(bundle_dir: str, folder: str) -> tuple[list[str], bool]:
+    """What a task did to its copy of the bundle (``folder``): the files it created or changed
+    (as :func:`written_files`), and whether the copy is still the bundle exactly (nothing
+    written, removed or made, caches of imports aside) — then the next task may use it."""
+    written = written_files(bundle_dir, folder)
+    if written:
+        return written, False
+    if bundle_dir not in _TREES:
+        if len(_TREES) > 64:
+            _TREES.clear()
+        _TREES[bundle_dir] = _tree(bundle_dir)
+    return written, _tree(folder) == _TREES[bundle_dir]
+
+
+class TaskFolders:
+    """Private copies of unpacked bundles, one task at a time each, reused while unchanged: a
+    task gets a copy no other task is using, and when it ends the copy goes back for the next
+    task only if :func:`folder_state` finds it is still the bundle exactly; else it is removed.
+    So relative writes never reach another task, and a task that only reads does not pay a copy
+    (nor its kernel a change of directory). Copies live in work dirs named after the worker's
+    pid (:mod:`nbflow.worker.workdirs`): swept with them if the worker dies."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep                          # bundles whose free copies are kept
+        self.free: dict[str, list[str]] = {}      # bundle dir -> free copies, oldest bundle first
+        self._lock = threading.Lock()
+
+    def take(self, bundle_dir: str) -> str:
+        with self._lock:
+            copies = self.free.get(bundle_dir)
+            if copies:
+                return copies.pop()
+        from nbflow.worker import workdirs
+
+        dest = os.path.join(workdirs.make("folder", os.path.basename(bundle_dir)[:16]), "folder")
+        shutil.copytree(bundle_dir, dest, symlinks=False)
+        return dest
+
+    def give(self, bundle_dir: str, folder: str, unchanged: bool) -> list[str]:
+        """Give a copy back; the dirs to remove (the caller removes them off the critical path)."""
+        if not unchanged or not os.path.isdir(bundle_dir):
+            return [os.path.dirname(folder)]
+        with self._lock:
+            copies = self.free.pop(bundle_dir, [])
+            copies.append(folder)
+            self.free[bundle_dir] = copies        # the newest bundle last
+            drop = []
+            while len(self.free) > self.keep:
+                old = next(iter(self.free))
+                drop += [os.path.dirname(f) for f in self.free.pop(old)]
+        return drop
+
+    def clear(self) -> list[str]:
+        with self._lock:
+            drop = [os.path.dirname(f) for fs in self.free.values() for f in fs]
+            self.free.clear()
+        return drop
 
 
 def writes_warning(files: list[str], shown: int = 10) -> str:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from typing import Any
@@ -91,9 +92,18 @@ class Execution:
     async def _execute(self, task: TaskMessage, workdir: str, cancel: threading.Event,
                        leases: contextlib.AsyncExitStack, phases: Phases | None = None):
         """Run ``task``; its completion event. ``phases`` (optional) gets the time by step."""
+        taken: list = []          # the copy of the bundle it ran in: back when it ends
+        try:
+            return await self._execute_task(task, workdir, cancel, leases,
+                                            phases if phases is not None else Phases(), taken)
+        finally:
+            for unpacked, folder, state in taken:
+                self._give_folder(unpacked, folder, state)
+
+    async def _execute_task(self, task: TaskMessage, workdir: str, cancel: threading.Event,
+                            leases: contextlib.AsyncExitStack, ph: Phases, taken: list):
         from nbflow.worker.runner import run_task
 
-        ph = phases if phases is not None else Phases()
         run, key, attempt, node_id = task.run, task.key, task.attempt, task.node
         # a NATS hiccup reading the definition propagates (Transient: the task is nakked and
         # runs later); only a definition that is missing or cannot be built fails the attempt
@@ -141,6 +151,9 @@ class Execution:
         ph.mark("inputs")
         try:
             cwd = await self._task_cwd(wf, workdir, unpacked)
+            folder_ok = {"unchanged": False}
+            if unpacked:
+                taken.append((unpacked, cwd, folder_ok))
         except BundleError as e:
             return make("TaskFailed", run, key=key, attempt=attempt, reason="config",
                         error=f"{type(e).__name__}: {e}")
@@ -159,10 +172,13 @@ class Execution:
             nb, params=task.params, io=io, cwd=cwd, timeout=task.timeout,
             cancel=cancel, engine=self.engine, isolation=task.isolation, scope=run))
         ph.add(res.phases, "run_other")
-        if unpacked and cwd and res.notebook_path and os.path.exists(res.notebook_path):
-            # relative writes land in the task's private copy of the bundle and vanish: say so
-            written = await loop.run_in_executor(None, bundles.written_files, unpacked, cwd)
-            if written:
+        if unpacked and cwd:
+            written, unchanged = await loop.run_in_executor(None, bundles.folder_state, unpacked,
+                                                            cwd)
+            # the copy serves the next task only if this one ended normally and left it intact
+            folder_ok["unchanged"] = unchanged and res.status in ("succeeded", "skipped")
+            if written and res.notebook_path and os.path.exists(res.notebook_path):
+                # relative writes land in the task's private copy of the bundle and vanish
                 log.info("task %s of run %s wrote %d file(s) relative to its folder: %s", key,
                          run, len(written), ", ".join(written[:10]))
                 await loop.run_in_executor(None, bundles.note_writes, res.notebook_path,
@@ -211,13 +227,31 @@ class Execution:
                     cell=bounded(res.cell, MAX_CELL_CHARS), notebook=nb_key, reason=reason,
                     duration=res.duration)
 
+    @property
+    def task_folders(self) -> bundles.TaskFolders:
+        tf = getattr(self, "_task_folders", None)
+        if tf is None:
+            tf = self._task_folders = bundles.TaskFolders()
+        return tf
+
+    def _give_folder(self, unpacked: str, folder: str, state: dict) -> None:
+        """A task's copy of its bundle back (when its bundle lease ends): kept for the next
+        task if unchanged, else removed off the critical path."""
+        drop = self.task_folders.give(unpacked, folder, state["unchanged"])
+        if drop:
+            asyncio.get_running_loop().run_in_executor(None, _remove, drop)
+
+    def drop_task_folders(self) -> None:
+        """Remove the copies kept for later tasks (the worker stops)."""
+        _remove(self.task_folders.clear())
+
     async def _task_cwd(self, wf: Workflow, workdir: str, unpacked: str | None) -> str | None:
-        """The task's cwd: its own copy of the run's bundle (``unpacked``); without a bundle the
-        notebook's folder in place (a shared filesystem); None (its work dir) for a workflow
-        without one."""
+        """The task's cwd: a private copy of the run's bundle (``unpacked``; one a previous task
+        left unchanged, else a new one: bundles.TaskFolders); without a bundle the notebook's
+        folder in place (a shared filesystem); None (its work dir) for a workflow without one."""
         if unpacked:
             return await asyncio.get_running_loop().run_in_executor(
-                None, bundles.task_folder, unpacked, workdir)
+                None, self.task_folders.take, unpacked)
         if not wf.source:
             return None
         if not os.path.isfile(wf.source):
@@ -227,3 +261,8 @@ class Execution:
                 f"the notebook's folder on a filesystem the workers share; submit with bundles "
                 f"(the default) instead")
         return os.path.dirname(wf.source)
+
+
+def _remove(dirs: list[str]) -> None:
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)

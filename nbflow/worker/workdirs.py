@@ -4,8 +4,9 @@ or `nbflow gc`.
 
 What a task or kernel leaves on disk lives in one of them: the task's work dir
 (``nbflow-w<pid>-<run>-<key>-*``: inputs, the task notebook and its executed copy, outputs, the
-private copy of the bundle, the connection file of a papermill-engine kernel) is removed when the
-task ends; a kernel pool's dir (``nbflow-kernels-<pid>-*``: the kernels' ipc sockets and
+connection file of a papermill-engine kernel) is removed when the task ends; a task's private
+copy of its bundle (``nbflow-w<pid>-folder-*``) when the task changed it, else it serves the next
+task of the bundle (bundles.TaskFolders) and is removed when the worker stops; a kernel pool's dir (``nbflow-kernels-<pid>-*``: the kernels' ipc sockets and
 connection files) when the pool shuts down. Kernel connection files that older versions wrote to
 the temp dir itself (``tmp*.json`` naming a pool dir that is gone) are removed too."""
 from __future__ import annotations

@@ -172,6 +172,7 @@ class Worker(Chunks, Execution, Reporting, Presence):
                 ev.set()
             if self._running:
                 await asyncio.gather(*self._running, return_exceptions=True)
+            self.drop_task_folders()
 
     async def _pending(self) -> int:
         """Tasks on this worker's queue that no worker has taken yet."""

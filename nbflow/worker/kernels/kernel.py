@@ -20,15 +20,30 @@ _PRELUDE = ("(lambda os, sys, cwd, prev: (os.chdir(cwd), sys.path.__setitem__(0,
 # at warm-up: remember the pristine sys.path and environment (sys.modules outlives resets)
 _WARM = ("import gc as __g, os as __o, sys as __s, types as __t\n"
          "__m = __t.ModuleType('_nbflow_pool')\n__m.path = list(__s.path)\n"
-         "__m.environ = dict(__o.environ)\n__s.modules['_nbflow_pool'] = __m\n"
+         "__m.environ = dict(__o.environ)\n"
+         "exec(" + repr(
+             "def back(cwd, home):\n"          # re-enter the last task's folder after a reset
+             "    import os, sys\n"
+             "    try:\n"
+             "        os.chdir(cwd)\n"
+             "    except OSError:\n"
+             "        return\n"
+             "    if sys.path and sys.path[0] == home:\n"
+             "        sys.path[0] = cwd\n"
+             "    else:\n"
+             "        sys.path.insert(0, cwd)\n") + ", __m.__dict__)\n"
+         "__s.modules['_nbflow_pool'] = __m\n"
          "__g.collect()\n__g.freeze()\ndel __g, __o, __s, __t, __m")
 # between reused tasks: globals, In/Out and counts go; sys.path, env vars and cwd come back.
-# Home first: the task's folder may already be gone, and IPython's reset needs a cwd.
+# Home first: the task's folder may already be gone, and IPython's reset needs a cwd. Then back
+# into the task's folder when it is still there: the next task in the same folder (a copy of the
+# bundle that stayed unchanged, see bundles.TaskFolders) needs no change of directory.
 _RESET = ("__import__('os').chdir({home!r})\n"
           "get_ipython().reset(new_session=True)\n"
           "(lambda os, sys, m: (sys.path.__setitem__(slice(None), m.path), os.environ.clear(), "
-          "os.environ.update(m.environ), os.chdir({home!r})))"
+          "os.environ.update(m.environ), os.chdir({home!r}), m.back({back!r}, {home!r})))"
           "(__import__('os'), __import__('sys'), __import__('sys').modules['_nbflow_pool'])")
+_CWD = {"cwd": "__import__('os').getcwd()"}
 
 
 @dataclass(eq=False)
@@ -44,6 +59,7 @@ class PooledKernel:
     scope: str | None = None               # "run" isolation: the run this kernel serves
     path0: str = ""                        # what sys.path[0] is now (we set it)
     dead: bool = False
+    entered: int = 0                       # tasks that found it in their folder already
 
     @property
     def id(self) -> str:
@@ -79,10 +95,11 @@ class PooledKernel:
                 except OSError:
                     pass
 
-    def run_quiet(self, code: str, timeout: float = 30.0) -> dict:
+    def run_quiet(self, code: str, timeout: float = 30.0,
+                  user_expressions: dict | None = None) -> dict:
         """Run control code silently (no history, no execution count); return the reply content."""
         msg_id = self.kc.execute(code, silent=True, store_history=False, allow_stdin=False,
-                                 stop_on_error=False)
+                                 stop_on_error=False, user_expressions=user_expressions)
         end = time.monotonic() + timeout
         while True:
             left = end - time.monotonic()
@@ -103,18 +120,24 @@ class PooledKernel:
         self.run_quiet(_WARM)
 
     def enter(self, cwd: str) -> None:
-        """Point the kernel at the task's folder, as Jupyter starts a kernel in the notebook's."""
+        """Point the kernel at the task's folder, as Jupyter starts a kernel in the notebook's.
+        Nothing to do when it is there already (reset back into the same folder)."""
+        if cwd == self.path0 and cwd != self.home:
+            self.entered += 1
+            return
         reply = self.run_quiet(_PRELUDE.format(cwd=cwd, prev=self.path0))
         if reply.get("status") != "ok":
             raise RuntimeError(f"cannot enter {cwd!r} in kernel: {reply.get('evalue')}")
         self.path0 = cwd
 
     def recycle(self) -> None:
-        """Clear the user namespace and go home, for the next task in ``reuse`` isolation."""
-        reply = self.run_quiet(_RESET.format(home=self.home))
+        """Clear the user namespace for the next task (``run``/``reuse`` isolation) and go back
+        into the last task's folder if it is still there (else home), in one round trip."""
+        back = self.path0
+        reply = self.run_quiet(_RESET.format(home=self.home, back=back), user_expressions=_CWD)
         if reply.get("status") != "ok":
             raise RuntimeError(f"reset failed: {reply.get('ename')}: {reply.get('evalue')}")
-        self.path0 = self.home
+        self.path0 = back if _expression(reply, "cwd") == back else self.home
 
     def close(self) -> None:
         """Shut down (graceful, then kill). Slow at times (~3 s): call off the critical path."""
@@ -134,3 +157,16 @@ class PooledKernel:
                 self.km.cleanup_resources()
             except Exception:
                 pass
+
+
+def _expression(reply: dict, name: str):
+    """The value of user expression ``name`` in an execute reply (a Python literal), or None."""
+    import ast
+
+    out = (reply.get("user_expressions") or {}).get(name) or {}
+    if out.get("status") != "ok":
+        return None
+    try:
+        return ast.literal_eval(out.get("data", {}).get("text/plain", ""))
+    except (ValueError, SyntaxError):
+        return None
