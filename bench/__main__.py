@@ -75,6 +75,8 @@ ROWS = {
         ("overhead/task p99 ms (--isolation reuse)", "task_overhead_reuse_ms_p99", None, None,
          None),
         ("pooled kernel RSS MB", "kernel_rss_mb", None, None, None),
+        ("CPU ms per task: worker process (baseline: its kernels)", "task_overhead_worker_cpu_ms",
+         "task_overhead_kernel_cpu_ms", None, None),
         ("split: sum of the phases' means vs mean overhead, ms", "task_overhead_phases_mean_sum_ms",
          "task_overhead_ms_mean", None, None),
     ] + [(f"  {label}, ms p50 (baseline: mean)", f"task_overhead_phase_{name}_ms_p50",

@@ -123,7 +123,7 @@ PHASES = [
     ("between", "between tasks: engine, dispatch, worker fetch"),
     ("prev_tail", "previous task's result publish + acks + cleanup"),
     ("accept", "decode the task message"),
-    ("started", "TaskStarted publish + ack"),
+    ("started", "TaskStarted publish (+ ack in older workers)"),
     ("prep", "definition, bundle, task notebook, work dir"),
     ("inputs", "input fetch"),
     ("folder", "task folder + environment check"),
@@ -135,8 +135,9 @@ PHASES = [
     ("nb_save", "executed notebook written"),
     ("run_other", "rest of the run (executor hop)"),
     ("writes_check", "relative-writes check"),
-    ("upload_nb", "executed notebook upload"),
-    ("upload_outputs", "outputs upload"),
+    ("upload_nb", "executed notebook upload (older workers)"),
+    ("upload_outputs", "outputs upload (older workers)"),
+    ("uploads", "executed notebook + outputs uploads, at once"),
     ("result", "completion event built"),
     ("other", "phases this bench does not name"),
 ]
@@ -188,13 +189,35 @@ def split_figures(split: dict[str, list[float]], prefix: str = "task_overhead") 
 
 # --- benchmarks --------------------------------------------------------------------------------
 
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` used so far (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 async def _overhead_once(env: Env, n: int, isolation: str | None) -> dict:
     await _stack(env, 1, isolation)
     c, watch = await _connected(env, 1)
     try:
         path = ordered_notebook(str(env.dir / f"overhead{n}.ipynb"), n)
         await _run(env, c, watch, ordered_notebook(str(env.dir / "warm.ipynb"), 2))
+        # CPU time per task of the worker and of its kernels: a figure load on a shared
+        # machine barely moves, unlike wall times
+        wpid = env.procs["worker0"].pid
+        procs = [wpid] + [p for p in descendants(wpid) if "ipykernel" in cmdline(p)]
+        cpu0 = cpu_s(procs[:1]), cpu_s(procs[1:])
         dt, snap = await _run(env, c, watch, path)
+        await asyncio.sleep(0.3)             # the last kernel reset
+        procs = [wpid] + [p for p in descendants(wpid) if "ipykernel" in cmdline(p)]
+        cpu = ((cpu_s(procs[:1]) - cpu0[0]) / n * 1000, (cpu_s(procs[1:]) - cpu0[1]) / n * 1000)
         kernels = [p for p in descendants(env.procs["worker0"].pid)
                    if "ipykernel" in cmdline(p)]
         krss = [rss_kb(p) for p in kernels]
@@ -206,14 +229,14 @@ async def _overhead_once(env: Env, n: int, isolation: str | None) -> dict:
     execs = [t.get("exec_s") or 0.0 for t in snap["tasks"].values()]
     return {"n": n, "wall_s": dt, "p50": 1000 * percentile(over, 50),
             "p99": 1000 * percentile(over, 99), "exec_ms_mean": 1000 * sum(execs) / len(execs),
-            "mean": 1000 * sum(over) / len(over), "split": split,
+            "mean": 1000 * sum(over) / len(over), "split": split, "cpu": cpu,
             "kernel_rss_mb": (max(krss) / 1024) if krss else None, "kernels": len(kernels)}
 
 
 async def task_overhead(size: str = "full") -> dict:
     """A chain of trivial tasks (``pass``, ordered by --after) on 1 worker: default isolation
     (``run``: one warm kernel per run, reset between tasks) and ``reuse`` isolation."""
-    n_fresh, n_reuse = {"tiny": (3, 3), "quick": (10, 100), "full": (100, 100)}[size]
+    n_fresh, n_reuse = {"tiny": (3, 3), "quick": (30, 100), "full": (100, 100)}[size]
     with Env("overhead") as env:
         fresh = await _overhead_once(env, n_fresh, None)
         reuse = await _overhead_once(env, n_reuse, "reuse")
@@ -222,6 +245,8 @@ async def task_overhead(size: str = "full") -> dict:
         "task_overhead_ms_p50": round(fresh["p50"], 1),
         "task_overhead_ms_p99": round(fresh["p99"], 1),
         "task_overhead_ms_mean": round(fresh["mean"], 2),
+        "task_overhead_worker_cpu_ms": round(fresh["cpu"][0], 2),
+        "task_overhead_kernel_cpu_ms": round(fresh["cpu"][1], 2),
         **split_figures(fresh["split"]),
         "task_overhead_exec_ms_mean": round(fresh["exec_ms_mean"], 2),
         "task_overhead_reuse_tasks": n_reuse,

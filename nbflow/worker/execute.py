@@ -185,10 +185,10 @@ class Execution:
                                            written)
         ph.mark("writes_check")
         nb_key = ""
+        uploads = []                    # the executed notebook and the outputs, at once
         if res.notebook_path and os.path.exists(res.notebook_path):
             nb_key = notebook_key(run, key, attempt, task.delivery)
-            await self.art.put_file(nb_key, res.notebook_path)
-        ph.mark("upload_nb")
+            uploads.append(self.art.put_file(nb_key, res.notebook_path))
         if res.status == "succeeded":
             outputs, lens = {}, {}
             meta_path = os.path.join(res.outputs_dir or "", "_meta.json")
@@ -199,6 +199,7 @@ class Execution:
                        if os.path.exists(p := os.path.join(res.outputs_dir or "", f"{n}.pkl"))
                        and os.path.getsize(p) > MAX_OUTPUT_BYTES]
             if too_big:
+                await _all(uploads)
                 name, size = too_big[0]
                 return make("TaskFailed", run, key=key, attempt=attempt, reason="too_big",
                             error=f"OutputTooLarge: output {name!r} of task {node_id!r} is "
@@ -210,11 +211,14 @@ class Execution:
                 p = os.path.join(res.outputs_dir or "", f"{name}.pkl")
                 if os.path.exists(p):
                     ok = output_key(run, key, attempt, name, task.delivery)
-                    await self.art.put_file(ok, p)
+                    uploads.append(self.art.put_file(ok, p))
                     outputs[name] = ok
-            ph.mark("upload_outputs")
+            await _all(uploads)
+            ph.mark("uploads")
             return make("TaskSucceeded", run, key=key, attempt=attempt, outputs=outputs,
                         lens=lens, notebook=nb_key, exec_s=res.exec_s, duration=res.duration)
+        await _all(uploads)
+        ph.mark("uploads")
         if res.status == "skipped":
             return make("TaskSkipped", run, key=key, attempt=attempt, reason=res.reason or "when",
                         notebook=nb_key)
@@ -266,3 +270,14 @@ class Execution:
 def _remove(dirs: list[str]) -> None:
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
+
+
+async def _all(uploads: list) -> None:
+    """Await every upload (all of them, even when one fails: no write left running behind the
+    task's result); the first failure is raised."""
+    if not uploads:
+        return
+    results = await asyncio.gather(*uploads, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r

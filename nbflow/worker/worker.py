@@ -261,8 +261,13 @@ class Worker(Chunks, Execution, Reporting, Presence):
             return
         wall0 = time.time()
         ph.mark("accept")
-        await self._publish(make("TaskStarted", run, key=key, attempt=attempt, worker=self.name),
-                            started_msg_id(run, key, attempt, delivered))
+        # TaskStarted goes out while the task runs: it is awaited before the completion is
+        # published, so the history still has the start first (a crash before that leaves a
+        # start or nothing; the redelivery starts again under its own msg id)
+        started = asyncio.ensure_future(self._publish(
+            make("TaskStarted", run, key=key, attempt=attempt, worker=self.name),
+            started_msg_id(run, key, attempt, delivered)))
+        started.add_done_callback(_retrieved)
         ph.mark("started")
         workdir = workdirs.make(run, key)
         cancel = threading.Event()
@@ -284,6 +289,7 @@ class Worker(Chunks, Execution, Reporting, Presence):
             if self._tail_ms is not None and self.concurrency == 1:
                 # the time between two tasks of this worker starts with the previous one's tail
                 ev.data["phases_prev_tail"] = round(self._tail_ms, 2)
+            await started                      # the start is recorded before the completion
             # a result is held until JetStream takes it (a site may be cut off from the hub
             # for a while); the msg id makes the retries safe
             try:
@@ -306,7 +312,8 @@ class Worker(Chunks, Execution, Reporting, Presence):
             hb.cancel()
             self._cancels.pop((run, key), None)
             self._held.pop((run, key, attempt), None)
-            shutil.rmtree(workdir, ignore_errors=True)
+            # off the loop and off the path to the next task (work dirs are never reused)
+            asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, workdir, True)
             self._tail_ms = ph.since_last()
 
     async def _heartbeat(self, holder: list) -> None:
@@ -316,6 +323,13 @@ class Worker(Chunks, Execution, Reporting, Presence):
                 await holder[0].in_progress()
             except Exception:  # noqa: BLE001 - reconnecting; the next beat retries
                 pass
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    """Done callback: a failure of a background publish is read where it is awaited; this only
+    keeps asyncio from logging it as never retrieved when the task failed first."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _delivered(msg) -> int:
