@@ -150,7 +150,7 @@ class Execution:
               "map": task.map, "signal": task.signal, "outputs": node.outputs}
         ph.mark("inputs")
         try:
-            cwd = await self._task_cwd(wf, workdir, unpacked)
+            cwd = await self._task_cwd(wf, workdir, unpacked, shared=True)
             folder_ok = {"unchanged": False}
             if unpacked:
                 taken.append((unpacked, cwd, folder_ok))
@@ -249,13 +249,16 @@ class Execution:
         """Remove the copies kept for later tasks (the worker stops)."""
         _remove(self.task_folders.clear())
 
-    async def _task_cwd(self, wf: Workflow, workdir: str, unpacked: str | None) -> str | None:
-        """The task's cwd: a private copy of the run's bundle (``unpacked``; one a previous task
-        left unchanged, else a new one: bundles.TaskFolders); without a bundle the notebook's
+    async def _task_cwd(self, wf: Workflow, workdir: str, unpacked: str | None,
+                        shared: bool = False) -> str | None:
+        """The task's cwd: a private copy of the run's bundle (``unpacked``): in ``workdir``
+        (removed with it), or with ``shared`` one a previous task left unchanged, else a new
+        one (bundles.TaskFolders: the caller gives it back); without a bundle the notebook's
         folder in place (a shared filesystem); None (its work dir) for a workflow without one."""
         if unpacked:
-            return await asyncio.get_running_loop().run_in_executor(
-                None, self.task_folders.take, unpacked)
+            take = (self.task_folders.take if shared
+                    else lambda u: bundles.task_folder(u, workdir))
+            return await asyncio.get_running_loop().run_in_executor(None, take, unpacked)
         if not wf.source:
             return None
         if not os.path.isfile(wf.source):
