@@ -142,8 +142,11 @@ class BundleCache:
         fd = self._lockfile(h)
         try:
             # an evictor holds the lock only while it removes the dir: wait it out
-            await asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd,
-                                                             fcntl.LOCK_SH)
+            try:                      # at once when nobody evicts it (no thread hop per task)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                await asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd,
+                                                                 fcntl.LOCK_SH)
             self.in_use[h] = self.in_use.get(h, 0) + 1
             try:
                 before = self.unpacked
@@ -376,11 +379,16 @@ class TaskFolders:
         self.free: dict[str, list[str]] = {}      # bundle dir -> free copies, oldest bundle first
         self._lock = threading.Lock()
 
-    def take(self, bundle_dir: str) -> str:
+    def take_free(self, bundle_dir: str) -> str | None:
+        """A free copy of the bundle, or None (then :meth:`take` makes one)."""
         with self._lock:
             copies = self.free.get(bundle_dir)
-            if copies:
-                return copies.pop()
+            return copies.pop() if copies else None
+
+    def take(self, bundle_dir: str) -> str:
+        free = self.take_free(bundle_dir)
+        if free is not None:
+            return free
         from nbflow.worker import workdirs
 
         dest = os.path.join(workdirs.make("folder", os.path.basename(bundle_dir)[:16]), "folder")

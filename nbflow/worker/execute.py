@@ -256,6 +256,9 @@ class Execution:
         one (bundles.TaskFolders: the caller gives it back); without a bundle the notebook's
         folder in place (a shared filesystem); None (its work dir) for a workflow without one."""
         if unpacked:
+            free = self.task_folders.take_free(unpacked) if shared else None
+            if free is not None:
+                return free
             take = (self.task_folders.take if shared
                     else lambda u: bundles.task_folder(u, workdir))
             return await asyncio.get_running_loop().run_in_executor(None, take, unpacked)
