@@ -21,10 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbflow.core.events import TaskMessage, make
+from nbflow.core.events import TaskMessage
 from nbflow.errors import BadMessage, BundleError, NotFound
 from nbflow.worker import bundles, environment, workdirs
-from nbflow.worker.artifacts import notebook_key, output_key
 from nbflow.worker.presence import PRESENCE_S
 
 log = logging.getLogger("nbflow.worker")
@@ -247,26 +246,8 @@ class Chunks:
         """The completion event of one instance run in the chunk's kernel (None: run alone)."""
         if not await self._chunk_ready(ch, task):
             return None
-        run, key, node = task.run, task.key, ch.node
-        inputs: dict[str, Any] = {}
-        os.makedirs(os.path.join(workdir, "in"), exist_ok=True)
-        for name, ref in task.inputs.items():
-            if isinstance(ref, list):
-                files = []
-                for i, r in enumerate(ref):
-                    if r is None:
-                        files.append(None)
-                        continue
-                    rel = f"in/{name}.{i}.pkl"
-                    await self.art.get_file(r, os.path.join(workdir, rel))
-                    files.append(rel)
-                inputs[name] = files
-            else:
-                rel = f"in/{name}.pkl"
-                await self.art.get_file(ref, os.path.join(workdir, rel))
-                inputs[name] = rel
-        io = {"task": task.node, "key": key, "run": run, "dir": workdir, "inputs": inputs,
-              "map": task.map, "signal": task.signal, "outputs": node.outputs}
+        node = ch.node
+        io = await self._task_io(task, node, workdir)
         try:
             res = await asyncio.get_running_loop().run_in_executor(
                 None, ch.kernel.run_one, io, task.params, task.timeout, cancel)
@@ -274,52 +255,7 @@ class Chunks:
             if ch.free is not None:
                 ch.free.set()
         ch.kernel_s += res.duration
-        return await self._chunk_event(task, node, res)
-
-    async def _chunk_event(self, task: TaskMessage, node, res):
-        """Store an instance's notebook and outputs; its completion event (as one task's)."""
-        from nbflow.worker.execute import (MAX_CELL_CHARS, MAX_ERROR_CHARS, MAX_OUTPUT_BYTES,
-                                           MAX_TRACEBACK_CHARS, bounded)
-
-        run, key, attempt = task.run, task.key, task.attempt
-        nb_key = ""
-        if res.notebook_path and os.path.exists(res.notebook_path):
-            nb_key = notebook_key(run, key, attempt, task.delivery)
-            await self.art.put_file(nb_key, res.notebook_path)
-        if res.status == "succeeded":
-            outputs, lens = {}, {}
-            meta_path = os.path.join(res.outputs_dir or "", "_meta.json")
-            if os.path.exists(meta_path):
-                with open(meta_path) as f:
-                    lens = json.load(f).get("lens", {})
-            for name in node.outputs:
-                p = os.path.join(res.outputs_dir or "", f"{name}.pkl")
-                if not os.path.exists(p):
-                    continue
-                size = os.path.getsize(p)
-                if size > MAX_OUTPUT_BYTES:
-                    return make("TaskFailed", run, key=key, attempt=attempt, reason="too_big",
-                                error=f"OutputTooLarge: output {name!r} of task {node.id!r} is "
-                                      f"{size / 2**20:.0f} MB, over the limit of "
-                                      f"{MAX_OUTPUT_BYTES / 2**20:.0f} MB (NBFLOW_MAX_OUTPUT_MB); "
-                                      f"write big data to files or a database and pass its path",
-                                notebook=nb_key, duration=res.duration)
-                ok = output_key(run, key, attempt, name, task.delivery)
-                await self.art.put_file(ok, p)
-                outputs[name] = ok
-            return make("TaskSucceeded", run, key=key, attempt=attempt, outputs=outputs,
-                        lens=lens, notebook=nb_key, exec_s=res.exec_s, duration=res.duration)
-        if res.status == "skipped":
-            return make("TaskSkipped", run, key=key, attempt=attempt, reason=res.reason or "when",
-                        notebook=nb_key)
-        reason = res.reason or "error"
-        if "cannot be pickled" in res.error:
-            reason = "unpicklable"
-        return make("TaskFailed", run, key=key, attempt=attempt,
-                    error=bounded(res.error or "failed", MAX_ERROR_CHARS),
-                    traceback=bounded(res.traceback, MAX_TRACEBACK_CHARS),
-                    cell=bounded(res.cell, MAX_CELL_CHARS), notebook=nb_key, reason=reason,
-                    duration=res.duration)
+        return await self._result_event(task, node, res)
 
 
 def _decoded(msg) -> TaskMessage | None:

@@ -129,25 +129,7 @@ class Execution:
                         error=f"cannot build the task notebook for {node_id!r}: {e}")
         node = wf.node(node_id)
         ph.mark("prep")
-        inputs: dict[str, Any] = {}
-        os.makedirs(os.path.join(workdir, "in"), exist_ok=True)
-        for name, ref in task.inputs.items():
-            if isinstance(ref, list):
-                files = []
-                for i, r in enumerate(ref):
-                    if r is None:
-                        files.append(None)
-                        continue
-                    rel = f"in/{name}.{i}.pkl"
-                    await self.art.get_file(r, os.path.join(workdir, rel))
-                    files.append(rel)
-                inputs[name] = files
-            else:
-                rel = f"in/{name}.pkl"
-                await self.art.get_file(ref, os.path.join(workdir, rel))
-                inputs[name] = rel
-        io = {"task": node_id, "key": key, "run": run, "dir": workdir, "inputs": inputs,
-              "map": task.map, "signal": task.signal, "outputs": node.outputs}
+        io = await self._task_io(task, node, workdir)
         ph.mark("inputs")
         try:
             cwd = await self._task_cwd(wf, workdir, unpacked, shared=True)
@@ -184,6 +166,38 @@ class Execution:
                 await loop.run_in_executor(None, bundles.note_writes, res.notebook_path,
                                            written)
         ph.mark("writes_check")
+        ev = await self._result_event(task, node, res)
+        ph.mark("uploads")
+        return ev
+
+    async def _task_io(self, task: TaskMessage, node, workdir: str) -> dict[str, Any]:
+        """The task's inputs fetched into ``workdir/in`` and its ``__nbflow__`` io spec."""
+        inputs: dict[str, Any] = {}
+        os.makedirs(os.path.join(workdir, "in"), exist_ok=True)
+        for name, ref in task.inputs.items():
+            if isinstance(ref, list):
+                files = []
+                for i, r in enumerate(ref):
+                    if r is None:
+                        files.append(None)
+                        continue
+                    rel = f"in/{name}.{i}.pkl"
+                    await self.art.get_file(r, os.path.join(workdir, rel))
+                    files.append(rel)
+                inputs[name] = files
+            else:
+                rel = f"in/{name}.pkl"
+                await self.art.get_file(ref, os.path.join(workdir, rel))
+                inputs[name] = rel
+        return {"task": task.node, "key": task.key, "run": task.run, "dir": workdir,
+                "inputs": inputs, "map": task.map, "signal": task.signal,
+                "outputs": node.outputs}
+
+    async def _result_event(self, task: TaskMessage, node, res):
+        """Store a finished attempt's executed notebook and outputs (uploaded at once) and
+        return its completion event: TaskSucceeded, TaskSkipped or TaskFailed (bounded text;
+        an output over MAX_OUTPUT_BYTES fails it, saying which and how to fix)."""
+        run, key, attempt = task.run, task.key, task.attempt
         nb_key = ""
         uploads = []                    # the executed notebook and the outputs, at once
         if res.notebook_path and os.path.exists(res.notebook_path):
@@ -202,7 +216,7 @@ class Execution:
                 await _all(uploads)
                 name, size = too_big[0]
                 return make("TaskFailed", run, key=key, attempt=attempt, reason="too_big",
-                            error=f"OutputTooLarge: output {name!r} of task {node_id!r} is "
+                            error=f"OutputTooLarge: output {name!r} of task {node.id!r} is "
                                   f"{size / 2**20:.0f} MB, over the limit of "
                                   f"{MAX_OUTPUT_BYTES / 2**20:.0f} MB (NBFLOW_MAX_OUTPUT_MB); "
                                   f"write big data to files or a database and pass its path",
@@ -214,11 +228,9 @@ class Execution:
                     uploads.append(self.art.put_file(ok, p))
                     outputs[name] = ok
             await _all(uploads)
-            ph.mark("uploads")
             return make("TaskSucceeded", run, key=key, attempt=attempt, outputs=outputs,
                         lens=lens, notebook=nb_key, exec_s=res.exec_s, duration=res.duration)
         await _all(uploads)
-        ph.mark("uploads")
         if res.status == "skipped":
             return make("TaskSkipped", run, key=key, attempt=attempt, reason=res.reason or "when",
                         notebook=nb_key)
