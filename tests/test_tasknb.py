@@ -56,6 +56,26 @@ def test_without_when_or_params_or_setup():
     assert nb.cells[0].source == "__nbflow__ = None"
 
 
+def test_a_worker_builds_each_task_notebook_without_hashing_the_workflow_again(monkeypatch):
+    """A worker knows the definition's hash (it checked the definition against it): building a
+    task's notebook must not hash the whole workflow again (it cost more than a trivial task)."""
+    from nbflow.core.ir import Workflow
+    from nbflow.worker.execute import Execution
+
+    wf = compile_notebook(["%%task a\nx = 1", "%%task b\nprint(x)"])
+    version = wf.content_hash()
+
+    def rehash(self):
+        raise AssertionError("the workflow was hashed again")
+    monkeypatch.setattr(Workflow, "content_hash", rehash)
+    ex = Execution()
+    ex._nbs = {}
+    for node in ("a", "b", "a"):
+        nb = ex.task_notebook(wf, version, node)
+        assert nb.metadata.nbflow["version"] == version and nb.metadata.nbflow["task"] == node
+    assert len(ex._nbs) == 2                                 # built once per task
+
+
 def test_unknown_or_non_task_node():
     wf = compile_notebook(["%%task a\nx = 1"])
     with pytest.raises(WorkflowError, match="no node 'zz'"):

@@ -59,8 +59,11 @@ def _resolve(wf: Workflow, node: Node) -> tuple[list[str], str, str, Node]:
     return [], parsed.params_source, "\n\n".join(c for c in parsed.code if c.strip()), node
 
 
-def task_notebook(wf: Workflow, node_id: str) -> nbformat.NotebookNode:
-    """The papermill notebook that runs task ``node_id`` of ``wf`` (valid nbformat v4)."""
+def task_notebook(wf: Workflow, node_id: str, version: str | None = None
+                  ) -> nbformat.NotebookNode:
+    """The papermill notebook that runs task ``node_id`` of ``wf`` (valid nbformat v4).
+    ``version``: the definition's content hash when the caller knows it (a worker does: hashing
+    a whole workflow again for each of its tasks cost more than running a trivial task)."""
     try:
         node = wf.node(node_id)
     except KeyError:
@@ -81,7 +84,7 @@ def task_notebook(wf: Workflow, node_id: str) -> nbformat.NotebookNode:
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": dict(KERNELSPEC),
         "language_info": {"name": "python"},
-        "nbflow": {"workflow": wf.name, "version": wf.content_hash(), "task": node.id,
+        "nbflow": {"workflow": wf.name, "version": version or wf.content_hash(), "task": node.id,
                    "source": wf.source},
     })
     return nb

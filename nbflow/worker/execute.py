@@ -85,8 +85,8 @@ class Execution:
         from nbflow.compiler.tasknb import task_notebook
 
         k = (wf_hash, node)
-        if k not in self._nbs:
-            self._nbs[k] = task_notebook(wf, node)
+        if k not in self._nbs:              # the definition was checked against wf_hash
+            self._nbs[k] = task_notebook(wf, node, version=wf_hash)
         return self._nbs[k]
 
     async def _execute(self, task: TaskMessage, workdir: str, cancel: threading.Event,
