@@ -104,3 +104,20 @@ def test_task_overhead_split_adds_up_to_each_tasks_overhead():
         assert abs(total - over[i] * 1000) < 1e-6, (i, total, over[i])
     assert split["cells"][:2] == [10.0, 11.0] and split["prev_tail"][:2] == [0.0, 4.0]
     assert split["other"] == [0.0, 0.5] and len(split["started"]) == 2
+
+
+def test_every_bench_has_table_rows_and_the_console_bench_runs_with_credentials():
+    """The full `python -m bench` ran every bench, then crashed printing the table (the console
+    bench had no rows), and the console bench wrote run records as the owner, which only the
+    engine may do since the roles are enforced: neither printed a figure."""
+    from bench import BENCHES
+    from bench.__main__ import ROWS
+
+    assert set(BENCHES) <= set(ROWS), set(BENCHES) - set(ROWS)
+    p = subprocess.run([sys.executable, "-m", "bench", "--only", "console_load", "--tiny",
+                        "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout.strip().splitlines()[-1])
+    assert d["auth"] is True and d["console_runs"] == 200
+    assert d["console_page_ms_p95_worst"] > 0 and "console_load_error" not in d
+    assert "console_load" in p.stdout                 # its rows in the table
