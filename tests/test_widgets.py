@@ -175,8 +175,9 @@ def test_runview_live_approval_race_and_outputs(client, approval_nb):
     run = client.submit(approval_nb, {})
     view = RunView(run, client, user="alice")
     assert view.run == run
-    wait_for(lambda: view.model.approvals and view.model.approvals[0]["state"] == "pending",
-             what="the approval to show")
+    # the model updates first, then the view draws its box: wait for what is read next
+    wait_for(lambda: view.model.approvals and view.model.approvals[0]["state"] == "pending"
+             and view.approvals_box.children, what="the approval to show")
     box = view.approvals_box.children[0]
     wait_for(lambda: "{&#x27;rows&#x27;: 3}" in box.children[0].value
              or "{'rows': 3}" in box.children[0].value, what="the input summary")
