@@ -126,9 +126,10 @@ def test_a_scaling_worker_grows_kernels_with_the_queue_and_shrinks_when_idle(nat
             w = ws[0]
             assert w["queue"] == "default" and w["min_kernels"] == 1 and w["max_kernels"] == 3
             assert w["pid"] == worker.pid and w["done"] >= 12 and w["rss_mb"] > 0
+            assert w["kernels_ready"] == w["kernels"] == 1, w      # idle: its one kernel ready
             table = subprocess.run([sys.executable, "-m", "nbflow", "workers"], env=env,
                                    capture_output=True, text=True, timeout=60).stdout
-            assert "elastic" in table and "(1-3)" in table and "MB" in table, table
+            assert "elastic" in table and "1/1 (1-3)" in table and "MB" in table, table
     finally:
         worker.terminate()
         worker.wait(30)

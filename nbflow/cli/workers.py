@@ -12,11 +12,14 @@ from nbflow.cli.common import _call, _listing, nats_options
 @click.option("--json", "as_json", is_flag=True, help="A JSON array, for scripts.")
 @nats_options
 def workers(as_json, nats_url, namespace):
-    """List live workers: queue, kernels, tasks in flight, memory (RSS of worker + kernels)."""
+    """List live workers: queue, kernels (alive, and how many are ready for a task now), tasks
+    in flight, memory (RSS of worker + kernels)."""
     now = time.time()
 
     def line(w) -> str:
         k = str(w.get("kernels", "?"))
+        if "kernels_ready" in w:
+            k = f"{w['kernels_ready']}/{k}"
         if "max_kernels" in w:
             k += f" ({w['min_kernels']}-{w['max_kernels']})"
         tasks = f"{w.get('in_flight', '?')}/{w.get('concurrency', '?')}"

@@ -23,7 +23,7 @@ class Presence:
         d = {"name": self.name, "host": socket.gethostname(), "queue": self.queue,
              "concurrency": self.scaler.capacity if self.scaler else self.concurrency,
              "pid": os.getpid(), "done": self.done, "in_flight": len(self._running),
-             "kernels": kernels.live_kernels(),
+             "kernels": kernels.live_kernels(), "kernels_ready": kernels.ready_kernels(),
              "rss_mb": round(tree_rss_mb(), 1), "started": self.started_at, "ts": time.time()}
         if self.scale:
             d.update(min_kernels=self.scale["min_kernels"], max_kernels=self.scale["max_kernels"])

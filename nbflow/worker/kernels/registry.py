@@ -66,6 +66,13 @@ def live_kernels() -> int:
     return sum(p.kernels for p in ps if not p._closed)
 
 
+def ready_kernels() -> int:
+    """Kernels of every process-global pool that are idle: ready for a task now."""
+    with _pools_lock:
+        ps = list(_pools.values())
+    return sum(p.stats()["idle"] for p in ps if not p._closed)
+
+
 def shutdown_pool() -> None:
     """Stop every pooled kernel of this process."""
     with _pools_lock:
