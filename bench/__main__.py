@@ -127,7 +127,9 @@ DEFINITIONS = [
     "raw floor (engine_*): per step publish a task msg, pull it, publish a result event, pull "
     "the event, ack both, on the same JetStream streams; fanout floor batches like the engine",
     "task overhead: per task of a chain, (its TaskSucceeded ts - predecessor's TaskSucceeded ts "
-    "or RunStarted ts) - exec_s (the task cell's own time, from papermill cell metadata)",
+    "or RunStarted ts) - exec_s (the task cell's own time, from papermill cell metadata); "
+    "one worker, after a 2-task run, once its heartbeat says all its kernels are ready; CPU: "
+    "the worker and the kernels that were ready (a spare started during the run is not counted)",
     "task overhead split: the worker's steps from the phases (ms) in each completion event; "
     "cells excludes the task cell; between = the rest of the gap (engine, dispatch, fetch); the "
     "phases' means sum to the mean overhead",

@@ -219,20 +219,23 @@ def cpu_s(pids: list[int]) -> float:
 
 
 async def _overhead_once(env: Env, n: int, isolation: str | None) -> dict:
-    await _stack(env, 1, isolation)
+    await _stack(env, 1, isolation, {"NBFLOW_PRESENCE_S": "0.5"})
     c, watch = await _connected(env, 1)
     try:
         path = ordered_notebook(str(env.dir / f"overhead{n}.ipynb"), n)
         await _run(env, c, watch, ordered_notebook(str(env.dir / "warm.ipynb"), 2))
-        # CPU time per task of the worker and of its kernels: a figure load on a shared
-        # machine barely moves, unlike wall times
+        await _at_rest(c, env)         # warm: a run before, and the worker's kernels ready
+        # CPU time per task of the worker and of the kernels that were ready for the run (a
+        # spare started during it is not task work): a figure load on a shared machine barely
+        # moves, unlike wall times
         wpid = env.procs["worker0"].pid
-        procs = [wpid] + [p for p in descendants(wpid) if "ipykernel" in cmdline(p)]
-        cpu0 = cpu_s(procs[:1]), cpu_s(procs[1:])
+        kpids = [p for p in descendants(wpid) if "ipykernel" in cmdline(p)]
+        cpu0 = cpu_s([wpid]), {p: cpu_s([p]) for p in kpids}
         dt, snap = await _run(env, c, watch, path)
-        await asyncio.sleep(0.3)             # the last kernel reset
-        procs = [wpid] + [p for p in descendants(wpid) if "ipykernel" in cmdline(p)]
-        cpu = ((cpu_s(procs[:1]) - cpu0[0]) / n * 1000, (cpu_s(procs[1:]) - cpu0[1]) / n * 1000)
+        await _at_rest(c, env)         # the last kernel reset done
+        kcpu = sum(max(0.0, cpu_s([p]) - before) for p, before in cpu0[1].items()
+                   if os.path.exists(f"/proc/{p}"))
+        cpu = ((cpu_s([wpid]) - cpu0[0]) / n * 1000, kcpu / n * 1000)
         kernels = [p for p in descendants(env.procs["worker0"].pid)
                    if "ipykernel" in cmdline(p)]
         krss = [rss_kb(p) for p in kernels]
