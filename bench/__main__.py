@@ -136,7 +136,8 @@ DEFINITIONS = [
     "pipeline10 floor: the notebook with %%task lines stripped, papermill in one new kernel "
     "(kernel start included; the cells alone take pipeline10_floor_cells_s); nbflow: one worker, "
     "after a 2-task run, once its heartbeat says all its kernels are ready (a stack at rest)",
-    "fanout_map efficiency: ideal (items x 20 ms / 2 workers) / measured (submit -> final)",
+    "fanout_map efficiency: ideal (items x 20 ms / 2 workers) / measured (submit -> final), "
+    "after a 4-instance run, once the workers' kernels are all ready",
     "scaling: no-op workers; chain floor = raw_chain of the same length, map floor = raw_fanout "
     "of one run as wide as the map; ratio = floor time / nbflow time (1.0: no engine cost)",
     "pipeline21: chain of 10, fan-out of 10, join; trivial cells; the embedded stack (`nbflow up`,"

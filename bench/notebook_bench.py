@@ -94,7 +94,7 @@ async def _run(env: Env, c, watch: RunWatch, path: str, params: dict | None = No
     return dt, snap
 
 
-async def _at_rest(c, env: Env, timeout: float = 60.0) -> None:
+async def _at_rest(c, env: Env, workers: int = 1, timeout: float = 60.0) -> None:
     """Until every worker's heartbeat says all its kernels are ready (none starting, busy or
     being reset): the stack at rest, as between an analyst's runs. Workers beat every
     NBFLOW_PRESENCE_S (the benches that wait set it to 0.5 s)."""
@@ -102,7 +102,8 @@ async def _at_rest(c, env: Env, timeout: float = 60.0) -> None:
     seen_after = time.time()
     while time.monotonic() < end:
         ws = [w for w in await c.workers() if w.get("ts", 0) > seen_after]
-        if ws and all(w.get("kernels_ready", 0) >= w.get("kernels", 1) > 0 for w in ws):
+        if len(ws) >= workers and all(w.get("kernels_ready", 0) >= w.get("kernels", 1) > 0
+                                      for w in ws):
             return
         await asyncio.sleep(0.2)
     raise RuntimeError(f"the workers' kernels were not all ready after {timeout:g} s\n"
@@ -402,10 +403,11 @@ async def fanout_map(size: str = "full") -> dict:
                                   ("_unchunked", None, {"NBFLOW_CHUNK_MAX": "1"})):
             if size == "quick" and label:
                 continue
-            await _stack(env, workers, iso, extra)
+            await _stack(env, workers, iso, {"NBFLOW_PRESENCE_S": "0.5", **(extra or {})})
             c, watch = await _connected(env, workers)
             try:
                 await _run(env, c, watch, map_notebook(str(env.dir / "warm.ipynb"), 4, 0.0))
+                await _at_rest(c, env, workers)   # warm: a run before, all kernels ready
                 res[label], _ = await _run(env, c, watch, path)
             finally:
                 await c.close()
