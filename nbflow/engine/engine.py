@@ -75,6 +75,12 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
         self._stop = asyncio.Event()
         self.processed = 0
         self.dead_letters = 0
+        # Where this engine alone has seen the history (see _track_deliveries): the stream
+        # sequence from which every history message was delivered first to this engine, or
+        # None (not known: nothing delivered yet, or some deliveries went elsewhere)
+        self._seen_from: int | None = None
+        self._next_delivery: int | None = None      # the consumer sequence expected next
+        self.catchup_reads = 0                      # history reads to catch a run up
 
     # --- setup --------------------------------------------------------------------------------
     async def start(self, replicas: int | None = None) -> None:
@@ -130,6 +136,7 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
                 msgs = await infra.fetch(self.history_pull, self.batch, self._stop, timeout=wait,
                                          what="engine fetch")
                 if msgs:
+                    self._track_deliveries(msgs)
                     by_run: dict[str, list] = {}
                     for m in msgs:
                         by_run.setdefault(self.L.history_run(m.subject), []).append(m)
@@ -148,6 +155,36 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
                 except Exception:  # noqa: BLE001 - stopping: history still has everything
                     pass
 
+    def _track_deliveries(self, msgs: list) -> None:
+        """Follow the consumer's delivery sequence: it counts every delivery of the engines'
+        shared consumer, to whichever engine, first deliveries and redeliveries alike. While
+        it has no gap, every delivery since came here; first deliveries come in stream order,
+        so from the first one seen after a gap (stream sequence W) on, every history message
+        with sequence >= W was first delivered to this engine. A gap (another engine took
+        some, or deliveries were lost with a connection) makes W unknown until the next first
+        delivery."""
+        for m in msgs:
+            try:
+                md = m.metadata
+                delivery, seq, first = md.sequence.consumer, md.sequence.stream, \
+                    md.num_delivered == 1
+            except Exception:  # noqa: BLE001 - no metadata: cannot vouch for anything
+                self._seen_from = self._next_delivery = None
+                continue
+            if self._next_delivery is not None and delivery != self._next_delivery:
+                self._seen_from = None
+            self._next_delivery = delivery + 1
+            if self._seen_from is None and first:
+                self._seen_from = seq
+
+    def _placed(self, run: str, after: int) -> bool:
+        """Whether this engine holds every event of ``run`` after stream sequence ``after``
+        that came before the batch: its cached state is at ``after``, and every history
+        message after it was delivered first to this engine (_track_deliveries), which kept
+        the state of each batch it applied and dropped the run's state when a batch failed.
+        The events in between were then other runs' (or dead-lettered): no history read."""
+        return self._seen_from is not None and after + 1 >= self._seen_from
+
     async def _keep_alive(self, msgs: list) -> None:
         """While a batch is being handled, tell JetStream we are alive (AckWait is short)."""
         while True:
@@ -162,8 +199,10 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
         try:
             await self._handle_run_batch(run, msgs)
         except Exception as e:  # noqa: BLE001 - one run's trouble must not stop the engine
-            # the cached state is still the one before this batch (fold returns a new state and
-            # it is cached only once the batch's commands are out): the redelivery re-applies
+            # forget the run's state: the redelivered events and any later event of the run
+            # are placed from the snapshot and the history, which has what this batch brought
+            self.snapshots.pop(run, None)
+            self.behind.pop(run, None)
             if isinstance(e, Transient):
                 log.warning("run %s: %s; %d event(s) will be redelivered", run, e, len(msgs))
             else:
@@ -262,6 +301,7 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
         return out
 
     async def _apply_batch(self, run: str, batch: list[tuple[Any, Event]]) -> bool:
+        cached = run in self.snapshots
         st, rev = await self.load_snapshot(run)
         before = st
         last = st.seq if st else 0
@@ -270,14 +310,17 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
             return True                      # all applied before (redelivery after a crash)
         todo.sort(key=lambda e: e.seq)
         # Apply the run's history in order and without holes. This batch may lack some of the
-        # run's events (another engine holds them, or they wait for redelivery): read whatever
-        # lies before each of its events from the history itself. Consecutive stream sequences
-        # cannot hide anything, and a run's first event has nothing before it.
+        # run's events (another engine holds them, they wait for redelivery, or the state is a
+        # snapshot behind the history): read whatever lies before each of its events from the
+        # history itself — unless this engine's own state of the run is placed (_placed).
+        # Consecutive stream sequences cannot hide anything, and a run's first event has
+        # nothing before it.
         events: list[Event] = []
         prev = last
         for ev in todo:
             fresh = prev == 0 and ev.type == "RunStarted"
-            if ev.seq != prev + 1 and not fresh:
+            if ev.seq != prev + 1 and not fresh and not (cached and self._placed(run, prev)):
+                self.catchup_reads += 1
                 events += await self._events_between(run, prev, ev.seq)
             events.append(ev)
             prev = ev.seq
