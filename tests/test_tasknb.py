@@ -32,6 +32,21 @@ def test_every_task_notebook_is_valid(name):
         assert task_notebook(wf, node.id) == nb          # deterministic
 
 
+def test_a_task_notebook_is_built_without_validating_each_cell(monkeypatch):
+    """A worker builds the notebook of each task it runs (once per workflow version): nbformat's
+    builders validate every cell against the JSON schema (~3 ms each), so it is built without
+    them; test_every_task_notebook_is_valid checks the result."""
+    import nbformat.v4.nbbase as nbbase
+
+    def refuse(*a, **k):
+        raise AssertionError("nbformat's per-cell validation was called")
+
+    monkeypatch.setattr(nbbase, "validate", refuse)
+    wf = compile_notebook(os.path.join(DATA, "sales.ipynb"))
+    for node in wf.tasks:
+        nbformat.validate(task_notebook(wf, node.id, version="v"))
+
+
 def test_cell_structure_of_a_conditional_mapped_task():
     wf = compile_notebook(os.path.join(DATA, "sales.ipynb"))
     nb = task_notebook(wf, "publish")

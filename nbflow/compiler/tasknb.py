@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_notebook
+from nbformat import NotebookNode, from_dict
+from nbformat.v4 import nbformat_minor as NBFORMAT_MINOR
 
 from nbflow.core.ir import Node, Workflow
 
@@ -23,9 +24,13 @@ SAVE_SOURCE = "__nbflow_io.save_outputs(globals(), __nbflow__)"
 
 
 def _cell(source: str, tag: str, cell_id: str, **metadata) -> nbformat.NotebookNode:
-    c = new_code_cell(source=source, metadata={"tags": [tag], **metadata})
-    c.id = cell_id      # deterministic ids: same workflow version -> same notebook
-    return c
+    # built as nbformat's new_code_cell builds it, without its JSON-schema validation of every
+    # cell (~3 ms each: a worker builds the notebook of each task of a workflow version once, on
+    # its event loop); the whole notebook's shape is checked by the tests
+    # (test_tasknb: every task notebook is valid). Deterministic ids: same version, same notebook.
+    return NotebookNode(id=cell_id, cell_type="code",
+                        metadata=from_dict({"tags": [tag], **metadata}), execution_count=None,
+                        source=source, outputs=[])
 
 
 def when_source(expr: str) -> str:
@@ -81,10 +86,10 @@ def task_notebook(wf: Workflow, node_id: str, version: str | None = None
                                                        **({"offset": node.line_offset}
                                                           if node.line_offset else {})}))
     cells.append(_cell(SAVE_SOURCE, "nbflow-save", "save"))
-    nb = new_notebook(cells=cells, metadata={
+    nb = NotebookNode(nbformat=4, nbformat_minor=NBFORMAT_MINOR, cells=cells, metadata=from_dict({
         "kernelspec": dict(KERNELSPEC),
         "language_info": {"name": "python"},
         "nbflow": {"workflow": wf.name, "version": version or wf.content_hash(), "task": node.id,
                    "source": wf.source},
-    })
+    }))
     return nb
