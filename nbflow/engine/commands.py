@@ -56,9 +56,11 @@ class Commands:
                 await self.nc.publish(self.L.cancel_subject(st.run),
                                       json.dumps({"keys": c["keys"]}).encode())
             elif c.kind == "remember":
-                # the index `run --reuse` reads: the latest success of each fingerprint wins
-                await self.fps_kv.put(c["fp"], json.dumps(c.data, separators=(",", ":"),
-                                                          default=str).encode())
+                # the index `run --reuse` reads: the latest success of each fingerprint wins.
+                # Sent with the batch's other publishes and acked with them (it used to be a
+                # round trip of its own before the next task's dispatch, on a chain's path)
+                futs.append(await self.fps_kv.put_async(c["fp"], json.dumps(
+                    c.data, separators=(",", ":"), default=str).encode()))
             elif c.kind == "finished":
                 log.info("run %s %s", st.run, c["state"])
                 ev = make("RunFinished", st.run, state=c["state"])

@@ -5,7 +5,7 @@ NotFound, a lost compare-and-set raises Conflict, timeouts and disconnects raise
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Awaitable
 
 from nbflow.errors import NotFound
 from nbflow.nats.calls import NO_RETRY, Retrying, call
@@ -41,6 +41,16 @@ class KV:
 
     async def put(self, key: str, value: bytes) -> int:
         return await self._do("kv.put", key, self.raw.put, key, value)
+
+    async def put_async(self, key: str, value: bytes) -> Awaitable:
+        """Send a put now; returns an awaitable for its ack (the revision's PubAck), so that a
+        put can travel with other publishes and share their wait."""
+        from nbflow.nats.streams import _ack
+
+        subject = f"{self.raw._pre}{key}"
+        fut = await call("kv.put", f"{self.bucket}/{key}", self.role,
+                         self.raw._js.publish_async, subject, value)
+        return _ack(fut, subject)
 
     async def create(self, key: str, value: bytes) -> int:
         """Write only if absent (or deleted); Conflict when it exists."""
