@@ -51,6 +51,8 @@ log = logging.getLogger("nbflow.engine")
 # Short, so events a killed engine held reach another engine within seconds; a batch that takes
 # longer is kept alive with in_progress() (_keep_alive), so a slow engine is not duplicated.
 ACK_WAIT_S = float(os.environ.get("NBFLOW_ENGINE_ACK_WAIT", "5"))
+# A handled event's ack waits this long at most for the engine's next write (see _history_loop)
+ACK_DEFER_S = 0.02
 
 __all__ = ["ACK_WAIT_S", "SNAPSHOT_EVERY_S", "Engine", "LRU", "serve"]
 
@@ -81,6 +83,7 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
         self._seen_from: int | None = None
         self._next_delivery: int | None = None      # the consumer sequence expected next
         self.catchup_reads = 0                      # history reads to catch a run up
+        self._acks: list = []                       # handled messages, their acks not sent yet
 
     # --- setup --------------------------------------------------------------------------------
     async def start(self, replicas: int | None = None) -> None:
@@ -133,8 +136,18 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
                 if self.behind:       # wake up in time for the first lagging snapshot due
                     due = min(self._due(r) for r in self.behind) - time.monotonic()
                     wait = min(1.0, max(0.05, due))
+                if self._acks:
+                    wait = min(wait, ACK_DEFER_S)
                 msgs = await infra.fetch(self.history_pull, self.batch, self._stop, timeout=wait,
                                          what="engine fetch")
+                # The last batch's acks go out now: with this batch's first write (its dispatches:
+                # nothing between here and there waits, so the connection sends them together),
+                # or on their own when no event came within ACK_DEFER_S. One write per step of a
+                # chain instead of two. Safe: an ack only ever follows its batch's commands and
+                # snapshot (stored), and an event redelivered for a late ack is one the run's
+                # state already holds (skipped by sequence)
+                if self._acks:
+                    await self._send_acks()
                 if msgs:
                     self._track_deliveries(msgs)
                     by_run: dict[str, list] = {}
@@ -142,13 +155,18 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
                         by_run.setdefault(self.L.history_run(m.subject), []).append(m)
                     hb = asyncio.create_task(self._keep_alive(msgs))
                     try:
-                        await asyncio.gather(*(self._guarded(run, ms)
-                                               for run, ms in by_run.items()))
+                        if len(by_run) == 1:
+                            await self._guarded(*next(iter(by_run.items())))
+                        else:
+                            await asyncio.gather(*(self._guarded(run, ms)
+                                                   for run, ms in by_run.items()))
                     finally:
                         hb.cancel()
                 if self.behind:
                     await self._write_behind()
         finally:
+            if self._acks:
+                await self._send_acks()
             if self.behind:
                 try:
                     await self._write_behind(idle=True)
@@ -184,6 +202,14 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
         the state of each batch it applied and dropped the run's state when a batch failed.
         The events in between were then other runs' (or dead-lettered): no history read."""
         return self._seen_from is not None and after + 1 >= self._seen_from
+
+    async def _send_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        for m in acks:
+            try:
+                await m.ack()
+            except Exception:  # noqa: BLE001 - reconnecting: redelivered, then skipped
+                pass
 
     async def _keep_alive(self, msgs: list) -> None:
         """While a batch is being handled, tell JetStream we are alive (AckWait is short)."""
@@ -262,8 +288,7 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
         else:
             raise RuntimeError(f"run {run}: snapshot CAS kept conflicting")
         _crash_point("before_ack")
-        for m, _ in good:
-            await m.ack()
+        self._acks.extend(m for m, _ in good)       # sent by _history_loop, with its next write
         self.processed += len(good)
 
     async def workflow(self, wf_hash: str) -> Workflow:
