@@ -4,8 +4,9 @@ It pulls from a queue's tasks stream like the real worker and reports ``TaskSucc
 outputs (optionally ``TaskStarted`` first), so what a benchmark measures is the engine and NATS,
 never papermill. Crash safety is the real worker's: the completion event is published and
 acknowledged by JetStream (``Nats-Msg-Id`` = ``done.<run>.<key>.<attempt>``) before the task
-message is acked. Tasks are handled in batches (one fetch, completions published async,
-then the acks), which is what lets it keep up with an engine.
+message is acked. Tasks are handled in batches (one outstanding pull request, completions
+published async, then the acks — sent with the next batch's completions, or within
+ACK_DEFER_S when none come), which is what lets it keep up with an engine.
 
     python -m nbflow.worker.noop --nats nats://127.0.0.1:4222 --namespace bench --concurrency 64
 
@@ -31,6 +32,7 @@ from nbflow.nats.layout import MSG_ID, Layout
 log = logging.getLogger("nbflow.worker.noop")
 
 ACK_WAIT_S = 30.0
+ACK_DEFER_S = 0.02      # a completed task's ack waits this long at most for the next write
 
 
 class NoopWorker:
@@ -42,20 +44,39 @@ class NoopWorker:
         self.name = name or f"noop-{socket.gethostname()}-{os.getpid()}"
         self._stop = asyncio.Event()
         self.done = 0
+        self._acks: list = []            # completed tasks (their events stored), not acked yet
 
     async def start(self, ensure: bool = True) -> None:
         if ensure:
             await infra.ensure(self.js, self.L)
         self.sub = await infra.pull_tasks(self.js, self.L, self.queue, ACK_WAIT_S)
+        # one outstanding pull request, topped up (not fetch()'s probe + request per call)
+        self.pull = infra.Puller(self.sub, self.concurrency)
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
+        try:
+            await self._serve()
+        finally:
+            await self._send_acks()
+
+    async def _send_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        for m in acks:
+            try:
+                await m.ack()
+            except Exception:  # noqa: BLE001 - redelivered; its completion is deduplicated
+                pass
+
+    async def _serve(self) -> None:
         while not self._stop.is_set():
             try:
-                msgs = await self.sub.fetch(self.concurrency, timeout=0.5)
+                msgs = await self.pull.fetch(self.concurrency,
+                                             timeout=ACK_DEFER_S if self._acks else 0.5)
             except asyncio.TimeoutError:
+                await self._send_acks()
                 continue
             except Exception as e:  # noqa: BLE001 - reconnecting: keep trying
                 if self._stop.is_set():
@@ -63,6 +84,9 @@ class NoopWorker:
                 log.warning("fetch failed (%s); retrying", e)
                 await asyncio.sleep(0.2)
                 continue
+            # the last batch's acks go with this batch's completions (one write), or alone
+            # when no task came within ACK_DEFER_S
+            await self._send_acks()
             try:
                 await self.handle(msgs)
             except Exception:  # noqa: BLE001 - unacked messages are redelivered
@@ -92,8 +116,7 @@ class NoopWorker:
             todo.append(m)
         for f in futs:
             await f                       # raises if JetStream did not store it: no ack then
-        for m in todo:
-            await m.ack()
+        self._acks.extend(todo)           # acked by run(), with the next write
         self.done += len(todo)
 
 
