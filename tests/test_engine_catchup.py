@@ -100,6 +100,17 @@ def test_a_fan_out_of_many_runs_reads_no_history_with_one_engine(nats_server):
             # before most batches: dozens of reads here)
             assert reads == [], f"{len(reads)} history reads for {runs_n} runs"
             assert eng.catchup_reads == 0
+            # the acks the engine and the worker defer to their next write all went out: no
+            # event and no task is left unacked, none was redelivered
+            L, js = Layout("catchup1"), nc.jetstream()
+            for stream, durable in ((L.history_stream, L.engine_consumer),
+                                    (L.tasks_stream, L.worker_consumer("default"))):
+                for _ in range(200):
+                    info = await js.consumer_info(stream, durable)
+                    if info.num_ack_pending == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                assert (info.num_ack_pending, info.num_redelivered) == (0, 0), durable
         finally:
             await stop([eng, w], tasks)
             await c.close()
