@@ -59,7 +59,12 @@ class PooledKernel:
     scope: str | None = None               # "run" isolation: the run this kernel serves
     path0: str = ""                        # what sys.path[0] is now (we set it)
     dead: bool = False
-    entered: int = 0                       # tasks that found it in their folder already
+    entered: int = 0                       # tasks that found it pointed at their folder
+    # the last task's namespace is still there: the next task resets it first (in its own one
+    # execute, see nbflow.kernelside; or ``recycle`` when the pool hands it out to a caller
+    # that runs cells one execute each)
+    dirty: bool = False
+    driver: bool = False                   # nbflow.kernelside is installed in the kernel
 
     @property
     def id(self) -> str:
@@ -118,6 +123,9 @@ class PooledKernel:
         startup objects: they live forever, and frozen, every later gc pass (and the reset
         between reused tasks, which collects) scans only the task's own objects."""
         self.run_quiet(_WARM)
+        if self.language_info.get("name", "python") == "python":
+            reply = self.run_quiet(_driver_code())
+            self.driver = reply.get("status") == "ok"
 
     def enter(self, cwd: str) -> None:
         """Point the kernel at the task's folder, as Jupyter starts a kernel in the notebook's.
@@ -157,6 +165,22 @@ class PooledKernel:
                 self.km.cleanup_resources()
             except Exception:
                 pass
+
+
+def _driver_code() -> str:
+    """Install nbflow.kernelside's functions in the kernel's ``_nbflow_pool`` module (from its
+    source: the kernel's environment need not be able to import nbflow)."""
+    global _DRIVER
+    if _DRIVER is None:
+        import nbflow.kernelside as ks
+
+        with open(ks.__file__, encoding="utf-8") as f:
+            src = f.read()
+        _DRIVER = ("exec(" + repr(src) + ", __import__('sys').modules['_nbflow_pool'].__dict__)")
+    return _DRIVER
+
+
+_DRIVER: str | None = None
 
 
 def _expression(reply: dict, name: str):

@@ -17,6 +17,7 @@ from papermill.log import logger
 
 from nbflow.worker.kernels.cellrun import (CellRun, RunControl, error_output, interruption_message,
                                           run_cell)
+from nbflow.worker.kernels.onecall import run_cells
 from nbflow.worker.kernels.pool import REUSING, KernelPool, setup_hash
 from nbflow.worker.kernels.registry import get_pool
 
@@ -53,10 +54,12 @@ class WarmEngine(Engine):
         pool = nbflow_pool or get_pool(kernel_name, control.isolation)
         nb = nb_man.nb
         # papermill's own cwd= chdirs the whole process (racy with concurrent tasks): the runner
-        # passes the folder in control.cwd instead and only the kernel changes directory
+        # passes the folder in control.cwd instead and only the kernel changes directory (in the
+        # one execute that runs the cells, see onecall)
+        cwd = control.cwd or os.getcwd()
         try:
-            k = pool.acquire(setup_hash=setup_hash(nb), cwd=control.cwd or os.getcwd(),
-                             control=control, scope=control.scope,
+            k = pool.acquire(setup_hash=setup_hash(nb), cwd=cwd, control=control,
+                             scope=control.scope, prepare=False,
                              timeout=float(start_timeout) if start_timeout else None)
         except TimeoutError:
             raise RuntimeError(f"Kernel didn't respond in {start_timeout} seconds") from None
@@ -68,38 +71,40 @@ class WarmEngine(Engine):
         control.kernel_ready_at, control.kernel_uses = k.ready_at, k.uses
         reuse = pool.isolation in REUSING
         on_output = _output_logger(log_output, stdout_file, stderr_file)
-        run_deadline = control.deadline
         try:
             run = CellRun(nb, on_message=nb_man.autosave_cell, on_output=on_output)
-            for index, cell in enumerate(nb.cells):
-                nb_man.cell_start(cell, index)          # every cell, as papermill's client does
-                ok, cell_timeout = True, False
-                try:
-                    if cell.cell_type == "code" and cell.source.strip():
-                        if execution_timeout:
-                            limit = time.monotonic() + float(execution_timeout)
-                            control.deadline = limit if run_deadline is None else min(
-                                limit, run_deadline)
-                        ok = run_cell(k, cell, index, run, control)
-                        control.deadline = run_deadline
-                        cell_timeout = (not ok and control.reason == "timeout"
-                                        and not (run_deadline and time.monotonic() >= run_deadline))
-                    if cell_timeout:                    # the cell's limit, not the task's
-                        control.reason = control.message = ""
-                        raise CellTimeoutError.error_from_timeout_and_cell(
-                            "Cell execution timed out", float(execution_timeout), cell)
-                    if not ok:
-                        nb_man.cell_exception(cell, cell_index=index)
-                finally:
-                    control.deadline = run_deadline
-                    nb_man.cell_complete(cell, cell_index=index)
-                if not ok:
-                    break
+            cells = _Cells(nb_man, nb, control, execution_timeout)
+            rest = 0                                    # cells from here: one execute each
+            items = [(i, c) for i, c in enumerate(nb.cells)
+                     if c.cell_type == "code" and c.source.strip()]
+            if k.driver and items:
+                res = run_cells(k, items, run, control, cwd=cwd, on_start=cells.start,
+                                on_end=cells.end, cell_timeout=execution_timeout)
+                control.marks["onecall"] = res.status
+                if res.status == "fallback":
+                    rest = res.index
+                elif res.status == "nodriver":
+                    pool.prepare(k, cwd)
+                elif res.status == "interrupted":
+                    cells.raise_cell_timeout(res.index)
+                    rest = None
+                else:
+                    rest = None
+                    if res.status == "ok":
+                        cells.finish(len(nb.cells))
+            else:
+                pool.prepare(k, cwd)
+            if rest is not None:
+                cells.finish(rest)
+                for index in range(rest, len(nb.cells)):
+                    if not cells.one(k, run, index):
+                        break
             if k.language_info:
                 nb.metadata["language_info"] = k.language_info
         finally:
             control.marks["cells"] = time.monotonic()
-            pool.release(k, reuse=reuse and not k.dead)
+            # run/reuse: the next task resets it in its own first execute (no round trip here)
+            pool.release(k, reuse=reuse and not k.dead, defer=k.driver)
             control.marks["released"] = time.monotonic()
         return nb
 
@@ -116,6 +121,84 @@ class WarmEngine(Engine):
             nb_man.cell_exception(cell, cell_index=index)
             nb_man.cell_complete(cell, cell_index=index)
 
+
+
+class _Cells:
+    """papermill's per-cell hooks, in notebook order, for every cell (as papermill's client
+    calls them: markdown and empty cells too), whether the cells run in one execute (driven by
+    its markers) or one execute each."""
+
+    def __init__(self, nb_man, nb, control: RunControl, execution_timeout):
+        self.nb_man, self.nb, self.control = nb_man, nb, control
+        self.execution_timeout = execution_timeout
+        self.run_deadline = control.deadline
+        self.next = 0                           # the first cell not started yet
+
+    def finish(self, upto: int) -> None:
+        """Start and complete the cells before ``upto`` not started yet (nothing to run)."""
+        while self.next < upto:
+            cell = self.nb.cells[self.next]
+            self.nb_man.cell_start(cell, self.next)
+            self.nb_man.cell_complete(cell, cell_index=self.next)
+            self.next += 1
+
+    def start(self, index: int) -> None:
+        self.finish(index)
+        self.nb_man.cell_start(self.nb.cells[index], index)
+        self.next = index + 1
+
+    def end(self, index: int, ok: bool) -> None:
+        cell = self.nb.cells[index]
+        if not ok and not self.cell_timed_out():
+            self.nb_man.cell_exception(cell, cell_index=index)
+        if ok or not self.cell_timed_out():
+            self.nb_man.cell_complete(cell, cell_index=index)
+
+    def cell_timed_out(self) -> bool:
+        """The kernel was stopped for the cell's own ``execution_timeout``, not the task's."""
+        return bool(self.execution_timeout and self.control.reason == "timeout"
+                    and not (self.run_deadline and time.monotonic() >= self.run_deadline))
+
+    def raise_cell_timeout(self, index: int | None) -> None:
+        """After an interruption: a cell's own timeout raises ``CellTimeoutError`` as nbclient
+        does (its cell completed first)."""
+        if index is None or not self.cell_timed_out():
+            return
+        cell = self.nb.cells[index]
+        self.control.reason = self.control.message = ""
+        try:
+            raise CellTimeoutError.error_from_timeout_and_cell(
+                "Cell execution timed out", float(self.execution_timeout), cell)
+        finally:
+            self.nb_man.cell_complete(cell, cell_index=index)
+
+    def one(self, k, run: CellRun, index: int) -> bool:
+        """Cell ``index`` in its own execute (the per-cell path); False: stop here."""
+        control, cell = self.control, self.nb.cells[index]
+        self.nb_man.cell_start(cell, index)     # every cell, as papermill's client does
+        self.next = index + 1
+        ok, cell_timeout = True, False
+        try:
+            if cell.cell_type == "code" and cell.source.strip():
+                if self.execution_timeout:
+                    limit = time.monotonic() + float(self.execution_timeout)
+                    control.deadline = limit if self.run_deadline is None else min(
+                        limit, self.run_deadline)
+                ok = run_cell(k, cell, index, run, control)
+                control.deadline = self.run_deadline
+                cell_timeout = (not ok and control.reason == "timeout"
+                                and not (self.run_deadline
+                                         and time.monotonic() >= self.run_deadline))
+            if cell_timeout:                    # the cell's limit, not the task's
+                control.reason = control.message = ""
+                raise CellTimeoutError.error_from_timeout_and_cell(
+                    "Cell execution timed out", float(self.execution_timeout), cell)
+            if not ok:
+                self.nb_man.cell_exception(cell, cell_index=index)
+        finally:
+            control.deadline = self.run_deadline
+            self.nb_man.cell_complete(cell, cell_index=index)
+        return ok
 
 
 def _output_logger(log_output: bool, stdout_file, stderr_file):

@@ -258,9 +258,12 @@ class KernelPool:
 
     def acquire(self, setup_hash: str | None = None, cwd: str | None = None,
                 timeout: float | None = None, control: RunControl | None = None,
-                scope: str | None = None) -> PooledKernel:
+                scope: str | None = None, prepare: bool = True) -> PooledKernel:
         """A warm kernel, entered into ``cwd``. Waits for one if none is idle; returns None when
-        ``control`` says the task was cancelled or timed out while waiting."""
+        ``control`` says the task was cancelled or timed out while waiting.
+
+        ``prepare=False``: the caller resets the kernel if it is ``dirty`` and enters ``cwd``
+        itself, in its first execute (:mod:`nbflow.kernelside`); the kernel comes as it is."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
@@ -294,22 +297,41 @@ class KernelPool:
                 self._cond.wait(POLL_SLICE if control is not None or self._idle else 1.0)
         k.setup_hash = setup_hash
         k.scope = scope
-        if cwd:
-            try:
-                k.enter(cwd)
-            except Exception:
-                self.release(k, reuse=False)
-                raise
+        if prepare:
+            self.prepare(k, cwd)
         return k
 
-    def release(self, k: PooledKernel, reuse: bool | None = None) -> None:
-        """Give a kernel back: recycled (``reuse``) or discarded, both in the background."""
+    def prepare(self, k: PooledKernel, cwd: str | None) -> None:
+        """Reset an acquired kernel the last task left ``dirty`` and enter ``cwd`` (one execute
+        each, when needed). On failure the kernel is discarded and the error raised."""
+        try:
+            if k.dirty:
+                k.recycle()
+                k.dirty = False
+            if cwd:
+                k.enter(cwd)
+        except Exception:
+            self.release(k, reuse=False)
+            raise
+
+    def release(self, k: PooledKernel, reuse: bool | None = None, defer: bool = False) -> None:
+        """Give a kernel back: recycled (``reuse``) or discarded, both in the background.
+        ``defer``: keep it idle as it is, marked ``dirty``: whoever acquires it next resets it
+        first (in its own first execute, or ``acquire`` does) — a chain's next task does not
+        wait for a separate reset round trip."""
         if reuse is None:
             reuse = self.isolation in REUSING
         k.uses += 1
         with self._cond:
             self._busy.discard(k)
             keep = reuse and not self._closed and k.alive()
+            if keep and defer:
+                k.dirty = True
+                self._idle.append(k)
+                self._cond.notify_all()
+                self._fill()
+                self._keep_spare()
+                return
             if keep:
                 self._recycling += 1
                 self._recycling_scopes.append(k.scope)

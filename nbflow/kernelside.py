@@ -1,0 +1,109 @@
+"""Runs INSIDE a pooled kernel: a task notebook's code cells in one execute_request.
+
+The worker (:mod:`nbflow.worker.kernels.onecall`) sends one execute whose code calls :func:`run`
+with the cells' sources. For each cell in order it publishes a start marker on iopub, runs the cell
+with ``get_ipython().run_cell(source, store_history=True)`` — so magics, display, execute_result,
+tracebacks and execution counts behave as in Jupyter, and the cell's outputs go out on iopub under
+the one execute's msg_id, attributed to the current cell because iopub is ordered — then an end
+marker (ok or error, execution count). It stops at the first failing cell, as ``stop_on_error``.
+
+A marker is an iopub message of type ``nbflow_cell`` (never recorded as an output), sent after
+stdout/stderr were flushed, so everything the cell printed precedes it.
+
+Before the cells, in the same execute, it can reset the namespace left by the kernel's last task
+(``reset``: what ``nbflow.worker.kernels.kernel._RESET`` does) and enter the task's folder
+(``cwd``: what ``_PRELUDE`` does), so a task in ``run``/``reuse`` isolation costs one execute.
+
+A cell the kernel would run as a coroutine (top-level ``await``: IPython's own
+``should_run_async`` says so) cannot run nested inside this execute (the kernel's event loop is
+running it): :func:`run` stops before it with a ``fallback`` marker and the worker runs it and the
+cells after it one execute each.
+
+Imports nothing but the standard library (and IPython, already loaded in the kernel). The pool
+executes this module's source into the kernel's ``_nbflow_pool`` module at warm-up, so it works in
+a kernel whose environment cannot import nbflow (a plain papermill call with another kernel).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+MSG_TYPE = "nbflow_cell"
+
+
+def _send(ip, content: dict) -> None:
+    """A marker on iopub, after everything printed so far (streams flushed first), bypassing
+    display hooks (a capture in progress must not swallow it)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pub = ip.display_pub
+    msg = pub.session.msg(MSG_TYPE, content, parent=pub.parent_header)
+    pub.session.send(pub.pub_socket, msg, ident=b"nbflow_cell")
+
+
+def _reset(ip, home: str) -> None:
+    """The namespace, In/Out and counts go; sys.path and env vars come back (as at warm-up);
+    the cwd is ``home``."""
+    m = sys.modules["_nbflow_pool"]
+    os.chdir(home)                 # the last task's folder may be gone; reset needs a cwd
+    ip.reset(new_session=True)
+    sys.path[:] = m.path
+    os.environ.clear()
+    os.environ.update(m.environ)
+    os.chdir(home)
+
+
+def _enter(cwd: str, prev: str) -> None:
+    """cwd and sys.path[0] = the task's folder (replacing ``prev``, the last one we set)."""
+    os.chdir(cwd)
+    if sys.path and sys.path[0] == prev:
+        sys.path[0] = cwd
+    else:
+        sys.path.insert(0, cwd)
+
+
+def run(cells, reset: bool = False, home: str = "", cwd: str = "", prev: str = "",
+        forget: bool = False) -> None:
+    """Run ``cells`` (``[(index, source), ...]``) as described in the module doc. ``forget``:
+    afterwards (whatever happened) drop the names the cells made (a --map chunk's instance:
+    :func:`nbflow.io.forget` with the names kept at the chunk's start)."""
+    from IPython import get_ipython
+
+    ip = get_ipython()
+    try:
+        if reset:
+            _reset(ip, home)
+            prev = home
+        if cwd:
+            _enter(cwd, prev)
+    except Exception as e:  # noqa: BLE001 - the worker discards this kernel
+        _send(ip, {"event": "prep_failed", "ename": type(e).__name__, "evalue": str(e)})
+        return
+    try:
+        for index, source in cells:
+            try:
+                transformed = ip.transform_cell(source)
+                coro = ip.should_run_async(source, transformed_cell=transformed,
+                                           preprocessing_exc_tuple=None)
+            except Exception:  # noqa: BLE001 - run_cell reports the error in the cell
+                coro = False
+            if coro:
+                _send(ip, {"event": "fallback", "index": index})
+                return
+            _send(ip, {"event": "start", "index": index})
+            r = ip.run_cell(source, store_history=True)
+            err = r.error_before_exec if r.error_before_exec is not None else r.error_in_exec
+            ok = err is None
+            _send(ip, {"event": "end", "index": index, "ok": ok,
+                       "execution_count": r.execution_count,
+                       "ename": "" if ok else type(err).__name__,
+                       "evalue": "" if ok else str(err)})
+            if not ok:
+                return
+    finally:
+        if forget:
+            from nbflow.io import forget as _forget
+
+            keep = ip.user_ns.get("__nbflow_keep")
+            if isinstance(keep, set):
+                _forget(ip.user_ns, keep)

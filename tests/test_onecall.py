@@ -1,0 +1,218 @@
+"""A task notebook's cells in one execute_request (nbflow.kernelside + worker/kernels/onecall):
+real kernels, real papermill. Outputs land in their cells, counts and statuses are per cell, the
+failing cell is the one reported and later cells never run; a chain in ``run`` isolation costs
+one execute per task (the reset folded in) and stays isolated; top-level ``await`` falls back to
+one execute per cell; timeouts stop and report the right cell."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from nbflow.worker.kernels.pool import KernelPool
+from nbflow.worker.runner import run_task
+from tests.test_runner import io_spec
+
+
+def nb_of(*cells):
+    return new_notebook(cells=list(cells), metadata={"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}})
+
+
+def code(src, *tags):
+    return new_code_cell(src, metadata={"tags": list(tags)})
+
+
+class Counter:
+    """Counts the execute_requests sent to the pool's kernels (wraps each client's execute)."""
+
+    def __init__(self, pool: KernelPool):
+        self.n = 0
+        self.codes: list[str] = []
+        self.lock = threading.Lock()
+        self.pool = pool
+        self.wrapped: set[int] = set()
+
+    def wrap_idle(self) -> None:
+        with self.pool._cond:
+            ks = list(self.pool._idle)
+        for k in ks:
+            if id(k.kc) in self.wrapped:
+                continue
+            self.wrapped.add(id(k.kc))
+            orig = k.kc.execute
+
+            def counted(code, *a, _orig=orig, **kw):
+                with self.lock:
+                    self.n += 1
+                    self.codes.append(code)
+                return _orig(code, *a, **kw)
+            k.kc.execute = counted
+
+
+@pytest.fixture
+def runpool():
+    p = KernelPool(size=1, isolation="run")
+    p.wait_ready(1)
+    yield p
+    p.shutdown()
+
+
+@pytest.fixture
+def freshpool():
+    p = KernelPool(size=1, isolation="fresh")
+    p.wait_ready(1)
+    yield p
+    p.shutdown()
+
+
+def outputs_text(cell) -> str:
+    parts = []
+    for o in cell.get("outputs", []):
+        if o.output_type == "stream":
+            parts.append(o.text)
+        elif o.output_type in ("display_data", "execute_result"):
+            parts.append(f"<{o.output_type}:{o.data.get('text/plain')}>")
+        elif o.output_type == "error":
+            parts.append(f"<error:{o.ename}>")
+    return "".join(parts)
+
+
+def test_a_multi_cell_task_records_each_cells_outputs_and_stops_at_the_failing_one(
+        runpool, tmp_path):
+    marker = tmp_path / "later-ran"
+    nb = nb_of(
+        new_markdown_cell("# a task"),
+        code("print('setup says hi')\nimport sys\nprint('to stderr', file=sys.stderr)",
+             "nbflow-setup"),
+        code("n = 0\n__nbflow__ = None", "parameters"),
+        code("print('n is', n)\nfrom IPython.display import display\n"
+             "display({'text/plain': 'shown'}, raw=True)\nn * 10", "nbflow-task"),
+        code(""),
+        code("%time m = n + 1\nprint('m is', m)"),
+        code("print('before the error')\nraise ValueError(f'bad n {n}')"),
+        code(f"open({str(marker)!r}, 'w').write('ran')"),
+    )
+    counter = Counter(runpool)
+    counter.wrap_idle()
+    res = run_task(nb, params={"n": 4}, io=io_spec(tmp_path), cwd=str(tmp_path), pool=runpool,
+                   scope="r1")
+    assert res.status == "failed" and res.reason == "error"
+    assert res.error == "ValueError: bad n 4"
+    assert res.cell == "print('before the error')\nraise ValueError(f'bad n {n}')"
+    assert "bad n 4" in res.traceback
+    assert not marker.exists()                    # the cell after the failing one never ran
+    assert counter.n == 1                         # the whole notebook: one execute
+    import nbformat
+    out = nbformat.read(res.notebook_path, as_version=4)
+    # (papermill puts markdown cells pointing at the error before the first and failing cell)
+    cells = [c for c in out.cells if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+    # papermill inserted its injected-parameters cell after ours, and it ran
+    assert "injected-parameters" in cells[3].metadata.tags
+    texts = [outputs_text(c) for c in cells]
+    assert texts[1] == "setup says hi\nto stderr\n"
+    assert texts[2] == "" and texts[3] == ""
+    assert texts[4] == "n is 4\n<display_data:shown><execute_result:40>"
+    assert texts[5] == ""
+    assert texts[6].startswith("CPU times") and texts[6].endswith("m is 5\n")
+    assert texts[7].startswith("before the error\n<error:ValueError>")
+    assert texts[8] == ""
+    counts = [c.get("execution_count") for c in cells if c.cell_type == "code"]
+    assert counts == [1, 2, 3, 4, None, 5, 6, None]
+    status = [c.metadata.papermill.status for c in cells]
+    assert status == ["completed"] * 7 + ["failed", "pending"]
+    assert all(cells[i].metadata.papermill.duration is not None for i in range(8))
+
+
+def test_a_chain_in_run_isolation_costs_one_execute_per_task_and_stays_isolated(
+        runpool, tmp_path):
+    counter = Counter(runpool)
+    counter.wrap_idle()
+    pids, seen = set(), []
+    import os
+    for i in range(4):
+        probe = ("import os, sys\n"
+                 "print('leak' in globals(), os.environ.get('NBFLOW_T_LEAK'), "
+                 "sys.path.count('/elsewhere'), os.getcwd() == here)\n"
+                 "leak = 1\nos.environ['NBFLOW_T_LEAK'] = 'x'\nsys.path.insert(0, '/elsewhere')\n"
+                 "os.chdir('/')")
+        nb = nb_of(code("import os", "nbflow-setup"),
+                   code(f"here = {str(tmp_path)!r}\n__nbflow__ = None", "parameters"),
+                   code(probe, "nbflow-task"))
+        before = counter.n
+        res = run_task(nb, params={}, io=io_spec(tmp_path / f"t{i}"), cwd=str(tmp_path),
+                       pool=runpool, scope="run-A")
+        assert res.status == "succeeded", res
+        assert counter.n - before == 1            # reset + enter + cells: one execute
+        import nbformat
+        out = nbformat.read(res.notebook_path, as_version=4)
+        seen.append(outputs_text(out.cells[-1]))
+        with runpool._cond:
+            pids |= {k.pid for k in runpool._idle}
+    assert seen == ["False None 0 True\n"] * 4    # nothing of the last task is left
+    assert len(pids) == 1                          # one kernel served the whole chain
+    assert os.environ.get("NBFLOW_T_LEAK") is None
+
+
+def test_top_level_await_falls_back_to_one_execute_per_cell(runpool, tmp_path):
+    counter = Counter(runpool)
+    counter.wrap_idle()
+    nb = nb_of(code("import asyncio", "nbflow-setup"),
+               code("__nbflow__ = None", "parameters"),
+               code("print('before')"),
+               code("await asyncio.sleep(0)\nx = 7\nprint('awaited')", "nbflow-task"),
+               code("print('after', x)"))
+    res = run_task(nb, params={}, io=io_spec(tmp_path), cwd=str(tmp_path), pool=runpool,
+                   scope="r1")
+    assert res.status == "succeeded", res
+    import nbformat
+    out = nbformat.read(res.notebook_path, as_version=4)
+    texts = [outputs_text(c) for c in out.cells]
+    assert texts[3:] == ["before\n", "awaited\n", "after 7\n"]
+    counts = [c.get("execution_count") for c in out.cells]
+    assert counts == [1, 2, 3, 4, 5, 6]
+    # one execute up to the await cell, then that cell and the next one each
+    assert counter.n == 3
+
+
+def test_the_task_timeout_kills_and_reports_the_running_cell(freshpool, tmp_path):
+    marker = tmp_path / "after-ran"
+    slow = "import time\nprint('sleeping')\ntime.sleep(60)"
+    nb = nb_of(code("import os", "nbflow-setup"), code("__nbflow__ = None", "parameters"),
+               code("print('first')"), code(slow, "nbflow-task"),
+               code(f"open({str(marker)!r}, 'w').write('ran')"))
+    res = run_task(nb, params={}, io=io_spec(tmp_path), cwd=str(tmp_path), pool=freshpool,
+                   timeout=3)
+    assert res.status == "failed" and res.reason == "timeout"
+    assert res.cell == slow
+    assert not marker.exists()
+    import nbformat
+    out = nbformat.read(res.notebook_path, as_version=4)
+    cells = [c for c in out.cells if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+    assert outputs_text(cells[3]) == "first\n"
+    assert outputs_text(cells[4]) == "sleeping\n<error:TimeoutError>"
+    assert cells[4].metadata.papermill.status == "failed"
+
+
+def test_a_cell_timeout_stops_the_cell_that_runs_too_long(freshpool, tmp_path):
+    import nbformat
+    import papermill
+    from nbclient.exceptions import CellTimeoutError
+
+    marker = tmp_path / "after-ran"
+    slow = "import time\ntime.sleep(60)"
+    # each of the first two cells stays under the cell limit, together they are over it
+    nb = nb_of(code("import time\ntime.sleep(2)\nprint('one')"),
+               code("time.sleep(2)\nprint('two')"), code(slow),
+               code(f"open({str(marker)!r}, 'w').write('ran')"))
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    with pytest.raises(CellTimeoutError) as e:
+        papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"),
+                                   engine_name="nbflow", nbflow_pool=freshpool,
+                                   execution_timeout=3, progress_bar=False)
+    assert slow in str(e.value)
+    assert not marker.exists()
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert [outputs_text(c) for c in out.cells[:2]] == ["one\n", "two\n"]
+    assert out.cells[2].outputs[-1].ename == "TimeoutError"
