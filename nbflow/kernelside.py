@@ -1,11 +1,13 @@
 """Runs INSIDE a pooled kernel: a task notebook's code cells in one execute_request.
 
 The worker (:mod:`nbflow.worker.kernels.onecall`) sends one execute whose code calls :func:`run`
-with the cells' sources. For each cell in order it publishes a start marker on iopub, runs the cell
-with ``get_ipython().run_cell(source, store_history=True)`` — so magics, display, execute_result,
+with the cells' sources. For each cell in order it runs the cell with
+``get_ipython().run_cell(source, store_history=True)`` — so magics, display, execute_result,
 tracebacks and execution counts behave as in Jupyter, and the cell's outputs go out on iopub under
-the one execute's msg_id, attributed to the current cell because iopub is ordered — then an end
-marker (ok or error, execution count). It stops at the first failing cell, as ``stop_on_error``.
+the one execute's msg_id — then publishes an end marker (ok or error, execution count). Iopub is
+ordered, so the outputs before a cell's end marker (and after the previous one's) are that
+cell's: an end marker also says the next cell starts (one marker per cell: each costs the kernel
+a message). It stops at the first failing cell, as ``stop_on_error``.
 
 A marker is an iopub message of type ``nbflow_cell`` (never recorded as an output), sent after
 stdout/stderr were flushed, so everything the cell printed precedes it.
@@ -31,11 +33,22 @@ import sys
 MSG_TYPE = "nbflow_cell"
 
 
+def _flush(stream) -> None:
+    """ipykernel's flush waits for its IO thread (a thread round trip): skipped when nothing was
+    written since the last one (a marker is queued on that thread after any flush under way)."""
+    if getattr(stream, "_buffers", None) == {}:
+        return
+    try:
+        stream.flush()
+    except Exception:  # noqa: BLE001 - a closed or replaced stream: nothing to order
+        pass
+
+
 def _send(ip, content: dict) -> None:
     """A marker on iopub, after everything printed so far (streams flushed first), bypassing
     display hooks (a capture in progress must not swallow it)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush(sys.stdout)
+    _flush(sys.stderr)
     pub = ip.display_pub
     msg = pub.session.msg(MSG_TYPE, content, parent=pub.parent_header)
     pub.session.send(pub.pub_socket, msg, ident=b"nbflow_cell")
@@ -62,6 +75,18 @@ def _enter(cwd: str, prev: str) -> None:
         sys.path.insert(0, cwd)
 
 
+def _needs_loop(ip, source: str) -> bool:
+    """IPython would run this cell as a coroutine (top-level ``await``, ``async for/with``)."""
+    if "await" not in source and "async" not in source:
+        return False                   # (transforming every cell twice costs ~0.3 ms each)
+    try:
+        transformed = ip.transform_cell(source)
+        return bool(ip.should_run_async(source, transformed_cell=transformed,
+                                        preprocessing_exc_tuple=None))
+    except Exception:  # noqa: BLE001 - run_cell reports the error in the cell
+        return False
+
+
 def run(cells, reset: bool = False, home: str = "", cwd: str = "", prev: str = "",
         forget: bool = False) -> None:
     """Run ``cells`` (``[(index, source), ...]``) as described in the module doc. ``forget``:
@@ -81,16 +106,9 @@ def run(cells, reset: bool = False, home: str = "", cwd: str = "", prev: str = "
         return
     try:
         for index, source in cells:
-            try:
-                transformed = ip.transform_cell(source)
-                coro = ip.should_run_async(source, transformed_cell=transformed,
-                                           preprocessing_exc_tuple=None)
-            except Exception:  # noqa: BLE001 - run_cell reports the error in the cell
-                coro = False
-            if coro:
+            if _needs_loop(ip, source):
                 _send(ip, {"event": "fallback", "index": index})
                 return
-            _send(ip, {"event": "start", "index": index})
             r = ip.run_cell(source, store_history=True)
             err = r.error_before_exec if r.error_before_exec is not None else r.error_in_exec
             ok = err is None

@@ -162,8 +162,10 @@ def run_task(nb: nbformat.NotebookNode, *, params: dict, io: dict, cwd: str | No
 def phase_split(t0: float, written: float, pm: float, done: float, marks: dict) -> dict:
     """The run's time in ms by step, summing to ``done - t0``: ``nb_write`` (the task notebook
     to disk), ``parameterize`` (papermill reads it, injects the parameters), ``kernel`` (a warm
-    kernel acquired and pointed at the task's folder), ``cells`` (every cell's round trip, the
-    task's own included), ``release`` (the kernel handed back for its reset), ``nb_save``
+    kernel acquired), ``cells`` (the one execute that resets the kernel when the last task left
+    it dirty, enters the task's folder and runs every cell, the task's own included; see
+    kernels/onecall.py), ``release`` (the kernel handed back; its reset waits for the next
+    task), ``nb_save``
     (papermill writes the executed notebook). Steps the engine did not reach (the baseline
     engine, a task stopped early) are folded into the step before."""
     points = [("nb_write", written), ("papermill", pm)]

@@ -3,14 +3,14 @@
 Each execute costs an ipykernel ~15-20 ms of its own work (shell and iopub threads, not
 latency), whatever the code: a trivial task used to make six (its cells one by one, plus the
 reset between tasks). Here one execute runs :func:`nbflow.kernelside.run` in the kernel, which
-runs the cells one after another with IPython's ``run_cell`` and publishes a start and an end
-marker around each on iopub. This side reads iopub in order: the markers say which cell the
+runs the cells one after another with IPython's ``run_cell`` and publishes an end marker after
+each on iopub (the next cell starts there). This side reads iopub in order: the markers say which cell the
 outputs in between belong to (recorded as nbclient records them, :class:`CellRun`) and drive the
 caller's per-cell hooks (papermill's ``cell_start``/``cell_exception``/``cell_complete``) as the
 cells run, so per-cell times, statuses, execution counts, live logs and the failing cell stay as
 with one execute per cell. Deadline, cancel and a dead kernel are checked in the same poll
 loop as :func:`~nbflow.worker.kernels.cellrun.run_cell`; a per-cell timeout applies to the cell
-the last start marker named.
+running (from the previous cell's end marker).
 
 Where one execute cannot be equivalent, :func:`run_cells` returns ``fallback`` and the caller
 runs the rest one execute per cell: a cell with top-level ``await`` (IPython would run it as a
@@ -39,7 +39,7 @@ class Outcome:
     the kernel has no driver; the caller prepares the kernel and runs every cell itself)."""
     status: str
     index: int | None = None
-    started: dict | None = None     # index -> time.monotonic() its start marker arrived
+    started: dict | None = None     # index -> time.monotonic() it started (see run_cells)
     ended: dict | None = None       # index -> time.monotonic() its end marker arrived
 
 
@@ -61,39 +61,53 @@ def run_cells(k: Any, items: list[tuple[int, Any]], run: CellRun, control: RunCo
     and ``on_end(index, ok)`` after them. ``cell_timeout``: seconds per cell (the kernel is
     killed, ``control.reason == "timeout"``, the caller tells it from the task's deadline).
     ``forget``: the kernel drops the names the cells made afterwards (a map chunk's instance).
-    On return the kernel is prepared (reset, in ``cwd``) unless the status is ``nodriver``."""
+    On return the kernel is prepared (reset, in ``cwd``) unless the status is ``nodriver``.
+
+    One marker per cell: a cell starts when the execute is sent (the first; its time includes
+    the reset) or when the previous cell's end marker arrives."""
     cells = dict(items)
+    order = [i for i, _ in items]
     code = driver_code(k, [(i, c.source) for i, c in items], cwd, forget)
     if cwd and cwd == k.path0 and cwd != k.home:
         k.entered += 1                 # it was there already (entered again after the reset)
     run_deadline = control.deadline
     out = Outcome("ok", started={}, ended={})
     current: int | None = None
-    first = items[0][0] if items else None
     failed_output = False            # the current cell has an error output
     marked = False                   # any marker came: the driver ran
-    msg_id = k.kc.execute(code, silent=True, store_history=False, allow_stdin=False,
-                          stop_on_error=False)
-    iopub, shell = k.kc.iopub_channel, k.kc.shell_channel
+
+    def start(pos: int) -> None:
+        nonlocal current, failed_output
+        current = order[pos] if pos < len(order) else None
+        failed_output = False
+        if current is None:
+            return
+        now = time.monotonic()
+        out.started[current] = now
+        if cell_timeout:
+            limit = now + float(cell_timeout)
+            control.deadline = limit if run_deadline is None else min(limit, run_deadline)
+        cells[current].outputs = []
+        if on_start is not None:
+            on_start(current)
 
     def killed(why: str) -> Outcome:
-        at = current if current is not None else first
-        cell = cells.get(at) if at is not None else None
+        cell = cells.get(current) if current is not None else None
         if cell is not None:
-            if current is None:
-                cell.outputs = []
-                if on_start is not None:
-                    on_start(at)
             interrupt(k, cell, control, why)
             if on_end is not None:
-                on_end(at, False)
+                on_end(current, False)
         else:
             k.kill()
             control.reason = why
-        out.status, out.index = "interrupted", at
+        out.status, out.index = "interrupted", current
         return out
 
+    msg_id = k.kc.execute(code, silent=True, store_history=False, allow_stdin=False,
+                          stop_on_error=False)
+    iopub, shell = k.kc.iopub_channel, k.kc.shell_channel
     try:
+        start(0)
         idle = False
         while not idle:
             why = control.interrupted()
@@ -115,21 +129,8 @@ def run_cells(k: Any, items: list[tuple[int, Any]], run: CellRun, control: RunCo
                 marked = True
                 c = msg["content"]
                 ev = c.get("event")
-                if ev == "start":
-                    current = c["index"]
-                    failed_output = False
-                    now = time.monotonic()
-                    out.started[current] = now
-                    if cell_timeout:
-                        limit = now + float(cell_timeout)
-                        control.deadline = limit if run_deadline is None else min(limit,
-                                                                                    run_deadline)
-                    cells[current].outputs = []
-                    if on_start is not None:
-                        on_start(current)
-                elif ev == "end":
-                    i = c["index"]
-                    cell = cells[i]
+                if ev == "end" and c.get("index") == current:
+                    i, cell = current, cells[current]
                     out.ended[i] = time.monotonic()
                     control.deadline = run_deadline
                     if c.get("execution_count"):
@@ -141,10 +142,14 @@ def run_cells(k: Any, items: list[tuple[int, Any]], run: CellRun, control: RunCo
                     current = None
                     if on_end is not None:
                         on_end(i, ok)
-                    if not ok:
+                    if ok:
+                        start(order.index(i) + 1)
+                    else:
                         out.status, out.index = "error", i
                 elif ev == "fallback":
                     out.status, out.index = "fallback", c["index"]
+                    current = None             # it has not run: the caller runs it
+                    control.deadline = run_deadline
                 elif ev == "prep_failed":
                     k.kill()
                     raise RuntimeError(f"kernel {k.id} could not be reset for the next task: "
@@ -176,16 +181,17 @@ def run_cells(k: Any, items: list[tuple[int, Any]], run: CellRun, control: RunCo
             k.driver = False                   # the driver is missing: never again
             out.status = "nodriver"
             return out
-        if current is not None:                # the driver stopped inside a cell: a failure
-            cell = cells[current]
+        if current is not None and current not in out.ended and out.status == "ok" \
+                and content.get("status") == "error":
+            cell = cells[current]              # the driver stopped inside a cell: a failure
             if not failed_output:
                 cell.outputs.append(error_output(content.get("ename", "Error"),
                                                  content.get("evalue", "")))
             if on_end is not None:
                 on_end(current, False)
             out.status, out.index = "error", current
-        if out.status == "ok":                 # the driver stopped early (a bug of ours?):
-            rest = [i for i, _ in items if i not in out.ended]   # the rest one by one
+        elif out.status == "ok":               # the driver stopped early (a bug of ours?):
+            rest = [i for i in order if i not in out.ended]   # the rest one execute each
             if rest:
                 out.status, out.index = "fallback", rest[0]
         if k.dirty:
