@@ -68,8 +68,8 @@ class Runs:
         """Store the definition (immutable, by content hash); with ``bundle`` (default:
         NBFLOW_BUNDLE, on) the notebook's folder travels with it (see :meth:`with_bundle`)."""
         wf = await self.with_bundle(wf, bundle)
-        h = wf.content_hash()
-        body = wf.to_json().encode()
+        h, body = wf.hash_and_json()
+        body = body.encode()
         limit = self.nc.max_payload
         if len(body) > limit:
             big = max(wf.tasks, key=lambda n: len(n.code), default=None)
