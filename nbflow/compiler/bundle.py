@@ -12,6 +12,7 @@ trailing ``/`` matches folders only, ``!`` re-includes (not below an excluded fo
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import io
 import os
@@ -283,18 +284,20 @@ def _parse_lenient(code: str):
         return None
 
 
-def imported_modules(code: str) -> set[str]:
-    """Top-level names of the absolute imports in ``code`` (IPython magics tolerated)."""
+@functools.lru_cache(maxsize=4096)
+def imported_modules(code: str) -> frozenset[str]:
+    """Top-level names of the absolute imports in ``code`` (IPython magics tolerated). Cached:
+    every submit asks again for each cell of its workflow."""
     tree = _parse_lenient(code)
     if tree is None:
-        return set()
+        return frozenset()
     out = set()
     for n in ast.walk(tree):
         if isinstance(n, ast.Import):
             out.update(a.name.split(".")[0] for a in n.names)
         elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
             out.add(n.module.split(".")[0])
-    return out
+    return frozenset(out)
 
 
 def third_party(mods: set[str]) -> set[str]:
