@@ -90,8 +90,8 @@ def _needs_loop(ip, source: str) -> bool:
 def run(cells, reset: bool = False, home: str = "", cwd: str = "", prev: str = "",
         forget: bool = False) -> None:
     """Run ``cells`` (``[(index, source), ...]``) as described in the module doc. ``forget``:
-    afterwards (whatever happened) drop the names the cells made (a --map chunk's instance:
-    :func:`nbflow.io.forget` with the names kept at the chunk's start)."""
+    afterwards (whatever happened, but a fallback) drop the names the cells made (a --map chunk's
+    instance: :func:`nbflow.io.forget` with the names kept at the chunk's start)."""
     from IPython import get_ipython
 
     ip = get_ipython()
@@ -107,6 +107,7 @@ def run(cells, reset: bool = False, home: str = "", cwd: str = "", prev: str = "
     try:
         for index, source in cells:
             if _needs_loop(ip, source):
+                forget = False         # the worker runs the rest, then forgets
                 _send(ip, {"event": "fallback", "index": index})
                 return
             r = ip.run_cell(source, store_history=True)

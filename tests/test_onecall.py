@@ -216,3 +216,57 @@ def test_a_cell_timeout_stops_the_cell_that_runs_too_long(freshpool, tmp_path):
     out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     assert [outputs_text(c) for c in out.cells[:2]] == ["one\n", "two\n"]
     assert out.cells[2].outputs[-1].ename == "TimeoutError"
+
+
+def test_a_map_chunk_costs_one_execute_per_instance_with_outputs_in_their_cells(tmp_path,
+                                                                                monkeypatch):
+    import os
+    import pickle
+
+    import nbformat
+    from jupyter_client.blocking.client import BlockingKernelClient
+
+    from nbflow.worker.chunkrun import ChunkKernel
+    from nbflow.worker.kernels import registry
+    from tests.test_runner import task_nb
+
+    sent = []
+    orig = BlockingKernelClient.execute
+
+    def counted(self, code, *a, **kw):
+        sent.append(self)             # which kernel's client (spares start in the background)
+        return orig(self, code, *a, **kw)
+    monkeypatch.setattr(BlockingKernelClient, "execute", counted)
+    code_ = ("seen = 'leftover' in globals()\nleftover = r\nprint('instance', r, seen)\n"
+             "if r == 2:\n    raise RuntimeError(f'bad element {r}')\ny = r * 10\ny")
+    nb = task_nb(code_, setup="print('setup ran')")
+    registry.get_pool("python3", "run").wait_ready()      # kernel starts execute too
+    ck = ChunkKernel(nb, cwd=str(tmp_path), scope="chunk-run", isolation="run")
+    try:
+        results, per = [], []
+        for r in range(4):
+            io = io_spec(tmp_path / f"i{r}", task="m", outputs=["y"],
+                         map_={"var": "r", "value": r})
+            before = len(sent)
+            results.append(ck.run_one(io, {}, None, None))
+            per.append(sum(1 for c in sent[before:] if c is ck.k.kc))
+        ck.drop()
+    finally:
+        registry.shutdown_pool()
+    # the first instance also runs the setup cells (one execute); then one execute each
+    assert per == [2, 1, 1, 1]
+    assert [x.status for x in results] == ["succeeded", "succeeded", "failed", "succeeded"]
+    bad = results[2]
+    assert bad.error == "RuntimeError: bad element 2" and bad.cell == code_
+    assert not os.path.exists(os.path.join(tmp_path / "i2" / "out", "y.pkl"))  # save never ran
+    for r in (0, 1, 3):
+        res = results[r]
+        with open(os.path.join(res.outputs_dir, "y.pkl"), "rb") as f:
+            assert pickle.load(f) == r * 10
+        out = nbformat.read(res.notebook_path, as_version=4)
+        task = next(c for c in out.cells if "nbflow-task" in c.metadata.get("tags", []))
+        assert outputs_text(task) == f"instance {r} False\n<execute_result:{r * 10}>"
+        assert outputs_text(out.cells[0]) == "setup ran\n"      # the chunk's one setup run
+        assert res.exec_s > 0
+        counts = [c.get("execution_count") for c in out.cells if c.get("execution_count")]
+        assert counts == sorted(counts) and len(set(counts)) == len(counts)

@@ -1,10 +1,12 @@
 """Running the instances of a --map chunk one after another in one held kernel.
 
-A chunk's kernel runs the task's setup cells once; then per instance: one execute for its
+A chunk's kernel runs the task's setup cells once (one execute, with the reset its last task
+left, see :mod:`nbflow.worker.kernels.onecall`); then per instance ONE execute runs its
 parameters, the injected run parameters (its own ``__nbflow__``) and the input loading (and
-``--when``), one for the task cell, one to save its outputs and forget its names
+``--when``) as one cell, the task cell, the cell saving its outputs, and then forgets its names
 (:func:`nbflow.io.forget`: the next instance starts from the namespace the setup made, as a
-task in a fresh kernel would). Each instance gets its own executed notebook (the setup cells
+task in a fresh kernel would) — each cell's outputs recorded in its place, and the cells one
+execute each only where one execute cannot be equivalent (top-level ``await``). Each instance gets its own executed notebook (the setup cells
 carry the outputs of their one run) and its own :class:`~nbflow.worker.runner.TaskResult`.
 What differs from one task per kernel: instances of one chunk share the objects the setup made
 (a task that mutates them shows the next instance the change) and the task's folder.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import os
-import textwrap
 import time
 
 import nbformat
@@ -23,7 +24,8 @@ from papermill.translators import translate_parameters
 
 from nbflow import io as nbio
 from nbflow.core.tracebacks import strip_ansi, user_cells
-from nbflow.worker.kernels.cellrun import CellRun, RunControl, run_cell
+from nbflow.worker.kernels.cellrun import CellRun, RunControl
+from nbflow.worker.kernels.onecall import run_all
 from nbflow.worker.kernels.pool import setup_hash
 from nbflow.worker.kernels.registry import get_pool
 from nbflow.worker.runner import EXECUTED_NB, TaskResult, _one_line
@@ -67,22 +69,25 @@ class ChunkKernel:
             return ""
         self.drop()
         k = self.pool.acquire(setup_hash=self.hash, cwd=self.cwd, control=control,
-                              scope=self.scope, timeout=60.0)
+                              scope=self.scope, timeout=60.0, prepare=False)
         if k is None:
             return "interrupted"
         self.k = k
         control.kernel_id, control.kernel_pid = k.id, k.pid
-        for i in self.setup:
-            if not cells[i].source.strip():
-                continue
-            if not run_cell(k, cells[i], i, run, control):
-                self.drop()
-                return "failed"
-            self.setup_outputs[i] = copy.deepcopy(cells[i].outputs)
+        # the reset the kernel's last task left, the folder, the setup cells and the names to
+        # keep: one execute
         keep = nbformat.v4.new_code_cell(KEEP)
-        if not run_cell(k, keep, -1, CellRun(nbformat.v4.new_notebook(cells=[keep])), control):
+        items = [(i, cells[i]) for i in self.setup if cells[i].source.strip()] + [(-1, keep)]
+        try:
+            res = run_all(k, items, run, control, cwd=self.cwd, pool=self.pool)
+        except Exception:
+            self.drop()
+            raise
+        if res.status != "ok":
             self.drop()
             return "failed"
+        for i in self.setup:
+            self.setup_outputs[i] = copy.deepcopy(cells[i].outputs)
         return ""
 
     def drop(self) -> None:
@@ -117,38 +122,35 @@ class ChunkKernel:
                                 if any(o.get("output_type") == "error" for o in c.outputs)),
                                None)
         else:
-            # the parameters, the injected parameters, env warnings, loading, --when: one execute
+            # one execute: the parameters, the injected parameters, env warnings, loading and
+            # --when (as one cell, shown in the last of them); the task; saving the outputs
+            # (shown in the save cell); then the kernel forgets this instance's names
             pre = [nb.cells[self.params_at], injected] + [nb.cells[shift(i)]
                                                           for i in self.prelude[1:]]
             shown = pre[-1]
             step = nbformat.v4.new_code_cell("\n".join(c.source for c in pre))
-            ok = run_cell(self.k, step, shift(self.prelude[-1]), run, control)
+            task = nb.cells[shift(self.task_at)]
+            after = [nb.cells[shift(i)] for i in self.after]
+            items = [(shift(self.prelude[-1]), step), (shift(self.task_at), task)]
+            save = None
+            if after:
+                save = nbformat.v4.new_code_cell("\n".join(c.source for c in after))
+                items.append((shift(self.after[-1]), save))
+            # (the kernel stays in the chunk's folder: cwd None, as one cell after another)
+            out = run_all(self.k, items, run, control, cwd=None, pool=self.pool,
+                          forget_code=FORGET)
             shown.outputs, shown.execution_count = step.outputs, step.get("execution_count")
-            if not ok:
-                failed_cell = shown             # (a --when that is false: skipped)
-                if not control.reason:          # what it bound goes before the next instance
-                    run_cell(self.k, nbformat.v4.new_code_cell(FORGET), -1,
-                             CellRun(nbformat.v4.new_notebook()), control)
-            else:
-                task = nb.cells[shift(self.task_at)]
-                t1 = time.monotonic()
-                ok = run_cell(self.k, task, shift(self.task_at), run, control)
-                res.exec_s = time.monotonic() - t1
-                if not ok:
-                    failed_cell = task
-                after = [nb.cells[shift(i)] for i in self.after]
-                if not control.reason:
-                    # save (when the task succeeded) and forget this instance's names: one execute
-                    body = "\n".join(c.source for c in after) if ok else "pass"
-                    step = nbformat.v4.new_code_cell(
-                        f"try:\n{textwrap.indent(body, '    ')}\nfinally:\n    {FORGET}")
-                    ok2 = run_cell(self.k, step, shift(self.after[-1]) if after else -1, run,
-                                   control)
-                    if after and ok:
-                        after[-1].outputs = step.outputs
-                        after[-1].execution_count = step.get("execution_count")
-                    if not ok2 and failed_cell is None:
-                        failed_cell = after[-1] if after else step
+            t_at = shift(self.task_at)
+            if t_at in out.started and t_at in out.ended:
+                res.exec_s = out.ended[t_at] - out.started[t_at]
+            if save is not None and save.get("execution_count"):
+                after[-1].outputs = save.outputs
+                after[-1].execution_count = save.get("execution_count")
+            if out.status != "ok":
+                cell_at = {items[0][0]: shown, t_at: task}
+                if save is not None:
+                    cell_at[items[-1][0]] = after[-1]
+                failed_cell = cell_at.get(out.index, task)
         if self.k is not None and (control.reason or self.k.dead):
             self.drop()                                # killed: the next instance gets another
         if self.k is not None and self.k.language_info:

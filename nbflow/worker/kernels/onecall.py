@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from nbflow.worker.kernels.cellrun import POLL_SLICE, CellRun, RunControl, error_output, interrupt
+from nbflow.worker.kernels.cellrun import (POLL_SLICE, CellRun, RunControl, error_output, interrupt,
+                                          run_cell)
 
 MSG_TYPE = "nbflow_cell"        # nbflow.kernelside.MSG_TYPE (not imported: it runs in kernels)
 
@@ -202,3 +203,40 @@ def run_cells(k: Any, items: list[tuple[int, Any]], run: CellRun, control: RunCo
         return out
     finally:
         control.deadline = run_deadline
+
+
+def run_all(k: Any, items: list[tuple[int, Any]], run: CellRun, control: RunControl, *,
+            cwd: str | None, pool: Any, forget_code: str = "") -> Outcome:
+    """:func:`run_cells`, and where it falls back the rest one execute per cell (the kernel
+    prepared by ``pool.prepare`` when the driver is missing). ``forget_code``: run afterwards
+    in the kernel whatever happened (unless it was killed); in the one execute it is the
+    driver's ``forget``. For callers without papermill's hooks (map chunks)."""
+    start = 0
+    if k.driver and items:
+        res = run_cells(k, items, run, control, cwd=cwd, forget=bool(forget_code))
+        if res.status not in ("fallback", "nodriver"):
+            return res
+        if res.status == "fallback":
+            start = [i for i, _ in items].index(res.index)
+        else:
+            pool.prepare(k, cwd)
+    else:
+        res = Outcome("ok", started={}, ended={})
+        pool.prepare(k, cwd)
+    res.status, res.index = "ok", None
+    try:
+        for i, cell in items[start:]:
+            res.started[i] = time.monotonic()
+            ok = run_cell(k, cell, i, run, control)
+            res.ended[i] = time.monotonic()
+            if not ok:
+                res.status = "interrupted" if control.reason else "error"
+                res.index = i
+                break
+    finally:
+        if forget_code and not control.reason and not k.dead:
+            import nbformat
+
+            step = nbformat.v4.new_code_cell(forget_code)
+            run_cell(k, step, -1, CellRun(nbformat.v4.new_notebook(cells=[step])), control)
+    return res
