@@ -53,7 +53,8 @@ class Counter:
 
 @pytest.fixture
 def runpool():
-    p = KernelPool(size=1, isolation="run")
+    # no background reset of an idle kernel during a test (a slow machine would count it)
+    p = KernelPool(size=1, isolation="run", idle_reset_s=600)
     p.wait_ready(1)
     yield p
     p.shutdown()
@@ -270,3 +271,38 @@ def test_a_map_chunk_costs_one_execute_per_instance_with_outputs_in_their_cells(
         assert res.exec_s > 0
         counts = [c.get("execution_count") for c in out.cells if c.get("execution_count")]
         assert counts == sorted(counts) and len(set(counts)) == len(counts)
+
+
+@pytest.fixture
+def quickreset():
+    p = KernelPool(size=1, isolation="run", idle_reset_s=0.5)
+    p.wait_ready(1)
+    yield p
+    p.shutdown()
+
+
+def test_a_kernel_left_dirty_and_idle_is_reset_in_the_background(quickreset, tmp_path):
+    """The reset is left to the next task only while one may come soon: a kernel idle longer
+    than IDLE_RESET_S is reset anyway (its last task's objects are not kept while it idles)."""
+    from support import wait_for
+
+    marker = tmp_path / "deleted"
+    nb = nb_of(code("import os", "nbflow-setup"), code("__nbflow__ = None", "parameters"),
+               code("class Holder:\n    def __del__(self):\n"
+                    f"        open({str(marker)!r}, 'w').write('gone')\nheld = Holder()",
+                    "nbflow-task"))
+    res = run_task(nb, params={}, io=io_spec(tmp_path), cwd=str(tmp_path), pool=quickreset,
+                   scope="r1")
+    assert res.status == "succeeded", res
+    k = wait_for(lambda: next(iter(quickreset._idle), None), what="the kernel back idle")
+    wait_for(lambda: marker.exists() and not k.dirty, timeout=30,
+             what="the idle kernel's namespace reset (the task's object deleted)")
+    counter = Counter(quickreset)
+    counter.wrap_idle()
+    probe = nb_of(code("import os", "nbflow-setup"), code("__nbflow__ = None", "parameters"),
+                  code("print('held' in globals())", "nbflow-task"))
+    res = run_task(probe, params={}, io=io_spec(tmp_path / "2"), cwd=str(tmp_path),
+                   pool=quickreset, scope="r1")
+    import nbformat
+    assert outputs_text(nbformat.read(res.notebook_path, as_version=4).cells[-1]) == "False\n"
+    assert counter.n == 1

@@ -34,6 +34,13 @@ KEEP = "import nbflow.io as __nbflow_io\n__nbflow_keep = None\n__nbflow_keep = s
 FORGET = "__nbflow_io.forget(globals(), __nbflow_keep)"
 
 
+def _code_cell(source: str, metadata: dict | None = None) -> nbformat.NotebookNode:
+    """A code cell without nbformat's JSON-schema validation of it (new_code_cell validates:
+    ~1 ms each, three per instance; what we build here is valid by construction)."""
+    return nbformat.from_dict({"cell_type": "code", "execution_count": None,
+                               "metadata": metadata or {}, "outputs": [], "source": source})
+
+
 def _tags(cell) -> list:
     return cell.get("metadata", {}).get("tags", [])
 
@@ -76,7 +83,7 @@ class ChunkKernel:
         control.kernel_id, control.kernel_pid = k.id, k.pid
         # the reset the kernel's last task left, the folder, the setup cells and the names to
         # keep: one execute
-        keep = nbformat.v4.new_code_cell(KEEP)
+        keep = _code_cell(KEEP)
         items = [(i, cells[i]) for i in self.setup if cells[i].source.strip()] + [(-1, keep)]
         try:
             res = run_all(k, items, run, control, cwd=self.cwd, pool=self.pool)
@@ -104,7 +111,7 @@ class ChunkKernel:
         control = RunControl(deadline=t0 + timeout if timeout else None, timeout=timeout,
                              cancel=cancel, cwd=self.cwd, scope=self.scope)
         nb = copy.deepcopy(self.nb)
-        injected = nbformat.v4.new_code_cell(
+        injected = _code_cell(
             translate_parameters(self.kernel_name, "python", {**params, "__nbflow__": io},
                                  "Parameters"), metadata={"tags": ["injected-parameters"]})
         injected.id = "injected-parameters"
@@ -128,13 +135,13 @@ class ChunkKernel:
             pre = [nb.cells[self.params_at], injected] + [nb.cells[shift(i)]
                                                           for i in self.prelude[1:]]
             shown = pre[-1]
-            step = nbformat.v4.new_code_cell("\n".join(c.source for c in pre))
+            step = _code_cell("\n".join(c.source for c in pre))
             task = nb.cells[shift(self.task_at)]
             after = [nb.cells[shift(i)] for i in self.after]
             items = [(shift(self.prelude[-1]), step), (shift(self.task_at), task)]
             save = None
             if after:
-                save = nbformat.v4.new_code_cell("\n".join(c.source for c in after))
+                save = _code_cell("\n".join(c.source for c in after))
                 items.append((shift(self.after[-1]), save))
             # (the kernel stays in the chunk's folder: cwd None, as one cell after another)
             out = run_all(self.k, items, run, control, cwd=None, pool=self.pool,

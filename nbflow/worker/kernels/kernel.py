@@ -65,6 +65,7 @@ class PooledKernel:
     # that runs cells one execute each)
     dirty: bool = False
     driver: bool = False                   # nbflow.kernelside is installed in the kernel
+    released: int = 0                      # times released dirty (the idle reset's check)
 
     @property
     def id(self) -> str:

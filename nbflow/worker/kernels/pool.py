@@ -62,6 +62,9 @@ log = logging.getLogger("nbflow.worker.kernels.pool")
 _IPC_PATH_MAX = 100      # sun_path is 108 bytes; jupyter_client appends "-<n>" to the name
 
 ISOLATIONS = ("run", "fresh", "reuse")
+# a kernel released dirty (its reset left to the next task's one execute) and still idle after
+# this long is reset in the background (a chain's next task comes within milliseconds)
+IDLE_RESET_S = float(os.environ.get("NBFLOW_IDLE_RESET_S", "1.0"))
 REUSING = ("run", "reuse")    # isolations whose kernels are reset and kept after a task
 
 
@@ -70,7 +73,8 @@ class KernelPool:
     ``release`` never waits for a shutdown."""
 
     def __init__(self, size: int = 2, isolation: str = "run", kernel_name: str = "python3",
-                 start_timeout: float = 60.0, shutdown_wait: float = 2.0):
+                 start_timeout: float = 60.0, shutdown_wait: float = 2.0,
+                 idle_reset_s: float | None = None):
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation must be one of {ISOLATIONS}, not {isolation!r}")
         self.size = max(1, int(size))
@@ -78,6 +82,7 @@ class KernelPool:
         self.kernel_name = kernel_name
         self.start_timeout = start_timeout
         self.shutdown_wait = shutdown_wait
+        self.idle_reset_s = IDLE_RESET_S if idle_reset_s is None else idle_reset_s
         self._ctx = zmq.Context()
         # everything a kernel leaves on disk (ipc sockets, connection files) lives here: removed
         # at shutdown, and by workdirs.clean_stale once this process is gone (its pid is named)
@@ -197,6 +202,7 @@ class KernelPool:
     def _recycle(self, k: PooledKernel) -> None:
         try:
             k.recycle()
+            k.dirty = False
             ok = k.alive()
         except Exception as e:  # noqa: BLE001
             log.warning("nbflow: kernel %s could not be reset, discarding it: %s", k.id, e)
@@ -212,6 +218,18 @@ class KernelPool:
         if not ok:
             k.kill()
             k.close()
+
+    def _idle_reset(self, k: PooledKernel, released: int) -> None:
+        """A kernel left dirty that no task took within ``idle_reset_s`` is reset in the background
+        after all: what its last task holds (memory, open files) is not kept while it idles."""
+        with self._cond:
+            if (self._closed or not k.dirty or k.released != released
+                    or k not in self._idle):
+                return
+            self._idle.remove(k)
+            self._recycling += 1
+            self._recycling_scopes.append(k.scope)
+        self._recycle(k)
 
     def _keep_spare(self) -> None:
         """``run`` isolation, called with the lock held: when no never-used kernel is idle or
@@ -327,10 +345,14 @@ class KernelPool:
             keep = reuse and not self._closed and k.alive()
             if keep and defer:
                 k.dirty = True
+                k.released += 1
                 self._idle.append(k)
                 self._cond.notify_all()
                 self._fill()
                 self._keep_spare()
+                t = threading.Timer(self.idle_reset_s, self._idle_reset, (k, k.released))
+                t.daemon = True
+                t.start()
                 return
             if keep:
                 self._recycling += 1
