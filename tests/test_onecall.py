@@ -130,14 +130,16 @@ def test_a_chain_in_run_isolation_costs_one_execute_per_task_and_stays_isolated(
         runpool, tmp_path):
     counter = Counter(runpool)
     counter.wrap_idle()
-    pids, seen = set(), []
     import os
+    pids, seen = set(), []
     for i in range(4):
         probe = ("import os, sys\n"
                  "print('leak' in globals(), os.environ.get('NBFLOW_T_LEAK'), "
-                 "sys.path.count('/elsewhere'), os.getcwd() == here)\n"
+                 "sys.path.count('/elsewhere'), os.getcwd() == here, "
+                 f"os.environ.get('HOME') == {os.environ['HOME']!r}, "
+                 f"os.environ.get('PATH') == {os.environ['PATH']!r})\n"
                  "leak = 1\nos.environ['NBFLOW_T_LEAK'] = 'x'\nsys.path.insert(0, '/elsewhere')\n"
-                 "os.chdir('/')")
+                 "os.environ['HOME'] = '/nowhere'\ndel os.environ['PATH']\nos.chdir('/')")
         nb = nb_of(code("import os", "nbflow-setup"),
                    code(f"here = {str(tmp_path)!r}\n__nbflow__ = None", "parameters"),
                    code(probe, "nbflow-task"))
@@ -151,7 +153,7 @@ def test_a_chain_in_run_isolation_costs_one_execute_per_task_and_stays_isolated(
         seen.append(outputs_text(out.cells[-1]))
         with runpool._cond:
             pids |= {k.pid for k in runpool._idle}
-    assert seen == ["False None 0 True\n"] * 4    # nothing of the last task is left
+    assert seen == ["False None 0 True True True\n"] * 4    # nothing of the last task is left
     assert len(pids) == 1                          # one kernel served the whole chain
     assert os.environ.get("NBFLOW_T_LEAK") is None
 
