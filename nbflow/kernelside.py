@@ -125,6 +125,9 @@ def run(cells, reset: bool = False, home: str = "", cwd: str = "", prev: str = "
                        "evalue": "" if ok else str(err)})
             if not ok:
                 return
+            if getattr(ip, "exit_now", False):
+                return                 # exit(): the kernel stops after this request; the
+                                       # worker finds the rest unrun (as one request per cell)
     finally:
         if forget:
             from nbflow.io import forget as _forget
