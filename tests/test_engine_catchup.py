@@ -100,6 +100,8 @@ def test_a_fan_out_of_many_runs_reads_no_history_with_one_engine(nats_server):
             # before most batches: dozens of reads here)
             assert reads == [], f"{len(reads)} history reads for {runs_n} runs"
             assert eng.catchup_reads == 0
+            # and it keeps nothing of the finished runs
+            assert (len(eng.snapshots), eng.behind, eng.write_s) == (0, {}, {})
             # the acks the engine and the worker defer to their next write all went out: no
             # event and no task is left unacked, none was redelivered
             L, js = Layout("catchup1"), nc.jetstream()

@@ -404,8 +404,15 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
             new_rev = await write
         except Conflict:
             return False
-        self.snapshots.put(run, (st, new_rev))
         self.behind.pop(run, None)
+        if st.is_final and any(ev.type == "RunFinished" for ev in events):
+            # the run's last event: its final snapshot is stored, and the engine keeps nothing
+            # of a finished run (a late event of it loads the snapshot), so that the engine's
+            # memory follows the runs in flight, not the runs it has ever seen
+            self.snapshots.pop(run, None)
+            self.write_s.pop(run, None)
+        else:
+            self.snapshots.put(run, (st, new_rev))
         return True
 
 
