@@ -77,10 +77,50 @@ def test_an_expired_request_is_replaced_and_nothing_is_lost_or_doubled(nats_serv
             assert got == list(range(100))
             with pytest.raises(asyncio.TimeoutError):
                 await p.fetch(16, timeout=0.5)
+            await nc.flush()        # the requests reached the server, then their copies the tap
             await tap.flush()
             assert len(seen) == p.requests >= 2
             assert p.requests < 100 / 16 + 3         # top-ups, not a request per call
         finally:
             await tap.close()
             await nc.close()
+    asyncio.run(go())
+
+
+def test_an_idle_engine_keeps_one_pull_request_per_loop(nats_server):
+    """The engine's history, timer and schedule-tick loops and the noop worker each hold one
+    outstanding request while idle (counted on the wire; nats-py's fetch sent a probe and a
+    long poll per loop every second: ~16 requests per loop here)."""
+    from nbflow.engine.engine import Engine
+    from nbflow.nats import infra
+    from nbflow.nats.layout import Layout
+    from nbflow.worker.noop import NoopWorker
+
+    async def go():
+        L = Layout("idlepulls")
+        nc = await infra.connect(nats_server.url, name="test-engine")
+        tap = await nats.connect(nats_server.url)
+        seen: dict[str, int] = {}
+
+        async def on_req(msg):
+            consumer = msg.subject.rsplit(".", 1)[1]
+            seen[consumer] = seen.get(consumer, 0) + 1
+        await tap.subscribe("$JS.API.CONSUMER.MSG.NEXT.>", cb=on_req)
+        await tap.flush()
+        eng = Engine(nc, L)
+        await eng.start()
+        w = NoopWorker(nc, L)
+        await w.start()
+        tasks = [asyncio.create_task(x.run()) for x in (eng, w)]
+        try:
+            await asyncio.sleep(8)
+        finally:
+            eng.stop()
+            w.stop()
+            await asyncio.wait_for(asyncio.gather(*tasks), 15)
+            await tap.close()
+            await nc.close()
+        for consumer in (L.engine_consumer, L.timers_consumer, L.scheduler_consumer,
+                         L.worker_consumer("default")):
+            assert 1 <= seen.get(consumer, 0) <= 2, (consumer, seen)
     asyncio.run(go())

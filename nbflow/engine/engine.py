@@ -109,6 +109,9 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
             stream=self.L.timers_stream,
             config=infra.consumer_config(self.L.timers_consumer, self.L.timer_fire_subject(">"),
                                          ACK_WAIT_S, 10_000))
+        # one outstanding pull (as for the history): an idle engine no longer sends a probe
+        # and a long poll to the timers stream every second
+        self.timer_pull = infra.Puller(self.timer_sub, 64)
         from nbflow.engine.decide import DecideService   # approvals and signals, by subject
 
         self.decide = DecideService(self)
@@ -242,7 +245,7 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
 
     async def _timer_loop(self) -> None:
         while not self._stop.is_set():
-            msgs = await self._fetch(self.timer_sub, 64)
+            msgs = await self._fetch(self.timer_pull, 64)
             for m in msgs:
                 try:
                     ev = decode(m.data)

@@ -131,6 +131,8 @@ class Scheduler:
             stream=self.L.timers_stream,
             config=infra.consumer_config(self.L.scheduler_consumer, self.L.cron_tick_subject("*"),
                                          self.ACK_WAIT_S, 1000))
+        # one outstanding pull request, topped up (not a probe + a long poll every second)
+        self.tick_pull = infra.Puller(self.tick_sub, 64)
         try:
             await self.catch_up()
         except Exception:  # noqa: BLE001 - never keep the engine from serving
@@ -148,7 +150,7 @@ class Scheduler:
     # -- ticks --
     async def _tick_loop(self) -> None:
         while not self._stop.is_set():
-            for m in await self._fetch(self.tick_sub, 64):
+            for m in await self._fetch(self.tick_pull, 64):
                 try:
                     await self.on_tick(m)
                     await m.ack()
