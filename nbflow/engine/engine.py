@@ -1,15 +1,16 @@
 """The NATS shell around ``state.py``: consume history events, apply them, carry out commands.
 
 Crash safety (as SHAR does it): for every batch of a run's history messages the engine
-  1. catches the run's state up to just before the messages (its cached state, else the KV
-     snapshot plus the history read by subject from the snapshot's sequence on),
+  1. catches the run's state up to just before the messages: its cached state when this engine
+     saw every history message since (_placed: no history read), else the cached state or the
+     KV snapshot plus the history read by subject from the state's sequence on,
   2. applies the messages with the pure state machine (a new state; the cached one is kept),
   3. publishes the resulting commands with deterministic ``Nats-Msg-Id`` (server dedup),
   4. writes the snapshot with compare-and-set on its revision when the run is new, has ended,
      or now waits only on a person — otherwise the snapshot is written behind, once it has
      lagged NBFLOW_SNAPSHOT_EVERY seconds (0.25 s by default; longer for a run whose snapshot
      takes long to write, so writes stay under ~10 % of the engine's time),
-  5. and only then acks the messages.
+  5. and only then acks the messages (the acks go out with the next batch's first write).
 History is the truth and the snapshot a cache of its fold: a kill at any point leaves either
 unacked messages (redelivered) or a snapshot behind the acked history, which the next event of
 the run catches up from the history (step 1); re-published commands are deduplicated. A run
