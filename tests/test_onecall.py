@@ -308,3 +308,29 @@ def test_a_kernel_left_dirty_and_idle_is_reset_in_the_background(quickreset, tmp
     import nbformat
     assert outputs_text(nbformat.read(res.notebook_path, as_version=4).cells[-1]) == "False\n"
     assert counter.n == 1
+
+
+def test_a_kernel_without_the_driver_runs_the_cells_one_execute_each(runpool, tmp_path):
+    """The driver's install failed or is gone (a kernel that cannot run it): the first execute
+    fails before any marker, and the task runs as before, one execute per cell."""
+    with runpool._cond:
+        k = runpool._idle[0]
+    k.run_quiet("del __import__('sys').modules['_nbflow_pool'].run")
+    counter = Counter(runpool)
+    counter.wrap_idle()
+    nb = nb_of(code("import os", "nbflow-setup"), code("n = 0\n__nbflow__ = None", "parameters"),
+               code("print('n is', n)\nn + 1", "nbflow-task"))
+    res = run_task(nb, params={"n": 2}, io=io_spec(tmp_path), cwd=str(tmp_path), pool=runpool,
+                   scope="r1")
+    assert res.status == "succeeded", res
+    import nbformat
+    out = nbformat.read(res.notebook_path, as_version=4)
+    assert outputs_text(out.cells[-1]) == "n is 2\n<execute_result:3>"
+    assert [c.execution_count for c in out.cells] == [1, 2, 3, 4]
+    assert k.driver is False
+    # the failed driver call, entering the folder, then the four cells one each (then the
+    # reset after the task, in the background as before)
+    codes = counter.codes
+    assert codes[0].startswith("__import__('sys').modules['_nbflow_pool'].run(")
+    assert codes[2:6:3] == ["import os", "print('n is', n)\nn + 1"]
+    assert codes[3] == "n = 0\n__nbflow__ = None" and "n = 2" in codes[4]

@@ -210,12 +210,13 @@ class KernelPool:
         with self._cond:
             self._recycling -= 1
             self._recycling_scopes.remove(k.scope)
-            if ok and not self._closed:
+            back = ok and not self._closed
+            if back:
                 self._idle.append(k)
             self._cond.notify_all()
             self._fill()
             self._keep_spare()
-        if not ok:
+        if not back:        # (also when the pool shut down meanwhile: no kernel left running)
             k.kill()
             k.close()
 
