@@ -1,4 +1,6 @@
-"""Running a task notebook's cells in a pooled kernel, as nbclient does, under a deadline.
+"""Running a task notebook's cells in a pooled kernel, as nbclient does, under a deadline: the
+run's control block, the output bookkeeping (:class:`CellRun`, also used by the one-execute path
+:mod:`nbflow.worker.kernels.onecall`) and one cell per execute (:func:`run_cell`: its fallback).
 
 Timeouts and cancellation: the engine owns the kernel, so :class:`RunControl` (passed by the
 runner as the engine kwarg ``nbflow_control``) carries a monotonic deadline and a cancel event; the

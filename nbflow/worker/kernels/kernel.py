@@ -141,7 +141,9 @@ class PooledKernel:
 
     def recycle(self) -> None:
         """Clear the user namespace for the next task (``run``/``reuse`` isolation) and go back
-        into the last task's folder if it is still there (else home), in one round trip."""
+        into the last task's folder if it is still there (else home), in one round trip. (The
+        one-execute path does the same at the start of the next task's request instead:
+        nbflow.kernelside._reset.)"""
         back = self.path0
         reply = self.run_quiet(_RESET.format(home=self.home, back=back), user_expressions=_CWD)
         if reply.get("status") != "ok":

@@ -2,9 +2,12 @@
 
 The engine never starts a kernel or a client on the critical path: a :class:`KernelPool`
 starts kernels (manager + started, ready blocking client) ahead of demand in background threads,
-and :class:`WarmEngine` runs the cells itself with ``kc.execute`` and iopub collection (the same
-bookkeeping as nbclient: ``output_from_msg``, ``clear_output(wait)``, display ids), calling the
-papermill ``nb_man`` hooks so the executed notebook looks as papermill writes it.
+and :class:`WarmEngine` runs the cells itself: all of them in ONE execute request
+(:mod:`nbflow.worker.kernels.onecall`: the kernel runs them one by one and marks each cell's end
+on iopub), one request per cell only where that cannot be equivalent (top-level ``await``, a
+kernel without the driver); iopub is collected with the same bookkeeping as nbclient
+(``output_from_msg``, ``clear_output(wait)``, display ids), calling the papermill ``nb_man``
+hooks per cell so the executed notebook looks as papermill writes it.
 """
 from __future__ import annotations
 

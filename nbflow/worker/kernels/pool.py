@@ -1,8 +1,9 @@
 """The warm kernel pool: kernels started ahead of demand, handed out one task at a time.
 
 Where the time of a task goes, and why a pool: docs/kernels.md (measured figures).
-The papermill engine that uses the pool is :mod:`nbflow.worker.kernels.papermill`; the cell
-executor is :mod:`nbflow.worker.kernels.cellrun`.
+The papermill engine that uses the pool is :mod:`nbflow.worker.kernels.papermill`; it runs a
+task's cells in one execute (:mod:`nbflow.worker.kernels.onecall`), or one execute per cell
+(:mod:`nbflow.worker.kernels.cellrun`) where that cannot be equivalent.
 
 Isolation
 ---------
@@ -30,6 +31,13 @@ Isolation
     out again. ``setup_hash`` gives affinity only: a task prefers an idle kernel that last ran the
     same setup cells (its imports are warm in ``sys.modules``); setup cells always run again,
     because skipping them would be wrong when a task mutates what setup made.
+
+When the reset happens: a kernel released by a task that ran through the one-execute path
+(:mod:`nbflow.worker.kernels.onecall`) goes back idle *dirty*, and the next task resets it at the
+start of its own single execute (so a chain's next task does not wait for a reset request);
+one still idle after ``idle_reset_s`` (``NBFLOW_IDLE_RESET_S``, 1 s) is reset in the
+background, so its last task's objects are not held while it idles. A caller that runs cells one
+execute each gets it reset by ``acquire`` (``prepare``).
 
 Each task runs with ``os.chdir(cwd)`` and ``sys.path[0] = cwd`` set in the kernel first, so
 relative paths and local imports behave as in Jupyter (where the kernel starts in the notebook's
