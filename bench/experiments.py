@@ -4,6 +4,9 @@ engine.py, tried here as a subclass so engine.py stays untouched until its owner
 - ``SkipCatchupEngine``: no ``_events_between`` round trip when the run's snapshot is in this
   engine's cache, was written by this engine and no batch of the run failed since (CAS still
   catches another engine's progress: the cached revision is then stale and the update fails).
+  Superseded: engine.py now skips the read when it can vouch for it (``Engine._placed``: it
+  follows its consumer's delivery sequence, so another engine's deliveries are noticed even
+  before any snapshot write conflicts, which this variant relied on). Kept for comparison.
 """
 from __future__ import annotations
 
