@@ -149,3 +149,31 @@ def test_a_worker_killed_mid_chunk_loses_no_instance_and_runs_none_twice(nats_se
         twice = [k for k in done_by_victim if files[k.split("#")[1]] != 1]
         assert not twice, [(e.type, e.get("key"), e.get("worker"), e.seq, e.ts) for e in hist]
         assert sum(files.values()) <= n + 1
+
+
+def test_an_instance_whose_chunk_step_failed_is_never_reported_succeeded(monkeypatch, tmp_path):
+    """The chunk's own step (reset, folder, the names to keep) can fail or be stopped with no
+    cell of the task holding the error: a stopped instance is a failed attempt (cancelled), a
+    failed step raises (the worker then runs the instance alone) — never a success of a task
+    that did not run."""
+    import threading
+
+    from nbflow.compiler import compile_notebook
+    from nbflow.compiler.tasknb import task_notebook
+    from nbflow.worker import chunkrun
+
+    monkeypatch.setattr(chunkrun, "get_pool", lambda *a, **k: None)
+    nb = write_notebook(tmp_path / "m.ipynb", ["%%task make\nitems = [1, 2]",
+                                                "%%task work --map i in items\ndone = i"])
+    wf = compile_notebook(str(nb))
+    ck = chunkrun.ChunkKernel(task_notebook(wf, "work", version="v"), str(tmp_path), "r1", None)
+    monkeypatch.setattr(ck, "_ready", lambda control, run, cells: "failed")
+    io = {"task": "work", "key": "work#0", "run": "r1", "dir": str(tmp_path / "w"),
+          "inputs": {}, "map": {"index": 0, "value": 1, "var": "i"}, "signal": None,
+          "outputs": ["done"]}
+    with pytest.raises(RuntimeError, match="could not be prepared"):
+        ck.run_one(io, {}, None, None)
+    cancel = threading.Event()
+    cancel.set()
+    res = ck.run_one(io, {}, None, cancel)
+    assert res.status == "failed" and res.reason == "cancelled", res

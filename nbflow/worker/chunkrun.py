@@ -24,7 +24,7 @@ from papermill.translators import translate_parameters
 
 from nbflow import io as nbio
 from nbflow.core.tracebacks import strip_ansi, user_cells
-from nbflow.worker.kernels.cellrun import CellRun, RunControl
+from nbflow.worker.kernels.cellrun import CellRun, RunControl, interruption_message
 from nbflow.worker.kernels.onecall import run_all
 from nbflow.worker.kernels.pool import setup_hash
 from nbflow.worker.kernels.registry import get_pool
@@ -128,6 +128,18 @@ class ChunkKernel:
             failed_cell = next((c for c in (nb.cells[i] for i in self.setup)
                                 if any(o.get("output_type") == "error" for o in c.outputs)),
                                None)
+            # the chunk's own step (reset, folder, names to keep) failed or was stopped: no
+            # cell of the task holds it. Stopped: the instance's attempt ends so; else the chunk
+            # path gives up and the instance runs alone (Chunks._execute), never "succeeded"
+            stopped = control.reason or control.interrupted()
+            if failed_cell is None and stopped in ("timeout", "cancelled"):
+                res.status, res.reason = "failed", stopped
+                res.error = control.message or "{}: {}".format(
+                    *interruption_message(stopped, timeout))
+            elif failed_cell is None:
+                self.drop()
+                raise RuntimeError("the chunk's kernel could not be prepared for this instance "
+                                   "(its reset, folder or keep step failed)")
         else:
             # one execute: the parameters, the injected parameters, env warnings, loading and
             # --when (as one cell, shown in the last of them); the task; saving the outputs
