@@ -102,9 +102,15 @@ def test_an_idle_engine_keeps_one_pull_request_per_loop(nats_server):
         tap = await nats.connect(nats_server.url)
         seen: dict[str, int] = {}
 
+        # this namespace's streams only: the test server is shared with the other tests of
+        # this process, whose consumers have the same names in other namespaces' streams
+        mine = {L.history_stream, L.tasks_stream, L.timers_stream, L.deadletter_stream,
+                L.triggers_stream}
+
         async def on_req(msg):
-            consumer = msg.subject.rsplit(".", 1)[1]
-            seen[consumer] = seen.get(consumer, 0) + 1
+            stream, consumer = msg.subject.rsplit(".", 2)[1:]
+            if stream in mine:
+                seen[consumer] = seen.get(consumer, 0) + 1
         await tap.subscribe("$JS.API.CONSUMER.MSG.NEXT.>", cb=on_req)
         await tap.flush()
         eng = Engine(nc, L)
