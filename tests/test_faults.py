@@ -231,3 +231,42 @@ def test_a_refused_kv_write_is_permanent_and_names_user_role_and_subject(tmp_pat
         assert len(refusals) == 1, refusals
     finally:
         srv.stop()
+
+
+def test_a_bucket_listed_too_early_as_empty_is_asked_again(nats_server):
+    """nats-py's KV keys() can report no keys when its watcher reads its pending count after
+    the server sent every key but before its callback saw one (CI: `runs()` returned [] once
+    with 5 runs stored). An empty answer from a bucket whose stream holds messages is asked
+    again; a bucket that is really empty is [] at once."""
+    import asyncio
+
+    import nats
+    from nats.js.errors import NoKeysError
+
+    from nbflow.nats.kv import KV
+
+    async def go():
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        name = f"keys{uuid.uuid4().hex[:8]}"
+        await js.create_key_value(bucket=name)
+        kv = await KV.open(js, name)
+        calls = {"n": 0}
+        real = kv.raw.keys
+
+        async def early(*a, **k):           # the race, on the first listing only
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise NoKeysError
+            return await real(*a, **k)
+        kv.raw.keys = early
+        assert await kv.keys() == []           # really empty: one listing, no retry
+        assert calls["n"] == 1
+        calls["n"] = 0
+        await kv.put("a", b"1")
+        await kv.put("b", b"2")
+        assert sorted(await kv.keys()) == ["a", "b"]
+        assert calls["n"] == 2
+        await js.delete_key_value(name)
+        await nc.close()
+    asyncio.run(go())

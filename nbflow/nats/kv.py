@@ -71,11 +71,22 @@ class KV:
         await self._do("kv.put", key, self.raw.purge, key)
 
     async def keys(self) -> list[str]:
-        """All keys; [] for an empty bucket."""
-        try:
-            return await self._do("kv.keys", "*", self.raw.keys)
-        except NotFound:
-            return []
+        """All keys; [] for an empty bucket. nats-py's listing can end before the first key
+        arrives (it reads its watcher's pending count after the server has sent every key but
+        before its callback saw one, and then reports no keys): an empty answer from a bucket
+        whose stream holds messages is asked again (three times in all; a bucket of deleted
+        keys only is then []), so a busy client never reads a full bucket as empty."""
+        for _ in range(3):
+            try:
+                return await self._do("kv.keys", "*", self.raw.keys)
+            except NotFound:
+                if not await self._holds_messages():
+                    return []
+        return []
+
+    async def _holds_messages(self) -> bool:
+        info = await self._do("kv.keys", "*", self.raw._js.stream_info, self.raw._stream)
+        return bool(info.state.messages)
 
     async def history(self, key: str) -> list:
         try:
