@@ -136,19 +136,16 @@ class CellRun:
                 outs[oi]["metadata"] = out["metadata"]
 
 
-def run_cell(k: Any, cell, index: int, run: CellRun, control: RunControl) -> bool:
-    """Execute one code cell in ``k`` (a pooled kernel); record its outputs. True when it
-    succeeded. On a deadline,
-    a cancel or a dead kernel: kill it, record an error output, fill ``control`` and return False."""
-    cell.outputs = []
-    msg_id = k.kc.execute(cell.source, store_history=True, allow_stdin=False, stop_on_error=False)
-    iopub, shell = k.kc.iopub_channel, k.kc.shell_channel
-    failed = False
-    idle = False
-    while not idle:
+def next_message(k: Any, msg_id: str, control: RunControl) -> tuple[dict | None, str]:
+    """The next iopub message of request ``msg_id`` in kernel ``k`` (others are skipped: late
+    output of earlier code), polled in POLL_SLICE slices: ``(msg, "")``, or ``(None, why)`` as
+    soon as the task is cancelled or past its deadline (``control.interrupted()``) or the kernel
+    died (``"died"``)."""
+    iopub = k.kc.iopub_channel
+    while True:
         why = control.interrupted()
         if why:
-            return interrupt(k, cell, control, why)
+            return None, why
         wait = POLL_SLICE
         if control.deadline is not None:
             wait = max(0.0, min(wait, control.deadline - time.monotonic()))
@@ -156,10 +153,25 @@ def run_cell(k: Any, cell, index: int, run: CellRun, control: RunControl) -> boo
             msg = iopub.get_msg(timeout=wait)
         except queue.Empty:
             if not k.alive():
-                return interrupt(k, cell, control, "died")
+                return None, "died"
             continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue                   # late output of control code
+        if msg["parent_header"].get("msg_id") == msg_id:
+            return msg, ""
+
+
+def run_cell(k: Any, cell, index: int, run: CellRun, control: RunControl) -> bool:
+    """Execute one code cell in ``k`` (a pooled kernel); record its outputs. True when it
+    succeeded. On a deadline,
+    a cancel or a dead kernel: kill it, record an error output, fill ``control`` and return False."""
+    cell.outputs = []
+    msg_id = k.kc.execute(cell.source, store_history=True, allow_stdin=False, stop_on_error=False)
+    shell = k.kc.shell_channel
+    failed = False
+    idle = False
+    while not idle:
+        msg, why = next_message(k, msg_id, control)
+        if msg is None:
+            return interrupt(k, cell, control, why)
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             idle = True
         elif msg["msg_type"] == "error":

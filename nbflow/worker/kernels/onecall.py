@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from nbflow.worker.kernels.cellrun import (POLL_SLICE, CellRun, RunControl, error_output, interrupt,
-                                          run_cell)
+                                          next_message, run_cell)
 
 MSG_TYPE = "nbflow_cell"        # nbflow.kernelside.MSG_TYPE (not imported: it runs in kernels)
 
@@ -106,25 +106,14 @@ def run_cells(k: Any, items: list[tuple[int, Any]], run: CellRun, control: RunCo
 
     msg_id = k.kc.execute(code, silent=True, store_history=False, allow_stdin=False,
                           stop_on_error=False)
-    iopub, shell = k.kc.iopub_channel, k.kc.shell_channel
+    shell = k.kc.shell_channel
     try:
         start(0)
         idle = False
         while not idle:
-            why = control.interrupted()
-            if why:
+            msg, why = next_message(k, msg_id, control)
+            if msg is None:
                 return killed(why)
-            wait = POLL_SLICE
-            if control.deadline is not None:
-                wait = max(0.0, min(wait, control.deadline - time.monotonic()))
-            try:
-                msg = iopub.get_msg(timeout=wait)
-            except queue.Empty:
-                if not k.alive():
-                    return killed("died")
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue                       # late output of earlier code
             mtype = msg["msg_type"]
             if mtype == MSG_TYPE:
                 marked = True
