@@ -159,13 +159,37 @@ def next_message(k: Any, msg_id: str, control: RunControl) -> tuple[dict | None,
             return msg, ""
 
 
+def next_reply(k: Any, msg_id: str, control: RunControl) -> tuple[dict | None, str]:
+    """The shell reply to request ``msg_id`` (it precedes the idle status on iopub: it is there
+    or nearly), polled as :func:`next_message`: ``(reply, "")`` or ``(None, why)``."""
+    shell = k.kc.shell_channel
+    while True:
+        try:
+            reply = shell.get_msg(timeout=POLL_SLICE)
+        except queue.Empty:
+            if not k.alive():
+                return None, "died"
+            why = control.interrupted()
+            if why:
+                return None, why
+            continue
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply, ""
+
+
+def cell_deadline(run_deadline: float | None, seconds: float) -> float:
+    """The deadline of a cell that starts now and may take ``seconds`` (a per-cell timeout),
+    never past the task's own ``run_deadline``."""
+    limit = time.monotonic() + float(seconds)
+    return limit if run_deadline is None else min(limit, run_deadline)
+
+
 def run_cell(k: Any, cell, index: int, run: CellRun, control: RunControl) -> bool:
     """Execute one code cell in ``k`` (a pooled kernel); record its outputs. True when it
     succeeded. On a deadline,
     a cancel or a dead kernel: kill it, record an error output, fill ``control`` and return False."""
     cell.outputs = []
     msg_id = k.kc.execute(cell.source, store_history=True, allow_stdin=False, stop_on_error=False)
-    shell = k.kc.shell_channel
     failed = False
     idle = False
     while not idle:
@@ -177,18 +201,9 @@ def run_cell(k: Any, cell, index: int, run: CellRun, control: RunControl) -> boo
         elif msg["msg_type"] == "error":
             failed = True
         run.handle(msg, cell, index)
-    while True:                        # the reply precedes idle: it is there (or nearly)
-        try:
-            reply = shell.get_msg(timeout=POLL_SLICE)
-        except queue.Empty:
-            if not k.alive():
-                return interrupt(k, cell, control, "died")
-            why = control.interrupted()
-            if why:
-                return interrupt(k, cell, control, why)
-            continue
-        if reply["parent_header"].get("msg_id") == msg_id:
-            break
+    reply, why = next_reply(k, msg_id, control)
+    if reply is None:
+        return interrupt(k, cell, control, why)
     content = reply["content"]
     if content.get("execution_count"):
         cell["execution_count"] = content["execution_count"]

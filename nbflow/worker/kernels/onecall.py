@@ -20,13 +20,12 @@ install at warm-up failed: then from the first cell).
 """
 from __future__ import annotations
 
-import queue
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from nbflow.worker.kernels.cellrun import (POLL_SLICE, CellRun, RunControl, error_output, interrupt,
-                                          next_message, run_cell)
+from nbflow.worker.kernels.cellrun import (CellRun, RunControl, cell_deadline, error_output,
+                                          interrupt, next_message, next_reply, run_cell)
 
 MSG_TYPE = "nbflow_cell"        # nbflow.kernelside.MSG_TYPE (not imported: it runs in kernels)
 
@@ -83,11 +82,9 @@ def run_cells(k: Any, items: list[tuple[int, Any]], run: CellRun, control: RunCo
         failed_output = False
         if current is None:
             return
-        now = time.monotonic()
-        out.started[current] = now
+        out.started[current] = time.monotonic()
         if cell_timeout:
-            limit = now + float(cell_timeout)
-            control.deadline = limit if run_deadline is None else min(limit, run_deadline)
+            control.deadline = cell_deadline(run_deadline, cell_timeout)
         cells[current].outputs = []
         if on_start is not None:
             on_start(current)
@@ -106,7 +103,6 @@ def run_cells(k: Any, items: list[tuple[int, Any]], run: CellRun, control: RunCo
 
     msg_id = k.kc.execute(code, silent=True, store_history=False, allow_stdin=False,
                           stop_on_error=False)
-    shell = k.kc.shell_channel
     try:
         start(0)
         idle = False
@@ -154,18 +150,9 @@ def run_cells(k: Any, items: list[tuple[int, Any]], run: CellRun, control: RunCo
             if mtype == "error":
                 failed_output = True
             run.handle(msg, cells[current], current)
-        while True:                            # the reply precedes idle: it is there (or nearly)
-            try:
-                reply = shell.get_msg(timeout=POLL_SLICE)
-            except queue.Empty:
-                if not k.alive():
-                    return killed("died")
-                why = control.interrupted()
-                if why:
-                    return killed(why)
-                continue
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
+        reply, why = next_reply(k, msg_id, control)
+        if reply is None:
+            return killed(why)
         content = reply["content"]
         if not marked and content.get("status") == "error":
             k.driver = False                   # the driver is missing: never again

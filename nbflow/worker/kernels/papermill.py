@@ -18,8 +18,8 @@ from nbclient.exceptions import CellTimeoutError
 from papermill.engines import Engine, papermill_engines
 from papermill.log import logger
 
-from nbflow.worker.kernels.cellrun import (CellRun, RunControl, error_output, interruption_message,
-                                          run_cell)
+from nbflow.worker.kernels.cellrun import (CellRun, RunControl, cell_deadline, error_output,
+                                          interruption_message, run_cell)
 from nbflow.worker.kernels.onecall import run_cells
 from nbflow.worker.kernels.pool import REUSING, KernelPool, setup_hash
 from nbflow.worker.kernels.registry import get_pool
@@ -184,14 +184,10 @@ class _Cells:
         try:
             if cell.cell_type == "code" and cell.source.strip():
                 if self.execution_timeout:
-                    limit = time.monotonic() + float(self.execution_timeout)
-                    control.deadline = limit if self.run_deadline is None else min(
-                        limit, self.run_deadline)
+                    control.deadline = cell_deadline(self.run_deadline, self.execution_timeout)
                 ok = run_cell(k, cell, index, run, control)
                 control.deadline = self.run_deadline
-                cell_timeout = (not ok and control.reason == "timeout"
-                                and not (self.run_deadline
-                                         and time.monotonic() >= self.run_deadline))
+                cell_timeout = not ok and self.cell_timed_out()
             if cell_timeout:                    # the cell's limit, not the task's
                 control.reason = control.message = ""
                 raise CellTimeoutError.error_from_timeout_and_cell(
