@@ -23,14 +23,22 @@ LOAD_SOURCE = "import nbflow.io as __nbflow_io\n__nbflow_io.load_inputs(globals(
 SAVE_SOURCE = "__nbflow_io.save_outputs(globals(), __nbflow__)"
 
 
+def code_cell(source: str, metadata: dict | None = None,
+              cell_id: str | None = None) -> nbformat.NotebookNode:
+    """A code cell as nbformat's new_code_cell builds it, without its JSON-schema validation
+    of every cell (~1-3 ms each: a worker builds the notebook of each task of a workflow
+    version once, on its event loop, and a map chunk three cells per instance); what is built
+    here is valid by construction (test_tasknb: every task notebook is valid)."""
+    cell = NotebookNode(cell_type="code", metadata=from_dict(metadata or {}),
+                        execution_count=None, source=source, outputs=[])
+    if cell_id is not None:
+        cell.id = cell_id
+    return cell
+
+
 def _cell(source: str, tag: str, cell_id: str, **metadata) -> nbformat.NotebookNode:
-    # built as nbformat's new_code_cell builds it, without its JSON-schema validation of every
-    # cell (~3 ms each: a worker builds the notebook of each task of a workflow version once, on
-    # its event loop); the whole notebook's shape is checked by the tests
-    # (test_tasknb: every task notebook is valid). Deterministic ids: same version, same notebook.
-    return NotebookNode(id=cell_id, cell_type="code",
-                        metadata=from_dict({"tags": [tag], **metadata}), execution_count=None,
-                        source=source, outputs=[])
+    # deterministic ids: same workflow version, same notebook
+    return code_cell(source, {"tags": [tag], **metadata}, cell_id)
 
 
 def when_source(expr: str) -> str:

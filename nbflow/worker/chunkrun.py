@@ -18,11 +18,11 @@ import copy
 import os
 import time
 
-import nbformat
 from nbformat.v4 import nbjson
 from papermill.translators import translate_parameters
 
 from nbflow import io as nbio
+from nbflow.compiler.tasknb import code_cell
 from nbflow.core.tracebacks import strip_ansi, user_cells
 from nbflow.worker.kernels.cellrun import CellRun, RunControl, interruption_message
 from nbflow.worker.kernels.onecall import run_all
@@ -32,13 +32,6 @@ from nbflow.worker.runner import EXECUTED_NB, TaskResult, _one_line
 
 KEEP = "import nbflow.io as __nbflow_io\n__nbflow_keep = None\n__nbflow_keep = set(globals())"
 FORGET = "__nbflow_io.forget(globals(), __nbflow_keep)"
-
-
-def _code_cell(source: str, metadata: dict | None = None) -> nbformat.NotebookNode:
-    """A code cell without nbformat's JSON-schema validation of it (new_code_cell validates:
-    ~1 ms each, three per instance; what we build here is valid by construction)."""
-    return nbformat.from_dict({"cell_type": "code", "execution_count": None,
-                               "metadata": metadata or {}, "outputs": [], "source": source})
 
 
 def _tags(cell) -> list:
@@ -83,7 +76,7 @@ class ChunkKernel:
         control.kernel_id, control.kernel_pid = k.id, k.pid
         # the reset the kernel's last task left, the folder, the setup cells and the names to
         # keep: one execute
-        keep = _code_cell(KEEP)
+        keep = code_cell(KEEP)
         items = [(i, cells[i]) for i in self.setup if cells[i].source.strip()] + [(-1, keep)]
         try:
             res = run_all(k, items, run, control, cwd=self.cwd, pool=self.pool)
@@ -111,10 +104,10 @@ class ChunkKernel:
         control = RunControl(deadline=t0 + timeout if timeout else None, timeout=timeout,
                              cancel=cancel, cwd=self.cwd, scope=self.scope)
         nb = copy.deepcopy(self.nb)
-        injected = _code_cell(
+        injected = code_cell(
             translate_parameters(self.kernel_name, "python", {**params, "__nbflow__": io},
-                                 "Parameters"), metadata={"tags": ["injected-parameters"]})
-        injected.id = "injected-parameters"
+                                 "Parameters"), metadata={"tags": ["injected-parameters"]},
+            cell_id="injected-parameters")
         nb.cells.insert(self.params_at + 1, injected)
         shift = lambda i: i + 1 if i > self.params_at else i  # noqa: E731 - after the insert
         run = CellRun(nb)
@@ -147,13 +140,13 @@ class ChunkKernel:
             pre = [nb.cells[self.params_at], injected] + [nb.cells[shift(i)]
                                                           for i in self.prelude[1:]]
             shown = pre[-1]
-            step = _code_cell("\n".join(c.source for c in pre))
+            step = code_cell("\n".join(c.source for c in pre))
             task = nb.cells[shift(self.task_at)]
             after = [nb.cells[shift(i)] for i in self.after]
             items = [(shift(self.prelude[-1]), step), (shift(self.task_at), task)]
             save = None
             if after:
-                save = _code_cell("\n".join(c.source for c in after))
+                save = code_cell("\n".join(c.source for c in after))
                 items.append((shift(self.after[-1]), save))
             # (the kernel stays in the chunk's folder: cwd None, as one cell after another)
             out = run_all(self.k, items, run, control, cwd=None, pool=self.pool,
