@@ -5,6 +5,7 @@ one execute per task (the reset folded in) and stays isolated; top-level ``await
 one execute per cell; timeouts stop and report the right cell."""
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -51,13 +52,22 @@ class Counter:
             k.kc.execute = counted
 
 
+@contextlib.contextmanager
+def _run_pool(idle_reset_s: float):
+    """A one-kernel pool in run isolation, ready, with this idle reset delay."""
+    p = KernelPool(size=1, isolation="run", idle_reset_s=idle_reset_s)
+    try:
+        p.wait_ready(1)
+        yield p
+    finally:
+        p.shutdown()
+
+
 @pytest.fixture
 def runpool():
     # no background reset of an idle kernel during a test (a slow machine would count it)
-    p = KernelPool(size=1, isolation="run", idle_reset_s=600)
-    p.wait_ready(1)
-    yield p
-    p.shutdown()
+    with _run_pool(600) as p:
+        yield p
 
 
 @pytest.fixture
@@ -277,10 +287,8 @@ def test_a_map_chunk_costs_one_execute_per_instance_with_outputs_in_their_cells(
 
 @pytest.fixture
 def quickreset():
-    p = KernelPool(size=1, isolation="run", idle_reset_s=0.5)
-    p.wait_ready(1)
-    yield p
-    p.shutdown()
+    with _run_pool(0.5) as p:
+        yield p
 
 
 def test_a_kernel_left_dirty_and_idle_is_reset_in_the_background(quickreset, tmp_path):

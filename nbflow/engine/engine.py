@@ -209,11 +209,7 @@ class Engine(Snapshots, Commands, Approvals, DeadLetters):
 
     async def _send_acks(self) -> None:
         acks, self._acks = self._acks, []
-        for m in acks:
-            try:
-                await m.ack()
-            except Exception:  # noqa: BLE001 - reconnecting: redelivered, then skipped
-                pass
+        await infra.ack_all(acks)
 
     async def _keep_alive(self, msgs: list) -> None:
         """While a batch is being handled, tell JetStream we are alive (AckWait is short)."""

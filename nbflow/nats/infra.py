@@ -446,6 +446,17 @@ class Puller:
         return out
 
 
+async def ack_all(msgs: list) -> None:
+    """Ack each message (a handled batch whose acks were deferred to the next write). A failed
+    ack (a reconnect) is left to redelivery: the engine skips a redelivered event by sequence,
+    a completion is deduplicated by its message id."""
+    for m in msgs:
+        try:
+            await m.ack()
+        except Exception:  # noqa: BLE001 - redelivered, then skipped or deduplicated
+            pass
+
+
 async def fetch(sub, n: int, stop: asyncio.Event, timeout: float = 1.0, what: str = "fetch"):
     """Pull up to ``n`` messages (from a :class:`Puller` or a pull subscription); [] on a quiet
     timeout or while NATS reconnects (services keep serving through a server restart)."""

@@ -64,11 +64,7 @@ class NoopWorker:
 
     async def _send_acks(self) -> None:
         acks, self._acks = self._acks, []
-        for m in acks:
-            try:
-                await m.ack()
-            except Exception:  # noqa: BLE001 - redelivered; its completion is deduplicated
-                pass
+        await infra.ack_all(acks)
 
     async def _serve(self) -> None:
         while not self._stop.is_set():
