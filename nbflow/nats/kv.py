@@ -75,7 +75,8 @@ class KV:
         arrives (it reads its watcher's pending count after the server has sent every key but
         before its callback saw one, and then reports no keys): an empty answer from a bucket
         whose stream holds messages is asked again (three times in all; a bucket of deleted
-        keys only is then []), so a busy client never reads a full bucket as empty."""
+        keys only is then []), so one unlucky listing does not read a full bucket as
+        empty."""
         for _ in range(3):
             try:
                 return await self._do("kv.keys", "*", self.raw.keys)
